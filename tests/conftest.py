@@ -1,0 +1,19 @@
+"""Test-suite settings shared by every test module."""
+
+import os
+import shutil
+
+# Triton kernels run on the CPU through Triton's interpreter where there is no GPU.  The variable must be
+# set before any kernel is decorated, i.e. before softxent.torch's Triton module is imported.
+if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "softxent", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.load_profile("softxent")
+except ImportError:  # hypothesis is in the test extra; a bare install can still run the plain tests
+    pass
