@@ -1,16 +1,753 @@
-"""The typer application: one function per command."""
+"""The typer application: one function per command.
+
+``softxent train`` fits :class:`softxent.SoftmaxRegression` on a data set (the bundled digits when none is
+given) and writes a model folder (``model.safetensors`` + ``model.json``), ``report.html`` and PNGs;
+``predict`` / ``evaluate`` / ``info`` / ``export`` read that folder; ``gradcheck`` verifies the seed's
+derivation.  Problems with the user's input end with one line on stderr and exit status 2 (a traceback
+only with ``--debug``); Ctrl-C during training saves the last completed iterate and exits with 130.
+
+Heavy imports (NumPy, scikit-learn, pandas, matplotlib, onnx) happen inside the commands, so that
+``softxent --help`` is quick.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from .errors import DataError, ModelFileError, UserInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="softxent: softmax cross-entropy, softmax regression and its tools.")
 console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+_STATE = {"debug": False}
+
+SOLVER_HELP = ("auto | lbfgs | newton-cg | gd | proximal | sgd | adam  (auto: lbfgs for L2, proximal for "
+               "L1/elastic net)")
+_DEFAULTS = {"alpha": 1e-4, "l1_ratio": 0.0, "solver": "auto", "max_iter": 1000, "tol": 1e-6, "batch_size": 256,
+             "learning_rate": "auto", "class_weight": None, "test_size": 0.2, "seed": 0}
+
+DebugOption = typer.Option(False, "--debug", help="show the full traceback of an error")
+FormatOption = typer.Option(None, "--format", help="csv | parquet | npz | svmlight (default: from the file name)")
 
 
+# --------------------------------------------------------------------------------------------------
+# errors: one line, exit 2, traceback only with --debug
+# --------------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename!s}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _error(msg: str) -> None:
+    typer.echo(f"softxent: error: {msg}", err=True)
+
+
+@contextlib.contextmanager
+def _handled(debug: bool):
+    """Turn exceptions into one-line messages and exit codes (2: bad input, 130: Ctrl-C, 1: a bug)."""
+    debug = debug or _STATE["debug"] or os.environ.get("SOFTXENT_DEBUG", "") not in ("", "0")
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException) or debug:
+            raise
+        if isinstance(exc, (UserInputError, ValueError, OSError)):
+            # UserInputError: our checks; ValueError: the estimator's and scikit-learn's input checks
+            _error(_one_line(exc))
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        _error(f"internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _error("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C while a model is being saved, so that a second Ctrl-C cannot cut the save short."""
+    pending = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending:
+        raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------
+def _default_out(suffix: str = "") -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}{suffix}"
+    out, n = base, 2
+    while out.exists():
+        out = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return out
+
+
+def _align_labels(y, classes):
+    """Labels ``y`` in the type of the model's ``classes`` (CSV may read '1' as 1 and back)."""
+    import numpy as np
+
+    kind = classes.dtype.kind
+    if kind in "U" and y.dtype.kind != "U":
+        return y.astype(str)
+    if kind in "iu" and y.dtype.kind == "U":
+        try:
+            return y.astype(np.int64)
+        except ValueError:
+            return y
+    if kind == "b" and y.dtype.kind == "U":
+        return np.array([v == "True" for v in y]) if set(y) <= {"True", "False"} else y
+    return y
+
+
+def _class_indices(y, classes, what: str):
+    import numpy as np
+
+    y = _align_labels(y, classes)
+    unknown = np.setdiff1d(np.unique(y), classes) if y.dtype.kind == classes.dtype.kind or (
+        y.dtype.kind in "iu" and classes.dtype.kind in "iu") else np.unique(y)
+    if unknown.size:
+        shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in unknown[:10])
+        n = int(np.isin(y, unknown).sum())
+        raise DataError(f"{what} has labels the model does not know: {shown} ({n} rows); the model's classes "
+                        f"are {_show_classes(classes)}")
+    return np.searchsorted(classes, y)
+
+
+def _show_classes(classes, limit: int = 20) -> str:
+    vals = [c.item() if hasattr(c, "item") else c for c in classes[:limit]]
+    return ", ".join(map(repr, vals)) + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
+
+
+def _rows(features, idx):
+    return features.iloc[idx] if hasattr(features, "iloc") else features[idx]
+
+
+def _metrics_table(metrics: dict, title: str = "metrics") -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in metrics:
+        table.add_column(name, justify="right")
+    for label, attr, fmt in (("rows", "n", "{:d}"), ("accuracy", "accuracy", "{:.4f}"),
+                             ("log-loss", "log_loss", "{:.4f}"), ("macro-F1", "macro_f1", "{:.4f}"),
+                             ("calibration error (ECE)", "ece", "{:.4f}")):
+        table.add_row(label, *[fmt.format(getattr(m, attr)) for m in metrics.values()])
+    return table
+
+
+def _load_model(path):
+    from .model_io import load_model
+
+    model = load_model(path)
+    if model.status != "complete":
+        err_console.print(f"note: {model.path} holds the {model.status} model of a run that did not finish "
+                          f"({model.meta.get('estimator', {}).get('n_iter', '?')} iterations)")
+    return model
+
+
+def _model_data(model, data: Optional[List[str]], fmt: Optional[str], target: Optional[str], *, required: bool):
+    """Load DATA for an existing model and split off the target (the model's unless --target is given)."""
+    from .data import load_data, split_target
+
+    pre = model.preprocessing
+    kw = {}
+    if pre.zero_based is not None:
+        kw = {"n_features": pre.n_features, "zero_based": pre.zero_based}
+    raw = load_data(data, fmt, label_key=_npz_key(model, target), **kw)
+    tgt = target if target is not None else model.target
+    if raw.frame is None and target is None:
+        tgt = None  # a matrix carries its labels (npz 'y', svmlight's first field)
+    features, y, name = split_target(raw, tgt, required=required)
+    return raw, features, y, name or tgt
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+class _FitMonitor:
+    """The estimator's per-iteration callback: progress bar, last completed iterate, periodic checkpoints."""
+
+    def __init__(self, progress, task, checkpoint_every: float, save_checkpoint, describe=None):
+        self.progress, self.task = progress, task
+        self.describe = describe
+        self.checkpoint_every = checkpoint_every
+        self.save_checkpoint = save_checkpoint
+        self.curve: list[float] = []
+        self.last = None  # (coef, intercept) of the last completed iteration
+        self._last_save = time.monotonic()
+
+    def __call__(self, info) -> bool:
+        import numpy as np
+
+        self.curve.append(float(info.objective))
+        self.last = (np.array(info.coef, dtype=np.float64), np.array(info.intercept, dtype=np.float64))
+        if self.progress is not None:
+            if self.describe is not None and len(self.curve) == 1:
+                self.progress.update(self.task, description=self.describe())
+            self.progress.update(self.task, completed=info.iteration, total=info.max_iter,
+                                 objective=f"{info.objective:.6g}", grad=f"{info.grad_norm:.2e}")
+        if self.checkpoint_every > 0 and time.monotonic() - self._last_save >= self.checkpoint_every:
+            with _sigint_deferred():
+                self.save_checkpoint(self.last, list(self.curve))
+            self._last_save = time.monotonic()
+        return False
+
+
+def _progress():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn)
+    from rich.text import Text
+
+    class EtaColumn(ProgressColumn):
+        """Time left if every one of max_iter iterations runs (an upper bound: solvers usually stop early)."""
+
+        def render(self, task):
+            left = task.time_remaining
+            if left is None:
+                return Text("ETA ≤ -:--:--", style="progress.remaining")
+            return Text(f"ETA ≤ {_dt.timedelta(seconds=int(left))}", style="progress.remaining")
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("objective {task.fields[objective]}"), TextColumn("|grad| {task.fields[grad]}"),
+                    TimeElapsedColumn(), EtaColumn(), console=err_console, transient=False)
+
+
+@app.command()
+def train(
+    data: Optional[List[str]] = typer.Argument(
+        None, help="CSV, Parquet, .npz (X, y) or svmlight/libsvm files, or globs: one data set. "
+                   "None: the bundled default, scikit-learn's digits (no download)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="the label column (CSV/Parquet) or npz array"),
+    fmt: Optional[str] = FormatOption,
+    test_size: Optional[float] = typer.Option(None, help="held-out share of the rows, in [0, 1)  [default: 0.2]"),
+    alpha: Optional[float] = typer.Option(None, help="penalty strength α  [default: 1e-4]"),
+    l1_ratio: Optional[float] = typer.Option(None, help="0 = L2, 1 = L1, between = elastic net  [default: 0]"),
+    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP + "  [default: auto]"),
+    max_iter: Optional[int] = typer.Option(None, help="iterations (epochs for sgd/adam)  [default: 1000]"),
+    tol: Optional[float] = typer.Option(None, help="stopping tolerance  [default: 1e-6]"),
+    batch_size: Optional[int] = typer.Option(None, help="minibatch size for sgd/adam  [default: 256]"),
+    learning_rate: Optional[str] = typer.Option(None, help="'auto' or a step size (gd, sgd, adam)"),
+    class_weight: Optional[str] = typer.Option(None, help="'balanced' to weight classes by 1/frequency"),
+    seed: Optional[int] = typer.Option(None, help="seed of the split and the minibatch shuffles  [default: 0]"),
+    standardize: Optional[bool] = typer.Option(
+        None, "--standardize/--no-standardize", help="scale features to mean 0, std 1 (fitted on the training "
+                                                     "split)  [default: standardize]"),
+    categorical: Optional[bool] = typer.Option(
+        None, "--categorical/--no-categorical", help="one-hot encode non-numeric feature columns"),
+    impute: Optional[str] = typer.Option(None, help="'mean': fill NaN features with the training mean"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder  [default: runs/<timestamp>/]"),
+    resume: bool = typer.Option(False, "--resume", help="continue the model in --out (after Ctrl-C, or to "
+                                                       "train longer)"),
+    force: bool = typer.Option(False, "--force", help="overwrite a model already in --out"),
+    checkpoint_every: float = typer.Option(10.0, help="seconds between checkpoints of the current iterate in "
+                                                      "--out (0: none)"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write report.html and the PNGs"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    debug: bool = DebugOption,
+) -> None:
+    """Fit softmax regression; write the model, report.html and plots to --out."""
+    with _handled(debug):
+        _train(**locals())
+
+
+def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, tol, batch_size, learning_rate,
+           class_weight, seed, standardize, categorical, impute, out, resume, force, checkpoint_every, report,
+           quiet, debug):
+    import numpy as np
+
+    from .data import Preprocessing, load_data, split_target, train_test_indices
+    from .model_io import MODEL_JSON, SavedModel, load_model, save_model
+
+    if impute is not None and impute not in ("mean", "none"):
+        raise DataError(f"unknown --impute {impute!r}; expected 'mean' (or 'none')")
+    if checkpoint_every < 0:
+        raise UserInputError(f"--checkpoint-every must be >= 0 seconds; got {checkpoint_every}")
+    lr = learning_rate
+    if lr is not None and lr != "auto":
+        try:
+            lr = float(lr)
+        except ValueError:
+            raise UserInputError(f"--learning-rate must be 'auto' or a positive number; got {learning_rate!r}") from None
+    if class_weight is not None and class_weight not in ("balanced", "none"):
+        raise UserInputError(f"--class-weight must be 'balanced' or 'none'; got {class_weight!r}")
+
+    # ---- the output folder, and the model to resume ------------------------------------------------
+    previous = None
+    if resume:
+        if out is None:
+            raise UserInputError("--resume continues the model in --out DIR; give --out")
+        if not (out / MODEL_JSON).exists():
+            raise UserInputError(f"--resume: {str(out)!r} holds no model to continue (no {MODEL_JSON})")
+        previous = load_model(out)
+        _check_resume_conflicts(previous, target=target, test_size=test_size, seed=seed, standardize=standardize,
+                                categorical=categorical, impute=impute)
+    else:
+        out = out if out is not None else _default_out()
+        if (out / MODEL_JSON).exists() and not force:
+            raise UserInputError(f"{str(out)!r} already holds a model; continue it with --resume, overwrite it with "
+                                 "--force, or choose another --out")
+    prev_train = previous.meta.get("training", {}) if previous else {}
+    prev_params = previous.meta.get("estimator", {}).get("params", {}) if previous else {}
+
+    def pick(name, value):
+        if value is not None:
+            return value
+        if name in prev_params:
+            return prev_params[name]
+        if name in prev_train:
+            return prev_train[name]
+        return _DEFAULTS[name]
+
+    test_size = float(pick("test_size", test_size))
+    seed = int(pick("seed", seed))
+    cw = pick("class_weight", class_weight)
+    params = {"alpha": pick("alpha", alpha), "l1_ratio": pick("l1_ratio", l1_ratio), "solver": pick("solver", solver),
+              "max_iter": pick("max_iter", max_iter), "tol": pick("tol", tol), "batch_size": pick("batch_size", batch_size),
+              "learning_rate": pick("learning_rate", lr), "class_weight": None if cw in (None, "none") else cw,
+              "random_state": seed}
+
+    # ---- data ---------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    kw = {}
+    if previous is not None and previous.preprocessing.zero_based is not None:
+        kw = {"n_features": previous.preprocessing.n_features, "zero_based": previous.preprocessing.zero_based}
+    tgt = target if target is not None else (previous.target if previous is not None else None)
+    raw = load_data(data, fmt, label_key=_npz_key(previous, target), **kw)
+    features, y, target_name = split_target(raw, tgt, required=True)
+    classes_all = np.unique(y)
+    if len(classes_all) < 2:
+        raise DataError(f"the target {target_name!r} has only one class ({classes_all[0].item()!r}) in "
+                        f"{raw.n_rows} rows; a classifier needs at least 2")
+    tr, te = train_test_indices(y, test_size, seed)
+    y_tr, y_te = y[tr], y[te]
+    if len(np.unique(y_tr)) < 2:
+        raise DataError(f"the training split has only one class ({y_tr[0].item()!r}); use a smaller --test-size or "
+                        "more data")
+    if previous is not None:
+        pre = previous.preprocessing
+        y_tr = _align_labels(y_tr, previous.classes)
+        y_te = _align_labels(y_te, previous.classes)
+        if not np.array_equal(np.unique(y_tr), previous.classes):
+            raise DataError(f"--resume: the training split's classes {_show_classes(np.unique(y_tr))} differ from "
+                            f"the model's {_show_classes(previous.classes)}")
+    else:
+        pre = Preprocessing.fit(_rows(features, tr), categorical=bool(categorical),
+                                impute=None if impute in (None, "none") else impute,
+                                standardize=True if standardize is None else standardize, raw=raw)
+    X_tr = pre.transform(_rows(features, tr))
+    X_te = pre.transform(_rows(features, te)) if len(te) else None
+    load_s = time.perf_counter() - t0
+
+    n_feat = pre.n_features
+    console.print(f"[bold]softxent train[/bold]: {raw.describe()} — {raw.n_rows} rows, {n_feat} features, "
+                  f"{len(classes_all)} classes; {len(tr)} train / {len(te)} held-out rows (seed {seed})"
+                  + (f"; resuming {out}" if previous is not None else ""))
+
+    # ---- model --------------------------------------------------------------------------------------
+    from ..estimator import SoftmaxRegression
+
+    if previous is not None:
+        est = previous.estimator(**params, warm_start=True)
+    else:
+        est = SoftmaxRegression(**params)
+    prev_curve = list(previous.loss_curve) if previous is not None else []
+    prev_iter = int(previous.meta.get("estimator", {}).get("n_iter", len(prev_curve))) if previous else 0
+    out.mkdir(parents=True, exist_ok=True)
+    base_meta = {
+        "training": {"data": raw.sources, "format": raw.fmt, "n_rows": raw.n_rows, "n_train": len(tr),
+                     "n_test": len(te), "test_size": test_size, "seed": seed,
+                     "command": "softxent " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else None},
+    }
+
+    def model_of(coef, intercept, curve, status, extra=None):
+        meta = dict(base_meta)
+        meta["estimator"] = {"class": "softxent.SoftmaxRegression", "params": _json_params(est),
+                             "solver": getattr(est, "solver_", params["solver"]), "n_iter": prev_iter + len(curve) - len(prev_curve),
+                             **(extra or {})}
+        classes = est.classes_ if hasattr(est, "classes_") else classes_all
+        return SavedModel(classes=classes, coef=coef, intercept=intercept, preprocessing=pre,
+                          loss_curve=np.asarray(curve, dtype=np.float64), target=target_name, status=status, meta=meta)
+
+    def save_checkpoint(last, curve):
+        save_model(out, model_of(last[0], last[1], prev_curve + curve, "checkpoint",
+                                 {"objective": curve[-1] if curve else None}))
+
+    progress = None if quiet else _progress()
+    task = None
+    if progress is not None:
+        task = progress.add_task(str(params["solver"]), total=params["max_iter"], objective="-", grad="-")
+    unit = "epoch" if params["solver"] in ("sgd", "adam") else "iteration"
+    monitor = _FitMonitor(progress, task, checkpoint_every, save_checkpoint,
+                          describe=lambda: f"{getattr(est, 'solver_', params['solver'])} {unit}")
+    est.set_params(callback=monitor)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if the parent ignored it
+    except ValueError:
+        pass
+    t_fit = time.perf_counter()
+    interrupted = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with progress if progress is not None else contextlib.nullcontext():
+                est.fit(X_tr, y_tr)
+                if progress is not None:  # the bar ends full: the solver stopped (converged or max_iter)
+                    done = len(monitor.curve)
+                    progress.update(task, total=max(done, 1), completed=done,
+                                    description=f"{est.solver_} {'converged' if done < params['max_iter'] else 'stopped'}")
+        except KeyboardInterrupt:
+            interrupted = True
+    fit_s = time.perf_counter() - t_fit
+    est.set_params(callback=None)
+    notes = [str(w.message) for w in caught if "ConvergenceWarning" in type(w.message).__name__]
+
+    if interrupted:
+        if not monitor.curve:
+            err_console.print("[yellow]Interrupted before the first iteration completed; "
+                              + ("the model in --out is unchanged." if previous else "no model saved.") + "[/yellow]")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        coef, intercept = (est.coef_, est.intercept_) if hasattr(est, "coef_") else monitor.last
+        with _sigint_deferred():
+            save_model(out, model_of(np.asarray(coef, dtype=np.float64), np.asarray(intercept, dtype=np.float64),
+                                     prev_curve + monitor.curve, "interrupted",
+                                     {"objective": monitor.curve[-1], "fit_seconds": fit_s}))
+        err_console.print(f"[yellow]Interrupted after {len(monitor.curve)} iterations (objective "
+                          f"{monitor.curve[-1]:.6g}).[/yellow] Saved the last completed iterate to {out}/. "
+                          f"Continue with: softxent train {' '.join(data or [])}"
+                          f"{' ' if data else ''}--out {out} --resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+    # ---- metrics, model, report ---------------------------------------------------------------------
+    from .report import ReportContent, build_plots, compute_metrics, per_class_rows, write_report
+
+    classes = est.classes_
+    logp_tr = est.predict_log_proba(X_tr)
+    metrics = {"train": compute_metrics(np.searchsorted(classes, y_tr), logp_tr)}
+    logp_te = None
+    if X_te is not None:
+        logp_te = est.predict_log_proba(X_te)
+        metrics["held-out"] = compute_metrics(np.searchsorted(classes, y_te), logp_te)
+    curve = prev_curve + list(getattr(est, "loss_curve_", monitor.curve))
+    extra = {"objective": float(est.objective_), "fit_seconds": fit_s, "converged": not notes}
+    model = model_of(np.asarray(est.coef_, dtype=np.float64), np.asarray(est.intercept_, dtype=np.float64), curve,
+                     "complete", extra)
+    model.meta["metrics"] = {k: m.to_json() for k, m in metrics.items()}
+    with _sigint_deferred():
+        save_model(out, model)
+
+    console.print(f"solver {est.solver_}: {len(curve) - len(prev_curve)} iterations"
+                  + (f" (+{len(prev_curve)} before --resume)" if prev_curve else "")
+                  + f", objective {est.objective_:.8g}, {fit_s:.2f} s fit, {load_s:.2f} s data")
+    for note in notes:
+        console.print(f"[yellow]warning:[/yellow] {' '.join(note.split())}")
+    console.print(_metrics_table(metrics))
+    console.print(f"model  → {out / 'model.safetensors'} + {out / 'model.json'}")
+    if report:
+        labels = [str(c) for c in classes]
+        split = "held-out" if logp_te is not None else "train"
+        y_eval, logp_eval = (y_te, logp_te) if logp_te is not None else (y_tr, logp_tr)
+        y_idx = np.searchsorted(classes, y_eval)
+        plots = build_plots(loss_curve=curve, y_idx=y_idx, log_proba=logp_eval, labels=labels, split=split,
+                            coef=est.coef_, image_shape=pre.image_shape)
+        content = ReportContent(
+            title=f"softxent train — {raw.describe()}",
+            summary=_summary_rows(model, raw.describe(), extra_rows=[
+                ("rows (train / held-out)", f"{len(tr)} / {len(te)}"),
+                ("fit time", f"{fit_s:.2f} s"),
+                ("converged", "yes" if not notes else "no — " + " ".join(notes[0].split()))]),
+            metrics=metrics, plots=plots, per_class=per_class_rows(y_idx, logp_eval, labels), per_class_split=split)
+        path = write_report(out, content)
+        console.print(f"report → {path} (+ {len(plots)} PNGs)")
+
+
+def _npz_key(model, target):
+    """The npz array holding the labels: --target, else the one the model was trained with (npz), else 'y'."""
+    if target is not None:
+        return target
+    if model is not None and model.meta.get("training", {}).get("format") == "npz":
+        return model.target
+    return None
+
+
+def _check_resume_conflicts(previous, **given) -> None:
+    """--resume keeps the data settings of the saved model; an explicit different value is an error."""
+    pre = previous.preprocessing
+    training = previous.meta.get("training", {})
+    saved = {"target": previous.target, "test_size": training.get("test_size"), "seed": training.get("seed"),
+             "standardize": pre.standardize, "impute": pre.impute or "none"}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "categorical":
+            conflict = not value and bool(pre.categorical)  # --categorical on numeric data changes nothing
+            shown = bool(pre.categorical)
+        else:
+            conflict = saved[name] is not None and value != saved[name]
+            shown = saved[name]
+        if conflict:
+            flag = "--" + ("no-" if value is False else "") + name.replace("_", "-")
+            given_text = flag if isinstance(value, bool) else f"{flag} {value!r}"
+            raise UserInputError(f"--resume keeps the saved model's data settings: {given_text} differs from "
+                                 f"the model's {name} = {shown!r}; drop {flag} or train a new model")
+
+
+def _json_params(est) -> dict:
+    p = est.get_params()
+    p.pop("callback", None)
+    p.pop("verbose", None)
+    p.pop("warm_start", None)
+    return p
+
+
+def _summary_rows(model, data_desc: str, extra_rows=()) -> list[tuple[str, str]]:
+    from .. import __version__
+
+    est = model.meta.get("estimator", {})
+    params = est.get("params", {})
+    pre = model.preprocessing
+    rows = [
+        ("data", data_desc),
+        ("model", f"softxent.SoftmaxRegression, {len(model.classes)} classes × {pre.n_features} features"),
+        ("classes", _show_classes(model.classes)),
+        ("solver", f"{est.get('solver', '?')} (alpha={params.get('alpha')}, l1_ratio={params.get('l1_ratio')}, "
+                   f"max_iter={params.get('max_iter')}, tol={params.get('tol')})"),
+        ("iterations", str(est.get("n_iter", "?"))),
+        ("final objective", f"{est['objective']:.10g}" if isinstance(est.get("objective"), float) else "?"),
+        ("preprocessing", _describe_pre(pre)),
+        *extra_rows,
+        ("softxent", __version__),
+    ]
+    return rows
+
+
+def _describe_pre(pre) -> str:
+    parts = []
+    if pre.categorical:
+        parts.append(f"one-hot: {', '.join(pre.categorical)}")
+    if pre.impute:
+        parts.append(f"NaN → training {pre.impute}")
+    parts.append(("standardised (scale only: sparse)" if pre.sparse else "standardised (mean 0, std 1)")
+                 if pre.standardize else "not standardised")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# predict / evaluate / info / export
+# --------------------------------------------------------------------------------------------------
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., metavar="MODEL", help="the folder that 'softxent train' wrote"),
+    data: List[str] = typer.Argument(..., help="data files or globs (the target column may be absent)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="out.csv or out.parquet (default: CSV on stdout)"),
+    proba: bool = typer.Option(False, "--proba", help="add one probability column per class"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="the label column to drop, if not the model's"),
+    fmt: Optional[str] = FormatOption,
+    debug: bool = DebugOption,
+) -> None:
+    """Predict labels (in their original type) for DATA; --proba adds one probability column per class."""
+    with _handled(debug):
+        import numpy as np
+        import pandas as pd
+
+        from .model_io import atomic_write_bytes, atomic_write_text
+
+        if output is not None and output.suffix.lower() not in (".csv", ".parquet"):
+            raise UserInputError(f"--output must end in .csv or .parquet; got {str(output)!r}")
+        model = _load_model(model_dir)
+        raw, features, _, _ = _model_data(model, data, fmt, target, required=False)
+        X = model.preprocessing.transform(features)
+        est = model.estimator()
+        P = est.predict_proba(X)
+        pred = model.classes[np.argmax(P, axis=1)]
+        frame = pd.DataFrame({"prediction": pred})
+        if proba:
+            for j, c in enumerate(model.classes):
+                frame[f"proba_{c}"] = P[:, j]
+        if output is None:
+            sys.stdout.write(frame.to_csv(index=False))
+            return
+        if output.suffix.lower() == ".parquet":
+            import io
+
+            buf = io.BytesIO()
+            frame.to_parquet(buf, index=False)
+            atomic_write_bytes(output, buf.getvalue())
+        else:
+            atomic_write_text(output, frame.to_csv(index=False))
+        err_console.print(f"{len(frame)} predictions → {output}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Path = typer.Argument(..., metavar="MODEL", help="the folder that 'softxent train' wrote"),
+    data: Optional[List[str]] = typer.Argument(None, help="labelled data files or globs (none: the bundled digits)"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="the label column (default: the model's)"),
+    fmt: Optional[str] = FormatOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder  [default: runs/<timestamp>-evaluate/]"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write report.html and the PNGs"),
+    debug: bool = DebugOption,
+) -> None:
+    """Score MODEL on labelled DATA: the metrics table, and report.html with the plots."""
+    with _handled(debug):
+        from .report import ReportContent, build_plots, compute_metrics, per_class_rows, write_report
+
+        model = _load_model(model_dir)
+        raw, features, y, _ = _model_data(model, data, fmt, target, required=True)
+        X = model.preprocessing.transform(features)
+        y_idx = _class_indices(y, model.classes, raw.describe())
+        logp = model.estimator().predict_log_proba(X)
+        metrics = {"data": compute_metrics(y_idx, logp)}
+        train_metrics = model.meta.get("metrics", {})
+        console.print(f"[bold]softxent evaluate[/bold]: {model.path} on {raw.describe()} ({raw.n_rows} rows)")
+        console.print(_metrics_table(metrics))
+        if train_metrics:
+            console.print("at training: " + "; ".join(
+                f"{k} accuracy {v.get('accuracy', float('nan')):.4f}" for k, v in train_metrics.items()))
+        if report:
+            out = out if out is not None else _default_out("-evaluate")
+            labels = [str(c) for c in model.classes]
+            plots = build_plots(loss_curve=model.loss_curve, y_idx=y_idx, log_proba=logp, labels=labels, split="data",
+                                coef=model.coef, image_shape=model.preprocessing.image_shape)
+            content = ReportContent(title=f"softxent evaluate — {raw.describe()}",
+                                    summary=_summary_rows(model, raw.describe(), [("model folder", str(model.path))]),
+                                    metrics=metrics, plots=plots, per_class=per_class_rows(y_idx, logp, labels),
+                                    per_class_split="data")
+            path = write_report(out, content)
+            console.print(f"report → {path} (+ {len(plots)} PNGs)")
+
+
+@app.command()
+def info(
+    model_dir: Path = typer.Argument(..., metavar="MODEL", help="the folder that 'softxent train' wrote"),
+    as_json: bool = typer.Option(False, "--json", help="print model.json as it is (after validating the model)"),
+    debug: bool = DebugOption,
+) -> None:
+    """Describe a saved model: classes, features, preprocessing, solver, objective, metrics, files."""
+    with _handled(debug):
+        from .model_io import MODEL_JSON, MODEL_TENSORS, load_model
+
+        model = load_model(model_dir)
+        if as_json:
+            sys.stdout.write((model.path / MODEL_JSON).read_text(encoding="utf-8"))
+            return
+        est = model.meta.get("estimator", {})
+        train_meta = model.meta.get("training", {})
+        table = Table(title=f"softxent model {model.path}", show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("")
+        pre = model.preprocessing
+        names = pre.feature_names
+        rows = [
+            ("status", model.status),
+            ("classes", f"{len(model.classes)}: {_show_classes(model.classes)}"),
+            ("target", str(model.target)),
+            ("features", f"{len(names)}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"),
+            ("preprocessing", _describe_pre(pre)),
+            ("image shape", "×".join(map(str, pre.image_shape)) if pre.image_shape else "-"),
+            ("solver", est.get("solver", "?")),
+            ("parameters", ", ".join(f"{k}={v}" for k, v in est.get("params", {}).items())),
+            ("iterations", str(est.get("n_iter", "?"))),
+            ("objective", f"{est['objective']:.10g}" if isinstance(est.get("objective"), float) else "?"),
+            ("training data", ", ".join(train_meta.get("data", [])) or "?"),
+            ("split", f"{train_meta.get('n_train', '?')} train / {train_meta.get('n_test', '?')} held-out "
+                      f"(test_size {train_meta.get('test_size', '?')}, seed {train_meta.get('seed', '?')})"),
+        ]
+        for split, m in model.meta.get("metrics", {}).items():
+            rows.append((f"metrics ({split})", f"accuracy {m.get('accuracy', 0):.4f}, log-loss "
+                                               f"{m.get('log_loss', 0):.4f}, macro-F1 {m.get('macro_f1', 0):.4f}"))
+        tens = model.path / MODEL_TENSORS
+        rows += [("files", f"{MODEL_JSON}, {MODEL_TENSORS} ({tens.stat().st_size} bytes)"),
+                 ("written by", f"softxent {model.meta.get('softxent_version', '?')}")]
+        for k, v in rows:
+            table.add_row(k, v)
+        console.print(table)
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., metavar="MODEL", help="the folder that 'softxent train' wrote"),
+    onnx_path: Path = typer.Option(..., "--onnx", help="where to write the ONNX graph"),
+    dtype: str = typer.Option("float32", help="float32 | float64: the graph's input and arithmetic"),
+    check: bool = typer.Option(True, "--check/--no-check",
+                               help="run the graph under onnxruntime and compare with the model's predict_proba"),
+    debug: bool = DebugOption,
+) -> None:
+    """Export MODEL as an ONNX graph (standardisation, logits, softmax, label) — input X is N×D features."""
+    with _handled(debug):
+        import numpy as np
+
+        if dtype not in ("float32", "float64"):
+            raise UserInputError(f"--dtype must be float32 or float64; got {dtype!r}")
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise UserInputError("export --onnx needs the 'onnx' extra: pip install 'softxent[onnx]'") from None
+        from .onnx_export import export_onnx, onnx_predict_proba
+
+        model = _load_model(model_dir)
+        blob = export_onnx(model, onnx_path, dtype=dtype)
+        console.print(f"ONNX graph → {onnx_path} ({len(blob)} bytes, opset 17, {dtype}); input 'X' "
+                      f"(N×{model.n_features}), outputs 'label' (N,) and 'probabilities' (N×{model.n_classes})")
+        if not check:
+            return
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            err_console.print("note: onnxruntime is not installed; the graph was not run (pip install onnxruntime)")
+            return
+        pre = model.preprocessing
+        rng = np.random.default_rng(0)
+        X = pre.mean + pre.scale * rng.standard_normal((256, model.n_features))
+        labels, P_onnx = onnx_predict_proba(blob, X)
+        P = model.estimator().predict_proba(pre.standardise(X))
+        diff = float(np.max(np.abs(P_onnx - P)))
+        same = bool(np.array_equal(np.asarray(labels).astype(str),
+                                   model.classes[np.argmax(P, axis=1)].astype(str)))
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        console.print(f"check under onnxruntime on 256 random rows: max |p_onnx − predict_proba| = {diff:.2e} "
+                      f"(tolerance {tol:g}); labels {'match' if same else 'DIFFER'}")
+        if diff > tol or not same:
+            _error("the ONNX graph does not reproduce predict_proba")
+            raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradcheck
+# --------------------------------------------------------------------------------------------------
 @app.command()
 def gradcheck(
     n: int = typer.Option(8, help="rows of random X"),
@@ -41,5 +778,9 @@ def gradcheck(
 
 
 @app.callback()
-def _root() -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks (any command)")) -> None:
     """softxent: softmax cross-entropy, softmax regression and its tools."""
+    _STATE["debug"] = debug
+
+
+__all__ = ["app", "ModelFileError"]
