@@ -1,0 +1,768 @@
+"""Triton kernels for the fused linear + cross-entropy: the ``N x V`` logits are never held in memory.
+
+Notation (shapes): ``x`` (N, D) hidden states, ``W`` (V, D) output weight, ``b`` (V,) bias, ``y`` (N,)
+integer targets, ``cw`` (V,) class weights (1 when absent), ``c`` the softcap::
+
+    z_ij   = x_i . W_j + b_j                                   (float32 accumulation, block by block)
+    zh_ij  = c tanh(z_ij / c)        (or z_ij without a softcap)
+    lse_i  = log sum_j exp(zh_ij)                              (online over vocabulary blocks)
+    delta_ij = (alpha_i exp(zh_ij - lse_i) - beta_i [j == y_i != ignore_index] - gamma_i cw_j)
+               * (1 - tanh(z_ij / c)^2  or 1)
+    dx = delta @ W,   dW = delta^T @ x,   db = sum_i delta_ij
+
+``alpha, beta, gamma`` (N,) come from the host (softxent.torch turns every option of softxent.loss --
+reduction, class and sample weights, label smoothing, z-loss, grad_output -- into them), so these kernels
+know nothing about the loss beyond the formula above.
+
+Public functions (all tensors on one device: CUDA, or CPU under ``TRITON_INTERPRET=1``):
+
+* :func:`lce_forward` -> ``(lse, z_target, z_wsum)``, one kernel launch plus a tiny combine.
+* :func:`lce_backward` -> ``(dx, dw, db)``, only the requested ones.
+
+Forward.  One program per (row block, vocabulary split): it loops over the split's vocabulary blocks,
+computes the ``BLOCK_M x BLOCK_V`` logit tile with ``tl.dot`` (K-loop over D), and keeps per row the
+running maximum ``m``, the running sum ``s = sum exp(zh - m)`` (rescaled when ``m`` grows), the target
+logit and the weighted logit sum.  The splits' partial ``(m, s, zt, ws)`` (``4 x splits x N`` floats)
+are merged on the host: ``lse = max m + log sum_s s_s exp(m_s - max m)``.  Splitting the vocabulary keeps
+all SMs busy when ``N / BLOCK_M`` is small; programs are ordered in groups of ``GROUP_M`` row blocks so
+that the row tiles of ``x`` and the weight tiles in flight at once both stay in L2.
+
+Backward: recompute the logits, then three GEMMs per workspace chunk.  Each output element of ``dx``
+(a row of x) sums over the whole vocabulary and each of ``dW`` (a vocabulary row) over all tokens,
+and ``D`` (2k-8k) is far too wide to keep a ``BLOCK x D`` accumulator on chip while streaming the other
+dimension.  The alternatives are (a) CCE's one kernel over (row block, vocab block) tiles with float32
+atomics into both dx and dW -- ``2 N V D / BLOCK`` atomic adds (about 270 GB of atomic traffic at
+8192 x 4096 x 128256), affordable only when most tiles are skipped, and non-deterministic -- or (b)
+recomputing the logits once per D block (``D / BLOCK_D`` times the forward's work).  We instead take
+the rows in super-blocks of ``R`` and the vocabulary in chunks of ``C`` so that the chunk's delta
+(``R x C`` in the input dtype) fits a workspace of ``workspace_bytes`` (default 96 MiB):
+
+1. ``_lce_delta_kernel`` -- one program per ``BLOCK_M x BLOCK_V`` tile: recompute ``z``, form delta in
+   float32, store it (scaled by a power of two, see below) in the input dtype, store the tile's column
+   sums for ``db`` (deterministic, reduced on the host), and with ``skip_threshold`` a per-tile flag.
+2. ``_matmul_kernel`` -- ``dx[rows] (+)= delta @ W[chunk]`` (K = C) and
+   ``dW[chunk] (+)= delta^T @ x[rows]`` (K = R): plain tiled GEMMs with float32 accumulators; with
+   flags they skip the K-blocks of skipped tiles (and the read-modify-write of an output tile that got
+   no active block).
+
+No atomics anywhere: results are bitwise reproducible run to run.  Extra traffic over the four GEMMs is
+the delta chunk (written once, read twice) plus float32 read-modify-writes of ``dx`` across vocabulary
+chunks and of ``dW`` across row super-blocks; :func:`plan_backward` picks ``(R, C)`` to minimise it for
+the budget.  Peak extra memory = ``R C e + [C < V] R D 4 + ceil(R / BLOCK_M) C 4`` bytes (e = element
+size) plus, as the interface requires, ``dW`` in float32 (``V D 4`` bytes; pass ``dw_dtype=W.dtype``
+to have it written once in the weight's dtype when ``R = N``).
+
+Cost, honestly: the exact backward needs the complete ``lse`` before any ``delta``, so it recomputes the
+logits -- four ``2 N D V`` GEMMs in all against the three of a materialising implementation.  An exact
+path holding no ``N x V`` buffer therefore cannot reach the "three bare GEMMs" floor; at best it is
+about 4/3 of it.  ``skip_threshold`` (opt-in, approximate) drops the dx/dW work of tiles whose
+``|alpha_i p_ij|`` are all below the threshold, hold no target and have ``gamma = 0``: on peaked,
+trained-LM-like softmaxes most tiles go, and the backward approaches one GEMM.  Its error is bounded by
+the dropped mass: every dropped delta satisfies ``|delta_ij| < threshold``, so
+``|ddx_id| <= threshold * sum_j |W_jd|`` over the dropped ``j`` (and likewise for dW); tests measure it.
+
+Precision: float32 accumulation everywhere; delta is rounded once to the input dtype for the tensor
+core products, as PyTorch's own backward of ``F.linear`` does.  Before rounding, delta is divided by
+``2^ceil(log2 max_i(|alpha_i| + |beta_i| + |gamma_i| max cw))`` (exact, a power of two) and the GEMMs
+multiply it back: with ``alpha = 1/N`` the deltas of float16 inputs (~1e-9) would otherwise underflow.
+``dx`` leaves in ``x.dtype`` (rounded once), ``dW`` and ``db`` in float32.  float32 inputs use IEEE
+float32 dots unless ``torch.get_float32_matmul_precision()`` allows TF32.
+
+Block sizes come from :func:`default_configs`: small (16) under the interpreter, Hopper-sized tiles
+(128 x 128 x 64, 8 warps, 3 stages for 16-bit inputs) on a GPU; :func:`set_configs` overrides them
+(the GPU benchmark tries a few).  No ``triton.autotune``: a tuning run would execute the accumulating
+GEMMs several times.
+
+Interpreter notes (CPU tests): ``tl.dot`` on bfloat16 is broken in Triton's interpreter, so bfloat16
+tiles are upcast to float32 before the dot there only (same products; the GPU uses bf16 tensor cores);
+the interpreter also truncates float32 -> bfloat16 stores instead of rounding to nearest, and
+``libdevice.tanh`` is unavailable, hence :func:`_tanh` below.
+
+Not provided: a combined ``lce_forward_backward``.  With the loss scale known in advance it would save
+launches only, not a GEMM: delta needs the finished ``lse`` of its row, so the logits are computed twice
+either way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "TileConfig",
+    "default_configs",
+    "set_configs",
+    "plan_backward",
+    "lce_forward",
+    "lce_backward",
+    "DEFAULT_WORKSPACE_BYTES",
+]
+
+DEFAULT_WORKSPACE_BYTES = 96 * 2**20
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of one kernel.
+
+    ``block_m`` rows (tokens, or the GEMM's M), ``block_n`` columns (vocabulary entries for the forward and
+    delta kernels, D for the matmul), ``block_k`` the reduction step, ``group_m`` the L2 grouping of
+    program ids, ``splits`` (forward only) the number of vocabulary splits (0 = automatic).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+    splits: int = 0
+
+
+_OVERRIDES: dict[str, TileConfig] = {}
+
+
+def default_configs(dtype: torch.dtype) -> dict[str, TileConfig]:
+    """The tile configurations for inputs of ``dtype``: keys ``'forward'``, ``'delta'``, ``'matmul'``.
+
+    Under the interpreter all blocks are 16 (tiny test shapes stay fast).  On a GPU, 16-bit inputs get
+    128 x 128 tiles with a K-step of 64, 8 warps and 3 pipeline stages (96 KiB of shared memory: fits
+    Ampere and Hopper); float32 inputs get 64 x 64 x 32.  Overrides from :func:`set_configs` win.
+    """
+    if _interpreting():
+        small = TileConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1)
+        base = {"forward": small, "delta": small, "matmul": small}
+    elif dtype in (torch.float16, torch.bfloat16):
+        big = TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+        base = {"forward": big, "delta": big, "matmul": big}
+    else:
+        mid = TileConfig(64, 64, 32, group_m=8, num_warps=4, num_stages=3)
+        base = {"forward": mid, "delta": mid, "matmul": mid}
+    base.update(_OVERRIDES)
+    return base
+
+
+def set_configs(**configs: TileConfig | None) -> None:
+    """Override the default tile configurations (``forward=``, ``delta=``, ``matmul=``; None resets)."""
+    for key, cfg in configs.items():
+        if key not in ("forward", "delta", "matmul"):
+            raise ValueError(f"set_configs: unknown kernel {key!r}; expected 'forward', 'delta' or 'matmul'")
+        if cfg is None:
+            _OVERRIDES.pop(key, None)
+        elif not isinstance(cfg, TileConfig):
+            raise TypeError(f"set_configs: {key} must be a TileConfig or None; got {type(cfg).__name__}")
+        else:
+            _OVERRIDES[key] = cfg
+
+
+def _check_configs(cfgs: dict[str, TileConfig]) -> None:
+    """Block sizes must be powers of two >= 16 (tl.dot), and the matmul's K-step must divide both delta
+    tile sides (the skip flags are per delta tile)."""
+    for name, c in cfgs.items():
+        for field in ("block_m", "block_n", "block_k"):
+            v = getattr(c, field)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} config: {field} must be a power of two >= 16; got {v}")
+    d, mm = cfgs["delta"], cfgs["matmul"]
+    if d.block_m % mm.block_k or d.block_n % mm.block_k:
+        raise ValueError(
+            f"matmul block_k ({mm.block_k}) must divide the delta tile ({d.block_m} x {d.block_n})")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dot_options(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast tiles to float32 before tl.dot, input_precision of float32 dots)."""
+    dot_f32 = _interpreting() and dtype == torch.bfloat16
+    if dtype == torch.float32 or dot_f32:
+        tf32 = not _interpreting() and torch.get_float32_matmul_precision() != "highest"
+        return dot_f32, "tf32" if tf32 else "ieee"
+    return dot_f32, "tf32"  # Triton's default (what a plain tl.dot passes); unused by 16-bit operands
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(u):
+    """tanh in float32 to a few ulp: odd Taylor series below |u| = 1/8 (where 1 - e^{-2|u|} cancels),
+    ``(1 - e^{-2|u|}) / (1 + e^{-2|u|})`` above.  NaN stays NaN, +-inf gives +-1."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    small = a * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 + u2 * -0.05396825396825397)))
+    t = tl.where(a < 0.125, small, big)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _tile_ids(pid, n_m, n_n, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile column), GROUP_M tile rows at a time (L2 reuse)."""
+    width = GROUP_M * n_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr,
+                DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``zh = softcap(x[rows] @ W[cols]^T + b[cols])`` in float32, and ``t = tanh(z / c)`` (or z)."""
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + ks
+        if EVEN_K:
+            a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
+            b = tl.load(w_rows + kk[None, :], mask=col_mask[:, None], other=0.0)
+        else:
+            a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk < D)[None, :], other=0.0)
+            b = tl.load(w_rows + kk[None, :], mask=col_mask[:, None] & (kk < D)[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    t = acc
+    if HAS_SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = softcap * t
+    return acc, t
+
+
+@triton.jit
+def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
+                        N, V, D, stride_x, stride_w, cols_per_split, n_splits, plane, ignore_index, softcap,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
+                        NEED_WSUM: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Per (row block, vocabulary split): running max m, sum s = sum exp(zh - m), target logit zt and
+    weighted sum ws over the split's columns; written to ``part[q, split, row]`` for q = m, s, zt, ws."""
+    pid = tl.program_id(0)
+    pid_m, pid_s = _tile_ids(pid, tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
+    has_target = y != ignore_index
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ws = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    v_lo = pid_s * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_hi
+        z, _t = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                            softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_K, DOT_F32, PRECISION,
+                            BLOCK_M, BLOCK_V, BLOCK_K)
+        zm = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), axis=1)
+        m = m_new
+        hit = (cols[None, :] == y[:, None]) & has_target[:, None]
+        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        if NEED_WSUM:
+            if HAS_CW:
+                cw = tl.load(cw_ptr + cols, mask=col_mask, other=0.0)
+                ws += tl.sum(tl.where(col_mask[None, :], z * cw[None, :], 0.0), axis=1)
+            else:
+                ws += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    out = part_ptr + pid_s.to(tl.int64) * N + rows
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + plane, s, mask=row_mask)
+    tl.store(out + 2 * plane, zt, mask=row_mask)
+    if NEED_WSUM:
+        tl.store(out + 3 * plane, ws, mask=row_mask)
+
+
+@triton.jit
+def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
+                      scale_ptr, delta_ptr, flag_ptr, dbpart_ptr,
+                      row0, n_rows, v0, n_cols, D, stride_x, stride_w, stride_delta, stride_flag,
+                      stride_dbpart, ignore_index, softcap, skip_threshold,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
+                      HAS_BETA: tl.constexpr, HAS_GAMMA: tl.constexpr, WRITE_DELTA: tl.constexpr,
+                      NEED_DB: tl.constexpr, HAS_SKIP: tl.constexpr, EVEN_K: tl.constexpr,
+                      DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One delta tile of the chunk (rows row0 + [0, n_rows), columns v0 + [0, n_cols)):
+    ``delta / scale`` into the workspace (chunk-local indices), column sums into ``dbpart[tile row]``,
+    and with HAS_SKIP the keep-flag of the tile into ``flag[tile row, tile col]`` (a skipped tile's
+    delta is neither written nor summed)."""
+    pid = tl.program_id(0)
+    pid_m, pid_v = _tile_ids(pid, tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
+    lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = lrows < n_rows
+    col_mask = lcols < n_cols
+    rows = row0 + lrows
+    cols = v0 + lcols
+    z, t = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                       softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_K, DOT_F32, PRECISION,
+                       BLOCK_M, BLOCK_V, BLOCK_K)
+    valid = row_mask[:, None] & col_mask[None, :]
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    # A row without loss (alpha = 0) gets exactly 0, even where its lse is inf or NaN.
+    p_term = tl.where(alpha[:, None] == 0, 0.0, alpha[:, None] * tl.exp(z - lse[:, None]))
+    d = p_term
+    if HAS_BETA:
+        y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
+        beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
+        hit = (cols[None, :] == y[:, None]) & ((y != ignore_index) & (beta != 0))[:, None]
+        d -= tl.where(hit, beta[:, None], 0.0)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0)
+        if HAS_CW:
+            cw = tl.load(cw_ptr + cols, mask=col_mask, other=0.0)
+            d -= gamma[:, None] * cw[None, :]
+        else:
+            d -= gamma[:, None]
+    if HAS_SOFTCAP:
+        d *= 1.0 - t * t
+    d = tl.where(valid, d, 0.0)
+    keep = True
+    if HAS_SKIP:
+        n_keep = tl.sum(tl.sum(tl.where(valid & (tl.abs(p_term) >= skip_threshold), 1, 0), axis=1), axis=0)
+        if HAS_BETA:
+            n_keep += tl.sum(tl.sum(tl.where(valid & hit, 1, 0), axis=1), axis=0)
+        if HAS_GAMMA:
+            n_keep += tl.sum(tl.where(row_mask & (gamma != 0), 1, 0), axis=0)
+        keep = n_keep > 0
+        tl.store(flag_ptr + pid_m * stride_flag + pid_v, keep.to(tl.int8))
+        d = tl.where(keep, d, 0.0)
+    if NEED_DB:
+        tl.store(dbpart_ptr + pid_m.to(tl.int64) * stride_dbpart + lcols, tl.sum(d, axis=0), mask=col_mask)
+    if WRITE_DELTA:
+        if keep:
+            inv_scale = 1.0 / tl.load(scale_ptr)
+            ptrs = delta_ptr + lrows.to(tl.int64)[:, None] * stride_delta + lcols[None, :]
+            tl.store(ptrs, (d * inv_scale).to(delta_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, flag_ptr,
+                   M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   stride_fm, stride_fk,
+                   ACCUMULATE: tl.constexpr, HAS_FLAGS: tl.constexpr, FLAG_M: tl.constexpr,
+                   FLAG_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``C (+)= scale * A @ B`` with float32 accumulation, any strides.  With HAS_FLAGS, A is made of
+    FLAG_M x FLAG_K tiles kept or not by ``flag[i * stride_fm + k * stride_fk]``: the rows of unkept tiles
+    read as zero (they hold stale data), K-blocks with no kept tile are skipped, and an accumulated
+    output tile that got no kept block is left alone."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_active = pid_m * 0
+    a_mask = m_mask
+    if HAS_FLAGS:
+        f_rows = flag_ptr + (rm // FLAG_M) * stride_fm  # each row's flag-tile row
+    for k0 in range(0, K, BLOCK_K):
+        active = True
+        if HAS_FLAGS:
+            kept = tl.load(f_rows + (k0 // FLAG_K) * stride_fk, mask=m_mask, other=0) != 0
+            active = tl.max(kept.to(tl.int32), axis=0) > 0
+            n_active += active.to(tl.int32)
+            a_mask = kept
+        if active:
+            kk = (k0 + rk).to(tl.int64)
+            if EVEN_K:
+                a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask[:, None], other=0.0)
+                b = tl.load(b_cols + kk[:, None] * stride_bk, mask=n_mask[None, :], other=0.0)
+            else:
+                a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask[:, None] & (kk < K)[None, :],
+                            other=0.0)
+                b = tl.load(b_cols + kk[:, None] * stride_bk, mask=(kk < K)[:, None] & n_mask[None, :],
+                            other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = acc * tl.load(scale_ptr)
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUMULATE:
+        write = True
+        if HAS_FLAGS:
+            write = n_active > 0
+        if write:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks (the public softxent.torch API validates user input; these guard the interface)
+# --------------------------------------------------------------------------------------------------
+def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of x); got {t.device}")
+
+
+def _check_vector(t, name: str, n: int, dtype: torch.dtype | tuple, device, optional: bool = False):
+    if t is None:
+        if optional:
+            return
+        raise ValueError(f"{name} is required; got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.shape != (n,) or t.dtype not in dtypes or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous ({n},) tensor of dtype {' or '.join(map(str, dtypes))}; "
+                         f"got shape {tuple(t.shape)}, dtype {t.dtype}, contiguous={t.is_contiguous()}")
+    _check_device(t, name, device)
+
+
+def _check_common(x, weight, bias, target, class_weight, ignore_index, softcap):
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 2 or t.dtype not in _FLOAT_DTYPES or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 2-D float16/bfloat16/float32 tensor; got shape "
+                             f"{tuple(t.shape)}, dtype {t.dtype}, contiguous={t.is_contiguous()}")
+    N, D = x.shape
+    V = weight.shape[0]
+    if weight.shape[1] != D or weight.dtype != x.dtype:
+        raise ValueError(f"weight must have shape (V, {D}) and x's dtype {x.dtype}; got shape "
+                         f"{tuple(weight.shape)}, dtype {weight.dtype}")
+    if V < 1 or D < 1:
+        raise ValueError(f"weight must have V >= 1 rows and D >= 1 columns; got shape {tuple(weight.shape)}")
+    device = x.device
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                         f"got x on {device}")
+    _check_device(weight, "weight", device)
+    _check_vector(bias, "bias", V, _FLOAT_DTYPES, device, optional=True)
+    _check_vector(target, "target", N, torch.int64, device)
+    _check_vector(class_weight, "class_weight", V, torch.float32, device, optional=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    if not -2**31 <= ignore_index < 2**31:
+        raise ValueError(f"ignore_index must fit in int32; got {ignore_index}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0; got {softcap!r}")
+    return N, D, V
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+def _forward_splits(n_row_blocks: int, V: int, block_v: int, cfg: TileConfig, device) -> int:
+    """Vocabulary splits: enough programs for ~4 waves on the GPU, each split >= 4 vocabulary blocks."""
+    n_vb = triton.cdiv(V, block_v)
+    if cfg.splits > 0:
+        return min(cfg.splits, n_vb)
+    if _interpreting():
+        return min(2, n_vb)  # exercises the host-side merge in the tests
+    target = 4 * _sm_count(device)
+    splits = 1
+    while n_row_blocks * splits < target and n_vb // (2 * splits) >= 4:
+        splits *= 2
+    return splits
+
+
+def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | None, class_weight,
+                need_weighted_sum: bool, config: TileConfig | None = None):
+    """Row statistics of the capped logits ``zh = softcap(x W^T + b)`` without holding them.
+
+    Args:
+        x: ``(N, D)`` contiguous, float16/bfloat16/float32.
+        weight: ``(V, D)`` contiguous, x's dtype.
+        bias: ``(V,)`` (any float dtype) or None.
+        target: ``(N,)`` int64 class indices (entries equal to ``ignore_index`` are skipped; others are
+            assumed to lie in ``[0, V)`` -- the caller validates).
+        ignore_index: int; may lie inside ``[0, V)``.
+        softcap: ``c > 0`` or None.
+        class_weight: ``(V,)`` float32 or None (weights of ``z_wsum``).
+        need_weighted_sum: compute ``z_wsum``.
+        config: optional :class:`TileConfig` for this call (``block_n`` = vocabulary block).
+
+    Returns:
+        ``(lse, z_target, z_wsum)``, float32 ``(N,)`` each: ``lse_i = log sum_j exp(zh_ij)``,
+        ``z_target_i = zh_{i, y_i}`` (0 where ``y_i == ignore_index``), ``z_wsum_i = sum_j cw_j zh_ij``
+        (None unless ``need_weighted_sum``).
+    """
+    N, D, V = _check_common(x, weight, bias, target, class_weight, ignore_index, softcap)
+    dev = x.device
+    if N == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=dev)
+        return empty, empty.clone(), (empty.clone() if need_weighted_sum else None)
+    cfg = config or default_configs(x.dtype)["forward"]
+    _check_configs({"forward": cfg, "delta": cfg, "matmul": replace(cfg, block_k=16)})
+    n_rb = triton.cdiv(N, cfg.block_m)
+    splits = _forward_splits(n_rb, V, cfg.block_n, cfg, dev)
+    cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(V, cols_per_split)  # every split non-empty
+    part = torch.empty((4 if need_weighted_sum else 3, splits, N), dtype=torch.float32, device=dev)
+    dot_f32, precision = _dot_options(x.dtype)
+    _lce_forward_kernel[(n_rb * splits,)](
+        x, weight, bias, target, class_weight, part,
+        N, V, D, x.stride(0), weight.stride(0), cols_per_split, splits, splits * N, ignore_index,
+        float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_CW=class_weight is not None,
+        NEED_WSUM=bool(need_weighted_sum), EVEN_K=D % cfg.block_k == 0, DOT_F32=dot_f32,
+        PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    m, s = part[0], part[1]
+    if splits == 1:
+        lse = m[0] + torch.log(s[0])
+    else:
+        m_max = m.amax(dim=0)
+        m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
+        lse = m_safe + torch.log((s * torch.exp(m - m_safe)).sum(dim=0))
+    z_target = part[2].sum(dim=0)
+    z_wsum = part[3].sum(dim=0) if need_weighted_sum else None
+    return lse, z_target, z_wsum
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackwardPlan:
+    """Rows per super-block ``rows``, vocabulary columns per chunk ``cols``, and the workspace bytes."""
+
+    rows: int
+    cols: int
+    workspace_bytes: int
+
+
+_LAUNCH_BYTES = 32 * 2**20  # ~10 us of launch + tail per chunk, expressed as HBM traffic (~3 TB/s)
+
+
+def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need_dw: bool,
+                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, block_m: int = 128,
+                  block_v: int = 128) -> BackwardPlan:
+    """Choose the row super-block ``R`` and vocabulary chunk ``C`` of the backward.
+
+    Workspace = ``R C e`` (delta) ``+ [C < V] R D 4`` (float32 dx accumulator) ``+ ceil(R/BLOCK_M) C 4``
+    (db partials).  Extra HBM traffic, minimised over the plans that fit ``workspace_bytes``::
+
+        (ceil(V/C) - 1) N D 8 [need_dx]  +  (ceil(N/R) - 1) V D 8 [need_dw]  +  launches
+
+    R runs over ``N`` and ``block_m * 2^k``; C is the largest multiple of ``block_v`` that fits, then
+    balanced over the chunks.  When nothing fits, the smallest plan (one tile each way) is returned.
+    """
+    need_delta = need_dx or need_dw
+    e = elem_size if need_delta else 0
+    cands = {N}
+    r = block_m
+    while r < N:
+        cands.add(r)
+        r *= 2
+    best, best_cost = None, None
+    for R in sorted(cands):
+        n_rb = triton.cdiv(R, block_m)
+        per_col = R * e + n_rb * 4
+        if per_col * V <= workspace_bytes:
+            C, acc = V, 0
+        else:
+            acc = R * D * 4 if need_dx else 0
+            C = (workspace_bytes - acc) // per_col // block_v * block_v
+            if C < block_v:
+                continue
+            n_chunks = triton.cdiv(V, C)
+            C = min(V, triton.cdiv(triton.cdiv(V, n_chunks), block_v) * block_v)
+        n_v, n_r = triton.cdiv(V, C), triton.cdiv(N, R)
+        cost = n_v * n_r * 3 * _LAUNCH_BYTES
+        if need_dx:
+            cost += (n_v - 1) * N * D * 8
+        if need_dw:
+            cost += (n_r - 1) * V * D * 8
+        if best_cost is None or cost < best_cost:
+            best, best_cost = BackwardPlan(R, C, per_col * C + (acc if C < V else 0)), cost
+    if best is None:
+        R, C = min(N, block_m), min(V, block_v)
+        best = BackwardPlan(R, C, R * C * e + C * 4 + (R * D * 4 if need_dx and C < V else 0))
+    return best
+
+
+def _delta_scale(alpha, beta, gamma, class_weight) -> torch.Tensor:
+    """``2^ceil(log2 max_i(|alpha_i| + |beta_i| + |gamma_i| max cw))`` as a (1,) float32 tensor (1 if 0 or
+    not finite), computed on the device: no host synchronisation."""
+    bound = alpha.abs()
+    if beta is not None:
+        bound = bound + beta.abs()
+    if gamma is not None:
+        cw_max = 1.0 if class_weight is None else class_weight.abs().amax()
+        bound = bound + gamma.abs() * cw_max
+    mx = bound.amax().reshape(1)
+    ok = torch.isfinite(mx) & (mx > 0)
+    return torch.where(ok, torch.exp2(torch.ceil(torch.log2(torch.where(ok, mx, 1.0)))), 1.0).float()
+
+
+def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_index: int,
+                 softcap: float | None, class_weight, need_dx: bool, need_dw: bool, need_db: bool,
+                 skip_threshold: float | None = None, workspace_bytes: int | None = None,
+                 dw_dtype: torch.dtype = torch.float32, chunk_shape: tuple[int, int] | None = None,
+                 configs: dict[str, TileConfig] | None = None, stats: dict | None = None):
+    """Gradients of ``sum_ij delta_ij z_ij`` (module docstring) for x, W and b, recomputing the logits.
+
+    Args:
+        x, weight, bias, target, ignore_index, softcap, class_weight: as in :func:`lce_forward`.
+        lse: ``(N,)`` float32 from :func:`lce_forward`.
+        alpha, beta, gamma: ``(N,)`` float32 per-row coefficients of delta; ``beta``/``gamma`` may be
+            None for zero (saves the target / class-weight terms in the kernel).
+        need_dx, need_dw, need_db: which gradients to compute (nothing else is allocated).
+        skip_threshold: None (exact) or ``t > 0``: a ``BLOCK_M x BLOCK_V`` tile whose
+            ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with ``beta != 0``
+            and whose rows all have ``gamma = 0`` is treated as zero in dx, dW and db.  For CCE's rule
+            "every probability below eps" pass ``t = eps * max_i |alpha_i|``.
+        workspace_bytes: budget of the backward's scratch memory (default 96 MiB); see
+            :func:`plan_backward`.
+        dw_dtype: float32 (default) or the weight's dtype: with one row super-block (``R = N``) the
+            latter is written directly, rounded once; otherwise it is accumulated in float32 then cast.
+        chunk_shape: force ``(R, C)`` (tests, tuning).
+        configs: tile configurations (``'delta'`` and ``'matmul'``) for this call.
+        stats: optional dict, filled with ``plan``, ``tiles`` and ``tiles_kept`` (synchronises).
+
+    Returns:
+        ``(dx, dw, db)``: dx ``(N, D)`` in x's dtype, dw ``(V, D)`` in ``dw_dtype``, db ``(V,)``
+        float32; each None unless requested.
+    """
+    N, D, V = _check_common(x, weight, bias, target, class_weight, ignore_index, softcap)
+    dev = x.device
+    _check_vector(lse, "lse", N, torch.float32, dev)
+    _check_vector(alpha, "alpha", N, torch.float32, dev)
+    _check_vector(beta, "beta", N, torch.float32, dev, optional=True)
+    _check_vector(gamma, "gamma", N, torch.float32, dev, optional=True)
+    if skip_threshold is not None and not (isinstance(skip_threshold, (int, float))
+                                           and math.isfinite(skip_threshold) and skip_threshold > 0):
+        raise ValueError(f"skip_threshold must be None or a finite number > 0; got {skip_threshold!r}")
+    if dw_dtype not in (torch.float32, weight.dtype):
+        raise ValueError(f"dw_dtype must be torch.float32 or the weight's dtype {weight.dtype}; got {dw_dtype}")
+    need_db = bool(need_db) and bias is not None
+    dx = torch.empty((N, D), dtype=x.dtype, device=dev) if need_dx else None
+    dw = db = None
+    if need_db:
+        db = torch.zeros(V, dtype=torch.float32, device=dev)
+    if N == 0 or not (need_dx or need_dw or need_db):
+        if need_dw:
+            dw = torch.zeros((V, D), dtype=dw_dtype, device=dev)
+        return dx, dw, db
+
+    cfgs = dict(default_configs(x.dtype))
+    if configs:
+        cfgs.update(configs)
+    _check_configs(cfgs)
+    dcfg, mcfg = cfgs["delta"], cfgs["matmul"]
+    BM, BV = dcfg.block_m, dcfg.block_n
+    need_delta = need_dx or need_dw
+    if chunk_shape is not None:
+        R, C = chunk_shape
+        if not (isinstance(R, int) and isinstance(C, int) and R >= 1 and C >= 1):
+            raise ValueError(f"chunk_shape must be two ints >= 1 (rows, columns); got {chunk_shape!r}")
+        R, C = min(R, N), min(C, V)
+        plan = BackwardPlan(R, C, -1)
+    else:
+        plan = plan_backward(N, V, D, x.element_size(), need_dx=need_dx, need_dw=need_dw,
+                             workspace_bytes=workspace_bytes or DEFAULT_WORKSPACE_BYTES,
+                             block_m=BM, block_v=BV)
+        R, C = plan.rows, plan.cols
+    n_rchunks, n_vchunks = triton.cdiv(N, R), triton.cdiv(V, C)
+    n_rb, n_vb = triton.cdiv(R, BM), triton.cdiv(C, BV)
+
+    # outputs and workspace
+    dw_direct = need_dw and (dw_dtype == torch.float32 or n_rchunks == 1)
+    if need_dw:
+        dw = torch.empty((V, D), dtype=dw_dtype if dw_direct else torch.float32, device=dev)
+    delta = torch.empty((R, C), dtype=x.dtype, device=dev) if need_delta else None
+    dx_acc = torch.empty((R, D), dtype=torch.float32, device=dev) if (need_dx and n_vchunks > 1) else None
+    dbpart = torch.empty((n_rb, C), dtype=torch.float32, device=dev) if need_db else None
+    has_skip = skip_threshold is not None
+    flags = torch.empty((n_rb, n_vb), dtype=torch.int8, device=dev) if has_skip else None
+    kept = torch.zeros((), dtype=torch.int64, device=dev) if (has_skip and stats is not None) else None
+    scale = _delta_scale(alpha, beta, gamma, class_weight)
+    dot_f32, precision = _dot_options(x.dtype)
+    softcap_f = float(softcap) if softcap is not None else 1.0
+
+    def matmul(a, stride_a, b, stride_b, c, stride_c, M, Nn, K, accumulate, flag_strides, flag_m, flag_k):
+        grid = (triton.cdiv(M, mcfg.block_m) * triton.cdiv(Nn, mcfg.block_n),)
+        _matmul_kernel[grid](
+            a, b, c, scale, flags, M, Nn, K, stride_a[0], stride_a[1], stride_b[0], stride_b[1],
+            stride_c[0], stride_c[1], flag_strides[0], flag_strides[1],
+            ACCUMULATE=accumulate, HAS_FLAGS=has_skip, FLAG_M=flag_m, FLAG_K=flag_k,
+            EVEN_K=K % mcfg.block_k == 0, DOT_F32=dot_f32,
+            PRECISION=precision, BLOCK_M=mcfg.block_m, BLOCK_N=mcfg.block_n, BLOCK_K=mcfg.block_k,
+            GROUP_M=mcfg.group_m, num_warps=mcfg.num_warps, num_stages=mcfg.num_stages)
+
+    for r0 in range(0, N, R):
+        nr = min(R, N - r0)
+        nrb = triton.cdiv(nr, BM)
+        for ci, v0 in enumerate(range(0, V, C)):
+            nc = min(C, V - v0)
+            nvb = triton.cdiv(nc, BV)
+            _lce_delta_kernel[(nrb * nvb,)](
+                x, weight, bias, target, class_weight, lse, alpha, beta, gamma, scale,
+                delta, flags, dbpart,
+                r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C,
+                ignore_index, softcap_f, float(skip_threshold) if has_skip else 0.0,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                HAS_CW=class_weight is not None, HAS_BETA=beta is not None, HAS_GAMMA=gamma is not None,
+                WRITE_DELTA=need_delta, NEED_DB=need_db, HAS_SKIP=has_skip, EVEN_K=D % dcfg.block_k == 0,
+                DOT_F32=dot_f32, PRECISION=precision, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=dcfg.block_k,
+                GROUP_M=dcfg.group_m, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
+            if kept is not None:
+                kept += flags[:nrb, :nvb].sum()
+            if need_db:
+                db[v0:v0 + nc] += dbpart[:nrb, :nc].sum(dim=0)
+            if need_dx:
+                # dx[rows] (+)= delta @ W[chunk]: M = rows, K = vocabulary (flags [row tile, vocab tile])
+                if dx_acc is None:
+                    out, accumulate = dx[r0:r0 + nr], False
+                else:
+                    out, accumulate = dx_acc, ci > 0
+                matmul(delta, (C, 1), weight[v0:v0 + nc], (D, 1), out, (D, 1), nr, D, nc, accumulate,
+                       (n_vb, 1), BM, BV)
+            if need_dw:
+                # dW[chunk] (+)= delta^T @ x[rows]: M = vocabulary, K = rows (flags [row tile, vocab tile])
+                matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw[v0:v0 + nc], (D, 1), nc, D, nr, r0 > 0,
+                       (1, n_vb), BV, BM)
+        if dx_acc is not None:
+            dx[r0:r0 + nr].copy_(dx_acc[:nr])
+    if need_dw and not dw_direct:
+        dw = dw.to(dw_dtype)
+    if stats is not None:
+        stats["plan"] = BackwardPlan(R, C, plan.workspace_bytes)
+        stats["tiles"] = sum(triton.cdiv(min(R, N - r0), BM) for r0 in range(0, N, R)) * sum(
+            triton.cdiv(min(C, V - v0), BV) for v0 in range(0, V, C))
+        stats["tiles_kept"] = int(kept) if kept is not None else stats["tiles"]
+    return dx, dw, db
