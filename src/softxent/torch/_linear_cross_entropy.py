@@ -1,0 +1,279 @@
+"""``softxent.torch.linear_cross_entropy``: the output layer and the cross-entropy in one call, without
+holding the ``N x V`` logits.
+
+Semantics, as code (up to float32 rounding, and the mean over nothing being 0 instead of NaN)::
+
+    z = (x @ weight.T + bias).float()                    # x (..., D), weight (V, D), bias (V,)
+    if shift: z, target = z[..., :-shift, :], target[..., shift:]   # causal LM: token t predicts t+1
+    loss = softxent.torch.cross_entropy(z, target, weight=class_weight, sample_weight=sample_weight,
+                                        ignore_index=..., label_smoothing=..., z_loss=..., softcap=...,
+                                        reduction=reduction)
+    if normalizer is not None: loss = loss_sum / normalizer   # reduction='sum' only (0 if it is 0)
+
+Implementations (``impl``):
+
+* ``'chunked'`` -- pure PyTorch, rows in chunks of at most ``max_chunk_bytes`` of float32 logits; any
+  device (softxent.torch._chunked documents the schedule and the peak-memory formula).
+* ``'triton'`` -- the Triton kernels of softxent.torch._triton_kernels: forward = blockwise products
+  with an online log-sum-exp and the target logit, no ``N x V`` buffer; backward recomputes the logit
+  blocks and forms delta in float32.  CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
+  ``skip_threshold`` opts into the kernels' block skip (approximate; exact by default).
+* ``'torch'`` -- the plain materialising path (``F.linear`` in the input dtype, then
+  softxent.torch.cross_entropy): the reference the others are checked against, and a baseline.
+* ``'auto'`` -- ``'triton'`` for CUDA tensors when Triton and the kernels import, ``'chunked'`` otherwise.
+
+Shapes and dtypes: ``x`` ``(..., D)`` and ``target`` ``(...)`` (integer class indices); ``weight``
+``(V, D)`` and ``bias`` ``(V,)`` in ``x``'s dtype (float16, bfloat16, float32 or float64; under
+``torch.autocast`` all three are cast to the autocast dtype first, as ``F.linear`` would).  The math runs
+in float32 (float64 for float64 inputs); the loss is float32 (float64); gradients come back in the
+inputs' dtypes; only the inputs that require a gradient get one.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import _row_terms as rt
+from . import _validation as val
+from ._chunked import DEFAULT_MAX_CHUNK_BYTES, ChunkConfig, ChunkedLinearCrossEntropy, autocast_off
+from ._cross_entropy import _cross_entropy
+
+_TRITON_STATE: dict = {}
+
+
+def _triton_kernels():
+    """The kernel module, imported on first use (Triton is optional)."""
+    from . import _triton_kernels
+
+    return _triton_kernels
+
+
+def triton_available() -> bool:
+    """Whether Triton and softxent's kernels import (cached)."""
+    if "ok" not in _TRITON_STATE:
+        try:
+            _triton_kernels()
+            _TRITON_STATE["ok"] = True
+        except ImportError:
+            _TRITON_STATE["ok"] = False
+    return _TRITON_STATE["ok"]
+
+
+class TritonLinearCrossEntropy(torch.autograd.Function):
+    """The Triton path: same inputs and outputs as ChunkedLinearCrossEntropy, plus ``skip_threshold``
+    in the config.  Forward calls ``lce_forward`` (lse, target logit, weighted logit sum), the host turns
+    them into losses; backward calls ``lce_backward`` with ``alpha = r a``, ``beta = r coef_y``,
+    ``gamma = r coef_u`` (softxent.torch._row_terms)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, sample_weight, class_weight, normalizer, cfg):
+        K = _triton_kernels()
+        V = weight.shape[0]
+        cdt = torch.float32
+        terms = rt.index_terms(target, V, ignore_index=cfg["ignore_index"],
+                               label_smoothing=cfg["label_smoothing"], sample_weight=sample_weight,
+                               class_weight=class_weight, dtype=cdt)
+        cw = None if class_weight is None else class_weight.to(cdt).contiguous()
+        with autocast_off(x.device.type):
+            lse, z_t, z_ws = K.lce_forward(
+                x, weight, bias, target, ignore_index=cfg["ignore_index"], softcap=cfg["softcap"],
+                class_weight=cw, need_weighted_sum=terms.coef_u is not None)
+        factor = rt.reduction_factor(cfg["reduction"], terms.omega, normalizer)
+        row_loss = rt.index_row_loss(terms, lse, z_t, z_ws, cfg["z_loss"])
+        loss = rt.reduce_loss(row_loss, cfg["reduction"], factor, cdt)
+        ctx.cfg = cfg
+        if cfg["need_dx"] or cfg["need_dw"] or (cfg["need_db"] and bias is not None):
+            a = rt.softmax_coefficient(terms.b_sum, terms.omega, lse, cfg["z_loss"])
+            ctx.save_for_backward(x, weight, bias, target, cw, lse, a, terms.coef_y, terms.coef_u,
+                                  factor)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_lse):
+        cfg = ctx.cfg
+        x, weight, bias, target, cw, lse, a, coef_y, coef_u, factor = ctx.saved_tensors
+        N = x.shape[0]
+        r = grad_loss.to(torch.float32)
+        r = r.reshape(N) if cfg["reduction"] == "none" else (r * factor).to(torch.float32).expand(N)
+        alpha = (a * r).contiguous()
+        beta = (coef_y * r).contiguous()
+        gamma = torch.zeros_like(alpha) if coef_u is None else (coef_u * r).contiguous()
+        K = _triton_kernels()
+        with autocast_off(x.device.type):
+            dx, dw, db = K.lce_backward(
+                x, weight, bias, target, lse, alpha, beta, gamma, ignore_index=cfg["ignore_index"],
+                softcap=cfg["softcap"], class_weight=cw, need_dx=cfg["need_dx"],
+                need_dw=cfg["need_dw"], need_db=cfg["need_db"] and bias is not None,
+                skip_threshold=cfg["skip_threshold"])
+        return (dx if cfg["need_dx"] else None,
+                dw.to(weight.dtype) if (cfg["need_dw"] and dw is not None) else None,
+                db.to(bias.dtype) if (bias is not None and cfg["need_db"] and db is not None) else None,
+                None, None, None, None, None)
+
+
+def _check_shift(shift) -> int:
+    if isinstance(shift, bool):
+        return int(shift)
+    if isinstance(shift, numbers.Integral) and int(shift) >= 0:
+        return int(shift)
+    raise ValueError(f"shift must be a bool or an int >= 0 (positions between a hidden state and its "
+                     f"target); got {shift!r}")
+
+
+def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, reduction: str = "mean", sample_weight=None,
+                         class_weight=None, z_loss: float = 0.0, softcap: float | None = None,
+                         normalizer=None, shift: bool | int = False, return_lse: bool = False,
+                         impl: str = "auto", max_chunk_bytes: int | None = None,
+                         skip_threshold: float | None = None):
+    """Cross-entropy of the linear layer ``z = x W^T + b`` without materialising ``z``.
+
+    Args:
+        x: hidden states ``(..., D)`` (leading dims such as ``(B, T)`` are flattened).
+        weight: the output layer ``W`` ``(V, D)``, same dtype and device as ``x``.
+        target: integer class indices of shape ``x.shape[:-1]``.
+        bias: ``(V,)`` or None.
+        ignore_index: targets equal to it contribute nothing (may lie inside ``[0, V)``).
+        label_smoothing: ``eps`` in [0, 1] (PyTorch's: the target becomes ``(1 - eps) y + eps / V``).
+        reduction: ``'mean'`` (over the weights ``omega_i = s_i w_{y_i}`` of non-ignored rows; 0 when
+            there are none), ``'sum'``, or ``'none'`` (per-token losses, shaped like the target).
+        sample_weight: non-negative per-token weights shaped like ``target``.
+        class_weight: non-negative per-class weights ``(V,)`` (``F.cross_entropy``'s ``weight``).
+        z_loss: adds ``z_loss * lse^2`` per token (PaLM), weighted like the target.
+        softcap: ``c > 0``: the logits become ``c tanh(z / c)`` (Gemma 2).
+        normalizer: with ``reduction='sum'`` only: divide the sum by it (a number or a one-element
+            tensor, e.g. the token count of all micro-batches / ranks: HF's ``num_items_in_batch``), so
+            that gradients accumulated over micro-batches equal the full batch's.  0 gives 0.
+        shift: ``True`` (or an int ``k >= 1``) for causal LMs: the hidden state at position ``t``
+            predicts the target at ``t + k``.  Performs ``x = x[..., :-k, :]``,
+            ``target = target[..., k:]`` (and the same on ``sample_weight``), so ``x`` needs a sequence
+            axis ``(..., T, D)`` and the per-token losses of ``'none'`` have shape ``(..., T - k)``.
+        return_lse: also return ``lse = logsumexp_k zhat_k`` per token (float32, shaped like the
+            per-token losses, detached: use ``z_loss`` for a differentiable penalty on it).
+        impl: ``'auto'``, ``'chunked'``, ``'triton'`` or ``'torch'`` (module docstring).
+        max_chunk_bytes: ``'chunked'`` only: bound on its logit buffers (default 128 MiB).
+        skip_threshold: ``'triton'`` only: opt-in block skip in the backward (approximate); ignored by
+            the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
+
+    Returns:
+        the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse``.
+
+    Raises:
+        ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options, class indices
+        outside ``[0, V)`` (checked on the host in eager mode, skipped under torch.compile and CUDA-graph
+        capture) and sharded (DTensor) weights.
+
+    >>> import torch
+    >>> x = torch.randn(2, 5, 8, requires_grad=True); W = torch.randn(11, 8, requires_grad=True)
+    >>> y = torch.randint(0, 11, (2, 5))
+    >>> loss = linear_cross_entropy(x, W, y, shift=True)
+    >>> ref = torch.nn.functional.cross_entropy((x @ W.T)[:, :-1].reshape(-1, 11), y[:, 1:].reshape(-1))
+    >>> bool(torch.allclose(loss, ref, atol=1e-5))
+    True
+    """
+    val.check_options(reduction, label_smoothing, z_loss, softcap)
+    ignore_index = val.check_ignore_index(ignore_index)
+    val.check_impl(impl)
+    val.check_max_chunk_bytes(max_chunk_bytes)
+    val.check_skip_threshold(skip_threshold, impl)
+    k_shift = _check_shift(shift)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    val.check_float_tensor(x, "x")
+    val.check_float_tensor(weight, "weight")
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., D); got a 0-d tensor")
+    D = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != D:
+        raise ValueError(f"weight must have shape (V, D) with D = x.shape[-1] = {D}; got shape "
+                         f"{tuple(weight.shape)}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError(f"weight must have at least one class (row); got shape {tuple(weight.shape)}")
+    if bias is not None:
+        val.check_float_tensor(bias, "bias")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape (V,) = ({V},) to match weight {tuple(weight.shape)}; "
+                             f"got shape {tuple(bias.shape)}")
+    val.check_index_target(target)
+    val.check_same_device({"x": x, "weight": weight, "bias": bias, "target": target})
+    dev = x.device
+    if torch.is_autocast_enabled(dev.type):
+        ac = torch.get_autocast_dtype(dev.type)
+        x, weight = x.to(ac), weight.to(ac)
+        bias = None if bias is None else bias.to(ac)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x, weight and bias must share one dtype; got x {x.dtype}, weight {weight.dtype}"
+                        f"{'' if bias is None else f', bias {bias.dtype}'} (cast them, or run under "
+                        "torch.autocast)")
+    lead = tuple(x.shape[:-1])
+    if tuple(target.shape) != lead:
+        raise ValueError(f"target must have shape x.shape[:-1] = {lead} (x {tuple(x.shape)}); got shape "
+                         f"{tuple(target.shape)}")
+    sw = val.check_weights_tensor(sample_weight, lead, "sample_weight", dev)
+    cw = val.check_weights_tensor(class_weight, (V,), "class_weight", dev)
+    norm = val.check_normalizer(normalizer, reduction, dev)
+    if k_shift:
+        if x.dim() < 2:
+            raise ValueError(f"shift needs x with a sequence axis, shape (..., T, D); got shape "
+                             f"{tuple(x.shape)}")
+        T = x.shape[-2]
+        if k_shift >= T:
+            raise ValueError(f"shift must be in [0, T) for sequences of length T = {T}; got {shift!r}")
+        x = x[..., : T - k_shift, :]
+        target = target[..., k_shift:]
+        sw = None if sw is None else sw[..., k_shift:]
+    out_shape = tuple(target.shape)
+    x2 = x.reshape(-1, D)
+    t2 = target.reshape(-1).to(torch.int64)
+    sw2 = None if sw is None else sw.reshape(-1)
+    val.check_values(target=t2, num_classes=V, ignore_index=ignore_index,
+                     weights=[("sample_weight", sw2), ("class_weight", cw)], normalizer=norm)
+
+    if impl == "auto":
+        impl = ("triton" if dev.type == "cuda" and x.dtype != torch.float64 and triton_available()
+                else "chunked")
+    if impl == "torch":
+        z = F.linear(x2, weight, bias)
+        loss, lse = _cross_entropy(z, t2, weight=cw, sample_weight=sw2, ignore_index=ignore_index,
+                                   label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
+                                   softcap=softcap, normalizer=norm)
+    else:
+        grad_on = torch.is_grad_enabled()
+        need = dict(need_dx=grad_on and x2.requires_grad, need_dw=grad_on and weight.requires_grad,
+                    need_db=grad_on and bias is not None and bias.requires_grad)
+        sw2 = None if sw2 is None else sw2.detach()
+        cw = None if cw is None else cw.detach()
+        common = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+                      reduction=reduction, z_loss=float(z_loss),
+                      softcap=None if softcap is None else float(softcap))
+        if impl == "triton":
+            if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's "
+                                 f"CPU interpreter); got tensors on {dev}. Use impl='chunked' or 'auto'")
+            if not triton_available():
+                raise ValueError("impl='triton' needs the triton package and softxent's kernels "
+                                 "(pip install 'softxent[triton]'); use impl='chunked' or 'auto'")
+            if x.dtype == torch.float64:
+                raise ValueError("impl='triton' takes float16, bfloat16 or float32 inputs; got float64 "
+                                 "(use impl='chunked')")
+            cfg = dict(common, skip_threshold=None if skip_threshold is None else float(skip_threshold),
+                       **need)
+            loss, lse = TritonLinearCrossEntropy.apply(
+                x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                t2.contiguous(), sw2, cw, norm, cfg)
+        else:
+            cfg = ChunkConfig(max_chunk_bytes=DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None
+                              else int(max_chunk_bytes), **common, **need)
+            with autocast_off(dev.type):
+                loss, lse = ChunkedLinearCrossEntropy.apply(x2, weight, bias, t2, sw2, cw, norm, cfg)
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    return (loss, lse.reshape(out_shape)) if return_lse else loss

@@ -1,0 +1,86 @@
+"""``torch.nn.Module`` wrappers of softxent.torch's functions (options fixed at construction)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._cross_entropy import cross_entropy
+from ._linear_cross_entropy import linear_cross_entropy
+
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+
+
+class CrossEntropyLoss(nn.Module):
+    """:func:`softxent.torch.cross_entropy` as a module: ``loss = module(logits, target)``.
+
+    ``weight`` (class weights ``(K,)``) is kept as a buffer, so it moves with ``.to(device)``.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, *, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0,
+                 softcap: float | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, sample_weight=None) -> torch.Tensor:
+        return cross_entropy(logits, target, weight=self.weight, sample_weight=sample_weight,
+                             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                             reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, z_loss={self.z_loss}, softcap={self.softcap}")
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """:func:`softxent.torch.linear_cross_entropy` as a module: ``loss = module(x, weight, target)``.
+
+    The module holds the options, not the output layer: pass the layer's ``weight`` (and ``bias``) at
+    each call, e.g. ``loss_fn(hidden, model.lm_head.weight, labels)``.  ``class_weight`` ``(V,)`` is a
+    buffer.  Per-call ``sample_weight`` and ``normalizer`` (e.g. the token count of the whole
+    accumulated batch, with ``reduction='sum'``) are forward arguments.
+
+    >>> import torch
+    >>> loss_fn = LinearCrossEntropyLoss(shift=True)
+    >>> h = torch.randn(2, 6, 16); W = torch.randn(50, 16, requires_grad=True)
+    >>> loss = loss_fn(h, W, torch.randint(0, 50, (2, 6)))
+    >>> loss.backward(); W.grad.shape
+    torch.Size([50, 16])
+    """
+
+    def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 reduction: str = "mean", class_weight: torch.Tensor | None = None, z_loss: float = 0.0,
+                 softcap: float | None = None, shift: bool | int = False, impl: str = "auto",
+                 max_chunk_bytes: int | None = None, skip_threshold: float | None = None):
+        super().__init__()
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.shift = shift
+        self.impl = impl
+        self.max_chunk_bytes = max_chunk_bytes
+        self.skip_threshold = skip_threshold
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None, *, sample_weight=None, normalizer=None,
+                return_lse: bool = False):
+        return linear_cross_entropy(
+            x, weight, target, bias, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, reduction=self.reduction,
+            sample_weight=sample_weight, class_weight=self.class_weight, z_loss=self.z_loss,
+            softcap=self.softcap, normalizer=normalizer, shift=self.shift, return_lse=return_lse,
+            impl=self.impl, max_chunk_bytes=self.max_chunk_bytes, skip_threshold=self.skip_threshold)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"shift={self.shift}, impl={self.impl!r}")

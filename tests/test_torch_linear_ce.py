@@ -1,0 +1,595 @@
+"""softxent.torch.linear_cross_entropy (every impl) against the float64 NumPy reference softxent.loss.
+
+The truth for ``z = x W^T + b`` is ``softxent.loss.cross_entropy_with_grad`` on float64 copies, with
+``dx = dz W``, ``dW = dz^T x``, ``db = sum_i dz_i``.  Every input is drawn fresh at random.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import softxent.loss as ref_loss  # noqa: E402
+from softxent.torch import (  # noqa: E402
+    LinearCrossEntropyLoss,
+    linear_cross_entropy,
+    triton_available,
+)
+
+IMPLS = ["chunked", "torch"]
+# relative max-norm tolerance of float32 results against the float64 truth (float32 rounding is ~6e-8;
+# sums over D <= 64 and V <= 50257 terms stay well below this, a wrong term is orders of magnitude off)
+TOL32 = 2e-5
+TOL64 = 1e-10
+
+
+def rel_err(got, want, scale=None) -> float:
+    """max |got - want| / scale; ``scale`` defaults to max |want| (for sums that cancel, pass the sum of
+    the absolute terms instead: rounding errors are proportional to it)."""
+    got = np.asarray(got.detach().double().cpu() if isinstance(got, torch.Tensor) else got, np.float64)
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if scale is None:
+        scale = np.abs(want).max(initial=0.0)
+    return float(np.abs(got - want).max(initial=0.0) / max(scale, 1e-30))
+
+
+def reference(x, w, b, y, *, shift=0, sample_weight=None, class_weight=None, normalizer=None,
+              grad_output=1.0, reduction="mean", with_scales=False, **opts):
+    """(loss, dx, dW, db, lse) in float64 from softxent.loss, with shift and normalizer applied (and
+    the sums of absolute terms behind dx, dW, db with ``with_scales``)."""
+    x64 = x.detach().double().numpy()
+    w64 = w.detach().double().numpy()
+    b64 = np.zeros(w.shape[0]) if b is None else b.detach().double().numpy()
+    y64 = y.numpy()
+    sw = None if sample_weight is None else sample_weight.double().numpy()
+    full_x_shape = x64.shape
+    if shift:
+        T = x64.shape[-2]
+        x64 = x64[..., : T - shift, :]
+        y64 = y64[..., shift:]
+        sw = None if sw is None else sw[..., shift:]
+    z = x64 @ w64.T + b64
+    go = grad_output
+    red = reduction
+    if normalizer is not None:
+        go = grad_output / normalizer if normalizer else 0.0
+    loss, dz = ref_loss.cross_entropy_with_grad(
+        z, y64, sample_weight=sw, weight=None if class_weight is None else class_weight.double().numpy(),
+        reduction=red, grad_output=np.asarray(go), **opts)
+    if normalizer is not None:
+        loss = loss / normalizer if normalizer else 0.0 * loss
+    zc = z if opts.get("softcap") is None else opts["softcap"] * np.tanh(z / opts["softcap"])
+    lse = ref_loss.logsumexp(zc)
+    D = x64.shape[-1]
+    dz2 = dz.reshape(-1, dz.shape[-1])
+    dx = (dz2 @ w64).reshape(x64.shape)
+    if shift:
+        full = np.zeros(full_x_shape)
+        full[..., : full_x_shape[-2] - shift, :] = dx
+        dx = full
+    dw = dz2.T @ x64.reshape(-1, D)
+    db = dz2.sum(0)
+    if not with_scales:
+        return loss, dx, dw, db, lse
+    adz = np.abs(dz2)
+    scales = ((adz @ np.abs(w64)).max(initial=0), (adz.T @ np.abs(x64.reshape(-1, D))).max(initial=0),
+              adz.sum(0).max(initial=0))
+    return loss, dx, dw, db, lse, scales
+
+
+def draw(rng, n, d, v, *, dtype=torch.float32, bias=True, lead=None, ignore=(), scale=1.0):
+    """Fresh random inputs; ``ignore``: positions of the flat target to set to ignore_index -100."""
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    shape = (n,) if lead is None else tuple(lead)
+    x = (torch.randn(*shape, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    b = (torch.randn(v, generator=g, dtype=torch.float64)).to(dtype) if bias else None
+    y = torch.randint(0, v, shape, generator=g)
+    flat = y.view(-1)
+    for i in ignore:
+        flat[i] = -100
+    return x, w, b, y
+
+
+def run(impl, x, w, b, y, grad_output, **kw):
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    b = None if b is None else b.clone().requires_grad_()
+    out = linear_cross_entropy(x, w, y, b, impl=impl, **kw)
+    loss, lse = out if kw.get("return_lse") else (out, None)
+    loss.backward(grad_output)
+    return loss, x.grad, w.grad, None if b is None else b.grad, lse
+
+
+def check(impl, x, w, b, y, *, tol=TOL32, grad_output=None, rng=None, **kw):
+    red = kw.get("reduction", "mean")
+    rng = rng or np.random.default_rng(0)
+    lead = tuple(y.shape)
+    shift = int(kw.get("shift", 0))
+    out_shape = lead[:-1] + (lead[-1] - shift,) if shift else lead
+    if grad_output is None:
+        grad_output = (torch.tensor(float(rng.uniform(0.3, 2.0)), dtype=torch.float64) if red != "none"
+                       else torch.from_numpy(rng.uniform(-2, 2, out_shape)))
+    ref_kw = {k: v for k, v in kw.items() if k not in ("max_chunk_bytes", "return_lse")}
+    loss_r, dx_r, dw_r, db_r, lse_r, (s_dx, s_dw, s_db) = reference(
+        x, w, b, y, grad_output=grad_output.numpy(), with_scales=True, **ref_kw)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss, dx, dw, db, lse = run(impl, x, w, b, y, grad_output.to(cdt), **kw)
+    assert loss.dtype == cdt and tuple(loss.shape) == (out_shape if red == "none" else ())
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert rel_err(loss, loss_r) <= tol, ("loss", rel_err(loss, loss_r))
+    assert rel_err(dx, dx_r, s_dx) <= tol, ("dx", rel_err(dx, dx_r, s_dx))
+    assert rel_err(dw, dw_r, s_dw) <= tol, ("dW", rel_err(dw, dw_r, s_dw))
+    if b is not None:
+        assert db.dtype == b.dtype
+        assert rel_err(db, db_r, s_db) <= tol, ("db", rel_err(db, db_r, s_db))
+    if lse is not None:
+        assert tuple(lse.shape) == out_shape and not lse.requires_grad
+        assert rel_err(lse, lse_r.reshape(out_shape)) <= tol
+
+
+# --------------------------------------------------------------------------------------------------
+# every option, every reduction, against the reference
+# --------------------------------------------------------------------------------------------------
+OPTIONS = {
+    "plain": {},
+    "ignored": {"ignore": True},
+    "ignore_index_inside": {"ignore_index": 3},
+    "smoothing": {"label_smoothing": 0.15, "ignore": True},
+    "sample_weight": {"sample_weight": True, "ignore": True},
+    "class_weight": {"class_weight": True, "ignore": True},
+    "z_loss": {"z_loss": 0.05},
+    "softcap": {"softcap": 2.5},
+    "everything": {"label_smoothing": 0.2, "sample_weight": True, "class_weight": True, "z_loss": 0.03,
+                   "softcap": 3.0, "ignore": True},
+}
+REDUCTIONS = ["mean", "sum", "none", "sum_normalizer"]
+
+
+def build_kwargs(opt, rng, N, V, y):
+    kw = {}
+    for k, v in opt.items():
+        if k == "ignore":
+            continue
+        if k == "sample_weight":
+            kw[k] = torch.from_numpy(rng.uniform(0, 2, tuple(y.shape))).float()
+        elif k == "class_weight":
+            kw[k] = torch.from_numpy(rng.uniform(0.2, 2, V)).float()
+        else:
+            kw[k] = v
+    if "ignore_index" in kw:
+        y.view(-1)[: max(1, N // 4)] = kw["ignore_index"]
+    return kw
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_options_against_reference(impl, reduction, option):
+    rng = np.random.default_rng(abs(hash((impl, reduction, option))) % 2**32)
+    N, D, V = 23, 13, 37
+    opt = OPTIONS[option]
+    x, w, b, y = draw(rng, N, D, V, ignore=(1, 7, 8) if opt.get("ignore") else ())
+    kw = build_kwargs(opt, rng, N, V, y)
+    if reduction == "sum_normalizer":
+        kw.update(reduction="sum", normalizer=float(rng.integers(5, 40)))
+    else:
+        kw["reduction"] = reduction
+    if impl == "chunked":  # 5 rows per chunk (2 with the softcap's second buffer): N % R != 0
+        kw["max_chunk_bytes"] = 5 * V * 4
+    check(impl, x, w, b, y, rng=rng, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float64_inputs_exact(impl, reduction):
+    rng = np.random.default_rng(1)
+    x, w, b, y = draw(rng, 17, 6, 9, dtype=torch.float64, ignore=(3,))
+    check(impl, x, w, b, y, tol=TOL64, reduction=reduction, label_smoothing=0.1, z_loss=0.02,
+          softcap=4.0, max_chunk_bytes=3 * 9 * 8)
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [1, 4 * 31 * 4, 7 * 31 * 4, 10**9])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunk_sizes(max_chunk_bytes, reduction):
+    """1 row per chunk, chunks that do not divide N = 30, and a single chunk all give the same answer."""
+    rng = np.random.default_rng(max_chunk_bytes)
+    x, w, b, y = draw(rng, 30, 11, 31, ignore=(0, 29))
+    check("chunked", x, w, b, y, reduction=reduction, label_smoothing=0.1, max_chunk_bytes=max_chunk_bytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("V", [1, 2, 31, 50257])
+def test_odd_vocabulary_sizes(impl, V):
+    rng = np.random.default_rng(V)
+    N = 6 if V > 1000 else 19
+    x, w, b, y = draw(rng, N, 5, V, ignore=(2,))
+    kw = {"max_chunk_bytes": 4 * V * 4} if impl == "chunked" else {}
+    check(impl, x, w, b, y, label_smoothing=0.1, z_loss=0.01, **kw)
+    if V == 1:  # one class: zero loss (bar the z-loss) and zero softmax gradient
+        loss, dx, dw, _, _ = run(impl, x, w, b, y, torch.tensor(1.0), **kw)
+        loss = loss.detach()
+        assert float(loss) == 0.0 and float(dx.abs().max()) == 0.0 and float(dw.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_leading_dims_shift_and_return_lse(impl):
+    rng = np.random.default_rng(5)
+    x, w, b, y = draw(rng, None, 7, 19, lead=(2, 3, 6), ignore=(4, 11))
+    sw = torch.from_numpy(rng.uniform(0, 1, (2, 3, 6))).float()
+    for shift in (0, True, 2):
+        for reduction in ("mean", "none"):
+            check(impl, x, w, b, y, shift=shift, reduction=reduction, sample_weight=sw, return_lse=True,
+                  **({"max_chunk_bytes": 4 * 19 * 4} if impl == "chunked" else {}))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    rng = np.random.default_rng(6)
+    g = torch.Generator().manual_seed(6)
+    N, D, V = 14, 9, 21
+    x = torch.randn(D, 2 * N, generator=g).T[::2]          # transposed and strided
+    w = torch.randn(D, V, generator=g).T                   # transposed
+    b = torch.randn(2 * V, generator=g)[::2]
+    y = torch.randint(0, V, (3 * N,), generator=g)[::3]
+    sw = torch.rand(2 * N, generator=g)[1::2]
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous() or y.is_contiguous())
+    x0, w0 = x.clone(), w.clone()
+    check(impl, x, w, b, y, sample_weight=sw, reduction="none", rng=rng,
+          **({"max_chunk_bytes": 3 * V * 4} if impl == "chunked" else {}))
+    assert torch.equal(x, x0) and torch.equal(w, w0)   # inputs are never modified
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mean_over_nothing_is_zero_with_zero_gradient(impl):
+    rng = np.random.default_rng(7)
+    x, w, b, y = draw(rng, 8, 4, 5, ignore=range(8))
+    loss, dx, dw, db, _ = run(impl, x, w, b, y, torch.tensor(1.0))
+    loss = loss.detach()
+    assert float(loss) == 0.0 and not torch.isnan(loss)
+    assert float(dx.abs().max()) == 0.0 and float(dw.abs().max()) == 0.0 and float(db.abs().max()) == 0.0
+    x0, w0, b0, y0 = draw(rng, 0, 4, 5)                  # empty batch
+    loss, dx, dw, db, _ = run(impl, x0, w0, b0, y0, torch.tensor(1.0))
+    assert float(loss.detach()) == 0.0 and dx.shape == (0, 4) and float(dw.abs().max()) == 0.0
+    zero_w = torch.zeros(8)                               # zero total sample weight
+    x, w, b, y = draw(rng, 8, 4, 5)
+    loss, dx, *_ = run(impl, x, w, b, y, torch.tensor(1.0), sample_weight=zero_w)
+    assert float(loss) == 0.0 and float(dx.abs().max()) == 0.0
+    loss, dx, *_ = run(impl, x, w, b, y, torch.tensor(1.0), reduction="sum", normalizer=0)
+    assert float(loss) == 0.0 and float(dx.abs().max()) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# gradients only where needed
+# --------------------------------------------------------------------------------------------------
+class _RecordShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor that an aten op allocates (views and out= results, which share
+    an input's storage, are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves
+                  if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("impl", ["chunked"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_weight_allocates_no_weight_gradient(impl, reduction):
+    N, D, V = 8, 11, 37    # chunk buffers (R, V) with R <= 8 never have the shape (V, D) = (37, 11)
+    rng = np.random.default_rng(8)
+    x, w, b, y = draw(rng, N, D, V)
+    for w_requires_grad in (True, False):   # the True run shows that the recorder sees dW
+        xg = x.clone().requires_grad_()
+        wg = w.clone().requires_grad_(w_requires_grad)
+        with _RecordShapes() as rec:
+            loss = linear_cross_entropy(xg, wg, y, impl=impl, reduction=reduction,
+                                        max_chunk_bytes=3 * V * 4)
+            loss.backward(torch.ones_like(loss))
+        assert ((V, D) in rec.shapes) == w_requires_grad
+        assert wg.grad is None if not w_requires_grad else wg.grad is not None
+        assert xg.grad is not None
+    # frozen x: no (N, D) gradient
+    wg = w.clone().requires_grad_()
+    with _RecordShapes() as rec:
+        linear_cross_entropy(x, wg, y, impl=impl, reduction=reduction).sum().backward()
+    assert (N, D) not in rec.shapes and wg.grad is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_computes_no_gradient(impl):
+    N, D, V = 8, 11, 37
+    rng = np.random.default_rng(9)
+    x, w, b, y = draw(rng, N, D, V)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.no_grad(), _RecordShapes() as rec:
+        loss = linear_cross_entropy(xg, wg, y, impl=impl)
+    assert not loss.requires_grad
+    assert (V, D) not in rec.shapes and (N, D) not in rec.shapes
+    with_grad = linear_cross_entropy(xg, wg, y, impl=impl)
+    assert torch.allclose(loss, with_grad.detach(), rtol=1e-6)
+
+
+def test_bias_gradient_only_when_required():
+    rng = np.random.default_rng(10)
+    x, w, b, y = draw(rng, 9, 5, 7)
+    wg = w.clone().requires_grad_()
+    linear_cross_entropy(x, wg, y, b, impl="chunked").backward()   # frozen bias, trainable weight
+    assert b.grad is None and wg.grad is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 / fp16
+# --------------------------------------------------------------------------------------------------
+BF16_FACTOR = 2.0
+"""Our bf16/fp16 errors (loss, dx, dW, db against the float64 truth on the same low-precision values) must
+be at most this many times plain PyTorch's (low-precision ``x @ W.T`` -> float ``F.cross_entropy`` ->
+backward).  Measured: the chunked path's gradient errors are about half of PyTorch's (only the final
+rounding to bf16), its loss error ~1e-8 against PyTorch's ~1e-4; impl='torch' equals PyTorch."""
+
+
+def _naive_bf16(x, w, b, y):
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bg = b.clone().requires_grad_()
+    z = torch.nn.functional.linear(xg, wg, bg)
+    loss = torch.nn.functional.cross_entropy(z.float(), y)
+    loss.backward()
+    return loss, xg.grad, wg.grad, bg.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_errors_no_larger_than_pytorch(impl, dtype):
+    rng = np.random.default_rng(11)
+    N, D, V = 64, 40, 300
+    x, w, b, y = draw(rng, N, D, V, dtype=dtype, scale=0.6)  # peaked softmax: logits of size ~5
+    truth = reference(x, w, b, y)
+    naive = _naive_bf16(x, w, b, y)
+    ours = run(impl, x, w, b, y, torch.tensor(1.0), max_chunk_bytes=7 * V * 4 if impl == "chunked"
+               else None)
+    assert ours[0].dtype == torch.float32
+    for name, k in (("loss", 0), ("dx", 1), ("dW", 2), ("db", 3)):
+        assert ours[k].dtype == (torch.float32 if k == 0 else dtype)
+        e_ours, e_naive = rel_err(ours[k], truth[k]), rel_err(naive[k], truth[k])
+        assert e_ours <= BF16_FACTOR * e_naive, (name, e_ours, e_naive)
+    if impl == "chunked":   # float32 math inside: the loss is float32-accurate, not bf16-accurate
+        assert rel_err(ours[0], truth[0]) <= 1e-5
+
+
+def test_autocast_casts_like_linear():
+    rng = np.random.default_rng(12)
+    x, w, b, y = draw(rng, 16, 8, 10)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(xg, wg, y, impl="chunked")
+    loss.backward()
+    assert loss.dtype == torch.float32 and xg.grad.dtype == torch.float32
+    truth = reference(x.bfloat16(), w.bfloat16(), None, y)
+    assert rel_err(loss, truth[0]) <= 1e-5
+    assert rel_err(xg.grad, truth[1]) <= 2.0**-7   # the autocast copy's gradient is rounded to bf16
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient accumulation, gradcheck, module
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_accumulation_with_normalizer_equals_full_batch(impl):
+    rng = np.random.default_rng(13)
+    B, T, D, V = 4, 9, 6, 23
+    x, w, b, y = draw(rng, None, D, V, lead=(B, T), ignore=(0, 5, 6, 30))
+    xg, wg, bg = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    full = linear_cross_entropy(xg, wg, y, bg, shift=True, impl=impl)
+    full.backward()
+    n_tokens = int((y[:, 1:] != -100).sum())
+    xa, wa, ba = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    total = 0.0
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):     # uneven micro-batches
+        part = linear_cross_entropy(xa[rows], wa, y[rows], ba, shift=True, reduction="sum",
+                                    normalizer=torch.tensor(n_tokens), impl=impl)
+        part.backward()
+        total += float(part)
+    assert abs(total - float(full)) <= 1e-6 * abs(float(full))
+    for got, want in ((xa.grad, xg.grad), (wa.grad, wg.grad), (ba.grad, bg.grad)):
+        assert rel_err(got, want.double().numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(impl, reduction):
+    g = torch.Generator().manual_seed(14)
+    N, D, V = 6, 4, 5
+    x = torch.randn(N, D, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(V, D, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[2] = -100
+
+    def f(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, y, b_, reduction=reduction, label_smoothing=0.1, z_loss=0.05,
+                                    softcap=2.0, impl=impl, max_chunk_bytes=4 * V * 8 if impl == "chunked"
+                                    else None)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_double_backward_is_refused():
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(4, 3, generator=g, requires_grad=True)
+    w = torch.randn(5, 3, generator=g, requires_grad=True)
+    loss = linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3]), impl="chunked")
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+def test_module_matches_function():
+    rng = np.random.default_rng(16)
+    x, w, b, y = draw(rng, None, 8, 12, lead=(2, 5))
+    cw = torch.rand(12)
+    mod = LinearCrossEntropyLoss(label_smoothing=0.1, class_weight=cw, shift=True, impl="chunked")
+    assert "shift=True" in repr(mod)
+    got = mod(x, w, y, b)
+    want = linear_cross_entropy(x, w, y, b, label_smoothing=0.1, class_weight=cw, shift=True,
+                                impl="chunked")
+    assert torch.equal(got, want)
+    loss, lse = mod(x, w, y, b, return_lse=True)
+    assert lse.shape == (2, 4)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    """Dynamo traces the whole call (host value checks are skipped while compiling)."""
+    rng = np.random.default_rng(17)
+    x, w, b, y = draw(rng, 12, 6, 9, ignore=(3,))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def f(x_, w_):
+        return linear_cross_entropy(x_, w_, y, impl="chunked", max_chunk_bytes=5 * 9 * 4)
+
+    torch._dynamo.reset()
+    loss = torch.compile(f, backend="eager", fullgraph=True)(xg, wg)
+    loss.backward()
+    truth = reference(x, w, None, y)
+    assert rel_err(loss, truth[0]) <= TOL32 and rel_err(xg.grad, truth[1]) <= TOL32
+
+
+# --------------------------------------------------------------------------------------------------
+# the Triton path (interpreter on CPU), when the kernels exist
+# --------------------------------------------------------------------------------------------------
+needs_triton = pytest.mark.skipif(
+    not (triton_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),
+    reason="Triton kernels not importable, or neither CUDA nor TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("option", ["plain", "everything"])
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum_normalizer"])
+def test_triton_wiring_against_reference(option, reduction):
+    rng = np.random.default_rng(abs(hash((option, reduction))) % 2**32)
+    N, D, V = 9, 16, 33
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    opt = OPTIONS[option]
+    x, w, b, y = draw(rng, N, D, V, ignore=(2, 5) if opt.get("ignore") else ())
+    kw = build_kwargs(opt, rng, N, V, y)
+    if reduction == "sum_normalizer":
+        kw.update(reduction="sum", normalizer=7.0)
+    else:
+        kw["reduction"] = reduction
+    if dev == "cpu":
+        check("triton", x, w, b, y, rng=rng, tol=1e-4, return_lse=True, **kw)
+    else:
+        mv = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        got = run("triton", x.to(dev), w.to(dev), b.to(dev), y.to(dev),
+                  torch.ones(N, device=dev) if reduction == "none" else torch.tensor(1.0, device=dev), **mv)
+        want = run("chunked", x, w, b, y, torch.ones(N) if reduction == "none" else torch.tensor(1.0), **kw)
+        for gk, wk in zip(got[:4], want[:4]):
+            assert rel_err(gk.cpu(), wk.double().numpy()) <= 1e-2   # TF32 products on the GPU
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------
+def _ok_inputs():
+    g = torch.Generator().manual_seed(18)
+    return torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g), torch.randint(0, 5, (6,),
+                                                                                          generator=g)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(target=torch.tensor([0, 1, 2, 3, 4, 5])), ValueError, r"class index 5, outside \[0, 5\)"),
+    (dict(target=torch.tensor([0, 1, -1, 3, 4, 0])), ValueError, r"class index -1"),
+    (dict(target=torch.zeros(6)), TypeError, r"target must hold integer class indices"),
+    (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, r"target must have shape"),
+    (dict(weight=torch.randn(5, 3)), ValueError, r"weight must have shape \(V, D\) with D = x.shape\[-1\] = 4"),
+    (dict(weight=torch.randn(5, 4, dtype=torch.float64)), TypeError, r"share one dtype"),
+    (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(V,\) = \(5,\)"),
+    (dict(x=torch.randn(6, 4).int()), TypeError, r"x must be a floating tensor"),
+    (dict(x=np.zeros((6, 4))), TypeError, r"x must be a torch.Tensor"),
+    (dict(reduction="avg"), ValueError, r"reduction must be one of"),
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be a number in \[0, 1\]"),
+    (dict(softcap=0.0), ValueError, r"softcap must be None or a finite number > 0"),
+    (dict(z_loss=-1.0), ValueError, r"z_loss must be a finite number >= 0"),
+    (dict(max_chunk_bytes=0), ValueError, r"max_chunk_bytes must be None or an int > 0"),
+    (dict(impl="cuda"), ValueError, r"impl must be one of"),
+    (dict(normalizer=5.0), ValueError, r"normalizer .* needs reduction='sum'"),
+    (dict(reduction="sum", normalizer=-2.0), ValueError, r"normalizer must be finite and >= 0"),
+    (dict(reduction="sum", normalizer=torch.tensor(-2.0)), ValueError, r"normalizer must be finite"),
+    (dict(reduction="sum", normalizer=torch.ones(2)), ValueError, r"one-element"),
+    (dict(sample_weight=torch.ones(5)), ValueError, r"sample_weight must have shape \(6,\)"),
+    (dict(sample_weight=-torch.ones(6)), ValueError, r"sample_weight must be finite and >= 0"),
+    (dict(class_weight=torch.ones(4)), ValueError, r"class_weight must have shape \(5,\)"),
+    (dict(class_weight=torch.full((5,), float("nan"))), ValueError, r"class_weight must be finite"),
+    (dict(shift=True), ValueError, r"shift must be in \[0, T\)"),  # T = 6 rows, x 2-D: T = 6 is fine
+    (dict(shift=-1), ValueError, r"shift must be a bool or an int >= 0"),
+    (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
+    (dict(skip_threshold=0.5, impl="chunked"), ValueError, r"skip_threshold .* needs impl='triton'"),
+    (dict(skip_threshold=2.0), ValueError, r"skip_threshold must be None or a number in \(0, 1\)"),
+])
+def test_bad_input_raises_clear_error(change, exc, match):
+    x, w, y = _ok_inputs()
+    kw = dict(change)
+    x = kw.pop("x", x)
+    w = kw.pop("weight", w)
+    y = kw.pop("target", y)
+    b = kw.pop("bias", None)
+    if kw.get("shift") is True:     # a 2-D x has T = 6 positions: shift=6 is the out-of-range case
+        kw["shift"] = 6
+    kw.setdefault("impl", "chunked")
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(x, w, y, b, **kw)
+
+
+def test_bad_devices_and_trainable_weights_raise():
+    x, w, y = _ok_inputs()
+    with pytest.raises(ValueError, match=r"target is on device meta but x is on cpu"):
+        linear_cross_entropy(x, w, y.to("meta"))
+    with pytest.raises(ValueError, match=r"sample_weight requires grad"):
+        linear_cross_entropy(x, w, y, sample_weight=torch.ones(6, requires_grad=True))
+    with pytest.raises(ValueError, match=r"impl='triton' needs CUDA tensors"):
+        old = os.environ.pop("TRITON_INTERPRET", None)
+        try:
+            linear_cross_entropy(x, w, y, impl="triton")
+        finally:
+            if old is not None:
+                os.environ["TRITON_INTERPRET"] = old
+    with pytest.raises(ValueError, match=r"shift needs x with a sequence axis"):
+        linear_cross_entropy(x[0], w, y[0], shift=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sharded_dtensor_weight_is_refused():
+    """A real DTensor, sharded on a one-process gloo group bound to 127.0.0.1."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x, w, y = _ok_inputs()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w_sharded = distribute_tensor(w, mesh, [Shard(0)])
+        with pytest.raises(ValueError, match=r"weight is a torch.distributed DTensor .*Shard"):
+            linear_cross_entropy(x, w_sharded, y)
+    finally:
+        dist.destroy_process_group()
