@@ -249,6 +249,10 @@ def _prepare(logits, target, weight, sample_weight, ignore_index, label_smoothin
             )
         proba = None
     elif t.dtype.kind == "f":
+        if t.shape != z.shape and t.ndim == z.ndim:
+            raise ValueError(
+                f"target probabilities must have the logits' shape {z.shape}; got shape {t.shape}"
+            )
         if t.shape != z.shape:
             raise TypeError(
                 f"target must hold integer class indices of shape {lead}, or class probabilities "
@@ -281,29 +285,95 @@ def _safe_mul(coef, x):
         return np.where(coef == 0, 0, coef * x)
 
 
-def _masked_row_sum(z, w):
-    """``sum_k w_k z_ik`` (``w = 1`` if None) with zero-weight classes left out, so ``-inf`` there is harmless."""
-    if w is None:
-        return z.sum(axis=-1)
-    keep = np.flatnonzero(w)
-    return z @ w if keep.size == w.size else z[:, keep] @ w[keep]
+# The cross-entropy runs over blocks of about this many bytes of logits (whole rows), so that its passes
+# over a block (max, subtract, exp, sum, scale) stay in the L2 cache: each logit is read from memory
+# once and each gradient entry written once, and ``cross_entropy`` needs no (N, K) buffer at all.
+_BLOCK_BYTES = 1 << 19
+# Up to this many classes, NumPy's reductions along the short class axis pay a call per row; a loop over
+# the K columns (each an operation on all rows) is several times faster.
+_FEW_CLASSES = 32
+
+
+def _row_max(z: np.ndarray) -> np.ndarray:
+    """``max_k z_ik`` of an ``(R, K)`` block, shape ``(R,)``; NaN propagates as in ``np.max``."""
+    if z.shape[1] > _FEW_CLASSES:
+        return np.max(z, axis=1)
+    m = z[:, 0].copy()
+    for j in range(1, z.shape[1]):
+        np.maximum(m, z[:, j], out=m)
+    return m
+
+
+def _row_sum(x: np.ndarray, ones: np.ndarray) -> np.ndarray:
+    """``sum_k x_ik`` of an ``(R, K)`` block as the matrix-vector product ``x @ 1`` (BLAS).
+
+    Several times faster than ``x.sum(axis=1)`` at every K; the accumulation is in the block's dtype
+    with BLAS's many partial sums (in float32 a relative error of a few ``eps`` for positive terms).
+    """
+    return x @ ones
+
+
+@dataclass
+class _Coefficients:
+    """What the targets and weights fix before any logit is read (per-row arrays have shape ``(M,)``)."""
+
+    omega: np.ndarray                 # weight of row i in the 'mean' denominator
+    ones: np.ndarray                  # (K,) ones, for row sums
+    class_weight: np.ndarray | None   # (K,) w, or None for w = 1
+    index: np.ndarray | None          # index targets: y_i, with ignored rows pointed at class 0 ...
+    coef_y: np.ndarray | None         # ... whose one-hot weight coef_y_i = omega_i (1 - eps) is 0
+    coef_u: np.ndarray | None         # index targets with smoothing: weight of the uniform part
+    b_sum: np.ndarray | None          # index targets: sum_k B_ik
+    kept_classes: np.ndarray | None   # smoothing with class weights: the classes with w_k > 0
+
+
+def _coefficients(pb: _Problem) -> _Coefficients:
+    """The parts of ``B`` and ``omega`` (see :func:`_forward`) that do not depend on the logits."""
+    M, K = pb.z.shape
+    dt = pb.z.dtype
+    eps = pb.label_smoothing
+    s = np.ones(M, dt) if pb.sample_weight is None else pb.sample_weight
+    co = _Coefficients(omega=s, ones=np.ones(K, dt), class_weight=pb.weight, index=None, coef_y=None,
+                       coef_u=None, b_sum=None, kept_classes=None)
+    if pb.index is None:
+        return co
+    valid = pb.index != pb.ignore_index
+    co.index = np.where(valid, pb.index, 0)
+    wy = 1 if pb.weight is None else pb.weight[co.index]
+    co.omega = np.where(valid, s * wy, 0).astype(dt, copy=False)
+    co.coef_y = co.omega * dt.type(1 - eps)
+    co.b_sum = co.coef_y
+    if eps > 0:
+        co.coef_u = np.where(valid, s, 0).astype(dt, copy=False) * dt.type(eps / K)
+        w_sum = dt.type(K) if pb.weight is None else pb.weight.sum(dtype=dt)
+        co.b_sum = co.coef_y + co.coef_u * w_sum
+        if pb.weight is not None and np.count_nonzero(pb.weight) < K:
+            co.kept_classes = np.flatnonzero(pb.weight)
+    return co
+
+
+def _class_weighted_row_sum(z: np.ndarray, co: _Coefficients) -> np.ndarray:
+    """``sum_k w_k z_ik`` with zero-weight classes left out, so that ``-inf`` there is harmless."""
+    if co.class_weight is None:
+        return _row_sum(z, co.ones)
+    if co.kept_classes is None:
+        return z @ co.class_weight
+    return z[:, co.kept_classes] @ co.class_weight[co.kept_classes]
 
 
 @dataclass
 class _Forward:
-    row_loss: np.ndarray      # (M,)   loss_i
-    omega: np.ndarray         # (M,)   weight of row i in the 'mean' denominator
-    e: np.ndarray             # (M, K) exp(z - m), the unnormalised softmax (becomes the gradient)
-    ssum: np.ndarray          # (M,)   sum_k e_ik
-    a: np.ndarray             # (M,)   coefficient of h(z_i) in dloss_i/dz_i
-    coef_y: np.ndarray | None  # (M,)  index targets: weight of the one-hot part at y_i
-    coef_u: np.ndarray | None  # (M,)  index targets with smoothing: weight of the uniform part
-    B: np.ndarray | None       # (M, K) probability targets: the full target weights
-    tanh_c: np.ndarray | None  # (M, K) softcap: tanh(z / c)
+    """One block of ``R`` rows after the forward pass; ``exp(z - m)`` is in the caller's buffer ``e``."""
+
+    row_loss: np.ndarray       # (R,)   loss_i
+    a: np.ndarray              # (R,)   coefficient of h(z_i) in dloss_i/dz_i
+    ssum: np.ndarray           # (R,)   sum_k e_ik
+    B: np.ndarray | None       # (R, K) probability targets: the full target weights
+    tanh_c: np.ndarray | None  # (R, K) softcap: tanh(z / c)
 
 
-def _forward(pb: _Problem, out: np.ndarray | None) -> _Forward:
-    """Per-row losses and what the gradient needs, in one pass over the logits.
+def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray) -> _Forward:
+    """Per-row losses of the block ``rows`` and what its gradient needs; writes ``exp(z - m)`` into ``e``.
 
     Write the (smoothed, weighted) target of row i as per-class weights ``B_i``: for class-index targets
     ``B_ik = s_i ((1 - eps) w_k [k = y_i] + eps/K w_k)`` (0 for an ignored row), for probability targets
@@ -317,89 +387,154 @@ def _forward(pb: _Problem, out: np.ndarray | None) -> _Forward:
     never materialised.  ``omega_i`` is ``s_i w_{y_i}`` for index targets (0 when ignored) and ``s_i``
     for probability targets, which is how PyTorch normalises ``'mean'``.
     """
-    z, (M, K) = pb.z, pb.z.shape
+    z = pb.z[rows]
     dt = z.dtype
-    eps = pb.label_smoothing
-    s = np.ones(M, dt) if pb.sample_weight is None else pb.sample_weight
+    R = z.shape[0]
     tanh_c = None
     if pb.softcap is not None:
         c = dt.type(pb.softcap)
-        tanh_c = np.tanh(z / c)
+        tanh_c = np.divide(z, c)
+        np.tanh(tanh_c, out=tanh_c)
         z = tanh_c * c
-
-    m = _shift(z, -1)
-    # Read everything that needs the logits before ``e`` (which may alias them via ``out``) is written.
-    coef_y = coef_u = B = None
-    if pb.index is not None:
-        valid = pb.index != pb.ignore_index
-        idx = np.where(valid, pb.index, 0)
-        wy = 1 if pb.weight is None else pb.weight[idx]
-        omega = np.where(valid, s * wy, 0).astype(dt, copy=False)
-        coef_y = omega * dt.type(1 - eps)
-        lin = _safe_mul(coef_y, z[np.arange(M), idx])               # sum_k B_ik z_ik, one-hot part
-        b_sum = coef_y
-        if eps > 0:
-            coef_u = np.where(valid, s, 0).astype(dt, copy=False) * dt.type(eps / K)
-            w_sum = dt.type(K) if pb.weight is None else pb.weight.sum(dtype=dt)
-            lin = lin + _safe_mul(coef_u, _masked_row_sum(z, pb.weight))
-            b_sum = b_sum + coef_u * w_sum
+    m = _row_max(z)
+    m = np.where(np.isfinite(m), m, 0).astype(dt, copy=False)  # as in _shift
+    # Everything that reads the logits comes before ``e`` (which may be the logits) is written.
+    B = None
+    if co.index is not None:
+        lin = _safe_mul(co.coef_y[rows], z[np.arange(R), co.index[rows]])   # sum_k B_ik z_ik, one-hot
+        if co.coef_u is not None:
+            lin += _safe_mul(co.coef_u[rows], _class_weighted_row_sum(z, co))
+        b_sum = co.b_sum[rows]
     else:
-        y = pb.proba if eps == 0 else pb.proba * dt.type(1 - eps) + dt.type(eps / K)
-        B = y * s[:, None] if pb.weight is None else y * (s[:, None] * pb.weight[None, :])
-        omega = s
-        b_sum = B.sum(axis=-1)
-        lin = _safe_mul(B, z).sum(axis=-1)
+        eps = pb.label_smoothing
+        y = pb.proba[rows]
+        y = y * dt.type(1 - eps) + dt.type(eps / pb.z.shape[1]) if eps > 0 else y
+        s = co.omega[rows]
+        B = y * s[:, None] if co.class_weight is None else y * (s[:, None] * co.class_weight[None, :])
+        b_sum = _row_sum(B, co.ones)
+        with np.errstate(invalid="ignore"):
+            lin = _row_sum(B * z, co.ones)
+        bad = ~np.isfinite(lin)      # 0 * (-inf) at a masked class: redo those rows term by term
+        if bad.any():
+            lin[bad] = _safe_mul(B[bad], z[bad]).sum(axis=-1)
 
-    e = np.empty_like(z) if out is None else out
-    np.subtract(z, m, out=e)
+    np.subtract(z, m[:, None], out=e)
     np.exp(e, out=e)
-    ssum = e.sum(axis=-1)
-    with np.errstate(divide="ignore"):
-        lse = np.log(ssum) + m[:, 0]
+    ssum = _row_sum(e, co.ones)
+    with np.errstate(divide="ignore"):  # all -inf row: log 0 = -inf
+        lse = np.log(ssum)
+    lse += m
 
     row_loss = _safe_mul(b_sum, lse) - lin
     a = b_sum
     if pb.z_loss > 0:
-        zl = omega * dt.type(pb.z_loss)
-        row_loss = row_loss + _safe_mul(zl, lse * lse)
+        zl = co.omega[rows] * dt.type(pb.z_loss)
+        row_loss += _safe_mul(zl, lse * lse)
         a = a + _safe_mul(zl, 2 * lse)
-    return _Forward(row_loss.astype(dt, copy=False), omega, e, ssum, a.astype(dt, copy=False),
-                    coef_y, coef_u, B, tanh_c)
+    return _Forward(row_loss.astype(dt, copy=False), a.astype(dt, copy=False), ssum, B, tanh_c)
 
 
-def _backward(pb: _Problem, fw: _Forward, row_scale) -> np.ndarray:
-    """``row_scale_i * dloss_i/dz_i = row_scale_i (a_i h(z_i) - B_i)``, written over ``fw.e``."""
-    g, (M, K) = fw.e, fw.e.shape
+def _backward(co: _Coefficients, fw: _Forward, rows: slice, row_scale: np.ndarray,
+              g: np.ndarray) -> None:
+    """``g_i <- row_scale_i dloss_i/dz_i = row_scale_i (a_i h(z_i) - B_i)``, in place over ``g = e``."""
+    R = g.shape[0]
     dt = g.dtype
-    r = np.broadcast_to(np.asarray(row_scale, dtype=dt), (M,))
-    ar = fw.a * r
-    # A row that carries no loss (ignored, zero weight) gets an exact 0, even where its softmax is NaN.
+    ar = fw.a * row_scale
+    # A row that carries no loss (ignored, zero weight) gets an exact 0, even where its softmax is 0/0.
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(ar == 0, 0, ar / fw.ssum).astype(dt, copy=False)
     g *= factor[:, None]
     if fw.B is not None:
-        g -= fw.B * r[:, None]
+        fw.B *= row_scale[:, None]
+        g -= fw.B
     else:
-        g[np.arange(M), np.where(pb.index != pb.ignore_index, pb.index, 0)] -= fw.coef_y * r
-        if fw.coef_u is not None:
-            w = np.ones(K, dt) if pb.weight is None else pb.weight
-            g -= (fw.coef_u * r)[:, None] * w[None, :]
+        g[np.arange(R), co.index[rows]] -= co.coef_y[rows] * row_scale
+        if co.coef_u is not None:
+            u = co.coef_u[rows] * row_scale
+            g -= u[:, None] if co.class_weight is None else np.multiply.outer(u, co.class_weight)
     if fw.tanh_c is not None:
-        g *= 1 - fw.tanh_c * fw.tanh_c
-    return g
+        dcap = fw.tanh_c
+        np.multiply(dcap, dcap, out=dcap)
+        np.subtract(1, dcap, out=dcap)     # d(c tanh(z/c))/dz = 1 - tanh(z/c)**2
+        g *= dcap
 
 
-def _reduce(fw: _Forward, reduction: str, lead_shape, dtype):
-    """The reduced loss and the per-row factor that the reduction puts in front of each row's gradient."""
+def _row_blocks(M: int, K: int, itemsize: int):
+    rows = max(1, _BLOCK_BYTES // (K * itemsize))
+    return rows, [slice(i, min(i + rows, M)) for i in range(0, M, rows)]
+
+
+def _unalias(pb: _Problem, g: np.ndarray) -> None:
+    """Copy the inputs that overlap the gradient buffer ``g``, except logits that *are* ``g``.
+
+    Block by block, the logits of a block are read before its gradient is written over them, so
+    ``out=logits`` needs no copy; any other overlap would let one block overwrite inputs of the next.
+    """
+    same = (pb.z.__array_interface__["data"][0] == g.__array_interface__["data"][0]
+            and pb.z.strides == g.strides)
+    if np.may_share_memory(pb.z, g) and not same:
+        pb.z = pb.z.copy()
+    for name in ("proba", "weight", "sample_weight"):
+        v = getattr(pb, name)
+        if v is not None and np.may_share_memory(v, g):
+            setattr(pb, name, v.copy())
+
+
+def _cross_entropy(pb: _Problem, reduction: str, *, with_grad: bool, grad_output=1.0,
+                   out: np.ndarray | None = None):
+    """The reduced loss and, ``with_grad``, ``grad_output * dloss/dz`` of shape ``(M, K)``.
+
+    The reduction puts a per-row factor ``row_scale_i`` in front of each row's gradient: 1 for 'sum',
+    ``1 / sum_i omega_i`` for 'mean' (0 when that sum is 0), times ``grad_output`` (per row for 'none').
+    ``omega`` depends only on the targets and weights, so the factor is known before the logits are
+    read and the loss and gradient come out of one blocked pass.
+    """
+    M, K = pb.z.shape
+    dt = pb.z.dtype
+    co = _coefficients(pb)
+    denom = float(np.sum(co.omega, dtype=np.float64)) if reduction == "mean" else 1.0
+    g = row_scale = None
+    if with_grad:
+        go = np.asarray(grad_output, dtype=dt)
+        if reduction == "none":
+            if go.shape not in ((), pb.lead_shape):
+                raise ValueError(
+                    f"grad_output must be a scalar or have the loss's shape {pb.lead_shape} for "
+                    f"reduction='none'; got shape {go.shape}"
+                )
+            row_scale = np.broadcast_to(go, pb.lead_shape).reshape(-1)
+        else:
+            if go.shape != ():
+                raise ValueError(
+                    f"grad_output must be a scalar for reduction={reduction!r}; got shape {go.shape}"
+                )
+            # nothing to average (all ignored, empty batch, zero total weight): a zero gradient
+            scale = 0.0 if denom == 0 else float(go) / denom
+            row_scale = np.broadcast_to(dt.type(scale), (M,))
+        if out is None:
+            g = np.empty((M, K), dt)
+        else:
+            g = out.reshape(M, K)
+            _unalias(pb, g)
+    block_rows, blocks = _row_blocks(M, K, dt.itemsize)
+    scratch = None if with_grad else np.empty((min(block_rows, M), K), dt)
+    row_loss = np.empty(M, dt)
+    for rows in blocks:
+        e = g[rows] if with_grad else scratch[: rows.stop - rows.start]
+        fw = _forward(pb, co, rows, e)
+        row_loss[rows] = fw.row_loss
+        if with_grad:
+            _backward(co, fw, rows, row_scale[rows], e)
+
     if reduction == "none":
-        return fw.row_loss.reshape(lead_shape), 1
-    total = np.sum(fw.row_loss, dtype=np.float64)
-    if reduction == "sum":
-        return dtype.type(total), 1
-    denom = np.sum(fw.omega, dtype=np.float64)
-    if denom == 0:  # nothing to average (all ignored, empty batch, zero total weight): 0, not NaN
-        return dtype.type(0.0), 0
-    return dtype.type(total / denom), 1.0 / denom
+        loss = row_loss.reshape(pb.lead_shape)
+    else:
+        total = np.sum(row_loss, dtype=np.float64)
+        if reduction == "sum":
+            loss = dt.type(total)
+        else:   # a mean over nothing is 0, not NaN
+            loss = dt.type(0.0) if denom == 0 else dt.type(total / denom)
+    return loss, g
 
 
 _CE_ARGS_DOC = """
@@ -438,12 +573,11 @@ def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_ind
     for the empty-mean case above and the extra ``sample_weight``, ``z_loss`` and ``softcap``.
 
     >>> float(cross_entropy(np.array([[2.0, 0.0, 0.0]]), np.array([0])))
-    0.2395447281...
+    0.23954476622...
     """
     _check_options(reduction, label_smoothing, z_loss, softcap)
     pb = _prepare(logits, target, weight, sample_weight, ignore_index, label_smoothing, z_loss, softcap)
-    fw = _forward(pb, None)
-    loss, _ = _reduce(fw, reduction, pb.lead_shape, pb.z.dtype)
+    loss, _ = _cross_entropy(pb, reduction, with_grad=False)
     return loss
 
 
@@ -475,33 +609,20 @@ def cross_entropy_with_grad(logits, target, *, weight=None, sample_weight=None,
     """
     _check_options(reduction, label_smoothing, z_loss, softcap)
     pb = _prepare(logits, target, weight, sample_weight, ignore_index, label_smoothing, z_loss, softcap)
-    flat_out = None
-    if out is not None:
-        full_shape = pb.lead_shape + pb.z.shape[-1:]
-        if (not isinstance(out, np.ndarray) or out.shape != full_shape or out.dtype != pb.z.dtype
-                or not out.flags.c_contiguous):
-            got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
-            raise ValueError(
-                f"out must be a C-contiguous ndarray of shape {full_shape} and dtype {pb.z.dtype}; "
-                f"got {got}"
-            )
-        flat_out = out.reshape(pb.z.shape)
-    fw = _forward(pb, flat_out)
-    loss, factor = _reduce(fw, reduction, pb.lead_shape, pb.z.dtype)
-    go = np.asarray(grad_output, dtype=pb.z.dtype)
-    if reduction == "none":
-        if go.shape not in ((), pb.lead_shape):
-            raise ValueError(
-                f"grad_output must be a scalar or have the loss's shape {pb.lead_shape} for "
-                f"reduction='none'; got shape {go.shape}"
-            )
-        row_scale = np.broadcast_to(go, pb.lead_shape).reshape(-1)
-    else:
-        if go.shape != ():
-            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}; got shape {go.shape}")
-        row_scale = go * factor
-    grad = _backward(pb, fw, row_scale)
-    return loss, grad.reshape(pb.lead_shape + (pb.z.shape[-1],))
+    full_shape = pb.lead_shape + pb.z.shape[-1:]
+    if out is not None and (not isinstance(out, np.ndarray) or out.shape != full_shape
+                            or out.dtype != pb.z.dtype or not out.flags.c_contiguous
+                            or not out.flags.writeable):
+        got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
+        if isinstance(out, np.ndarray):
+            got += ("C-contiguous" if out.flags.c_contiguous else "not C-contiguous",
+                    "writeable" if out.flags.writeable else "read-only")
+        raise ValueError(
+            f"out must be a writeable C-contiguous ndarray of shape {full_shape} and dtype "
+            f"{pb.z.dtype}; got {got}"
+        )
+    loss, grad = _cross_entropy(pb, reduction, with_grad=True, grad_output=grad_output, out=out)
+    return loss, (out if out is not None else grad.reshape(full_shape))
 
 
 cross_entropy.__doc__ = cross_entropy.__doc__.replace("{args}", _CE_ARGS_DOC)
