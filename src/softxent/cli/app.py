@@ -253,23 +253,23 @@ def train(
                    "None: the bundled default, scikit-learn's digits (no download)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="the label column (CSV/Parquet) or npz array"),
     fmt: Optional[str] = FormatOption,
-    test_size: Optional[float] = typer.Option(None, help="held-out share of the rows, in [0, 1)  [default: 0.2]"),
-    alpha: Optional[float] = typer.Option(None, help="penalty strength α  [default: 1e-4]"),
-    l1_ratio: Optional[float] = typer.Option(None, help="0 = L2, 1 = L1, between = elastic net  [default: 0]"),
-    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP + "  [default: auto]"),
-    max_iter: Optional[int] = typer.Option(None, help="iterations (epochs for sgd/adam)  [default: 1000]"),
-    tol: Optional[float] = typer.Option(None, help="stopping tolerance  [default: 1e-6]"),
-    batch_size: Optional[int] = typer.Option(None, help="minibatch size for sgd/adam  [default: 256]"),
+    test_size: Optional[float] = typer.Option(None, help="held-out share of the rows, in [0, 1)  \\[default: 0.2]"),
+    alpha: Optional[float] = typer.Option(None, help="penalty strength α  \\[default: 1e-4]"),
+    l1_ratio: Optional[float] = typer.Option(None, help="0 = L2, 1 = L1, between = elastic net  \\[default: 0]"),
+    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP + "  \\[default: auto]"),
+    max_iter: Optional[int] = typer.Option(None, help="iterations (epochs for sgd/adam)  \\[default: 1000]"),
+    tol: Optional[float] = typer.Option(None, help="stopping tolerance  \\[default: 1e-6]"),
+    batch_size: Optional[int] = typer.Option(None, help="minibatch size for sgd/adam  \\[default: 256]"),
     learning_rate: Optional[str] = typer.Option(None, help="'auto' or a step size (gd, sgd, adam)"),
     class_weight: Optional[str] = typer.Option(None, help="'balanced' to weight classes by 1/frequency"),
-    seed: Optional[int] = typer.Option(None, help="seed of the split and the minibatch shuffles  [default: 0]"),
+    seed: Optional[int] = typer.Option(None, help="seed of the split and the minibatch shuffles  \\[default: 0]"),
     standardize: Optional[bool] = typer.Option(
         None, "--standardize/--no-standardize", help="scale features to mean 0, std 1 (fitted on the training "
-                                                     "split)  [default: standardize]"),
+                                                     "split)  \\[default: standardize]"),
     categorical: Optional[bool] = typer.Option(
         None, "--categorical/--no-categorical", help="one-hot encode non-numeric feature columns"),
     impute: Optional[str] = typer.Option(None, help="'mean': fill NaN features with the training mean"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder  [default: runs/<timestamp>/]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder  \\[default: runs/<timestamp>/]"),
     resume: bool = typer.Option(False, "--resume", help="continue the model in --out (after Ctrl-C, or to "
                                                        "train longer)"),
     force: bool = typer.Option(False, "--force", help="overwrite a model already in --out"),
@@ -279,7 +279,11 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     debug: bool = DebugOption,
 ) -> None:
-    """Fit softmax regression; write the model, report.html and plots to --out."""
+    """Fit softmax regression on DATA (default: the bundled digits); write the model, report.html and plots.
+
+    Ctrl-C stops cleanly: the last completed iterate is saved in --out (exit status 130) and --resume continues
+    it; with --resume, options not given keep the saved model's values (its data settings cannot change).
+    """
     with _handled(debug):
         _train(**locals())
 
@@ -378,6 +382,8 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                   + (f"; resuming {out}" if previous is not None else ""))
 
     # ---- model --------------------------------------------------------------------------------------
+    from sklearn.exceptions import ConvergenceWarning
+
     from ..estimator import SoftmaxRegression
 
     if previous is not None:
@@ -425,15 +431,19 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
         try:
             with progress if progress is not None else contextlib.nullcontext():
                 est.fit(X_tr, y_tr)
-                if progress is not None:  # the bar ends full: the solver stopped (converged or max_iter)
+                if progress is not None:  # the bar ends full: the solver has stopped
                     done = len(monitor.curve)
+                    unconverged = any(issubclass(w.category, ConvergenceWarning) for w in caught)
                     progress.update(task, total=max(done, 1), completed=done,
-                                    description=f"{est.solver_} {'converged' if done < params['max_iter'] else 'stopped'}")
+                                    description=f"{est.solver_} {'did not converge' if unconverged else 'converged'}")
         except KeyboardInterrupt:
             interrupted = True
     fit_s = time.perf_counter() - t_fit
     est.set_params(callback=None)
-    notes = [str(w.message) for w in caught if "ConvergenceWarning" in type(w.message).__name__]
+    notes = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:  # anything else the fit warned about is shown, once
+        if not issubclass(w.category, (ConvergenceWarning, DeprecationWarning)):
+            err_console.print(f"[yellow]warning:[/yellow] {' '.join(str(w.message).split())}")
 
     if interrupted:
         if not monitor.curve:
@@ -471,9 +481,12 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
 
     console.print(f"solver {est.solver_}: {len(curve) - len(prev_curve)} iterations"
                   + (f" (+{len(prev_curve)} before --resume)" if prev_curve else "")
-                  + f", objective {est.objective_:.8g}, {fit_s:.2f} s fit, {load_s:.2f} s data")
+                  + f", objective {est.objective_:.8g}; {fit_s:.2f} s fitting, {load_s:.2f} s loading")
     for note in notes:
         console.print(f"[yellow]warning:[/yellow] {' '.join(note.split())}")
+    if notes:
+        console.print("hint: on the command line, raise --max-iter, keep --standardize on, or try --solver newton-cg; "
+                      "--resume continues from where this run stopped")
     console.print(_metrics_table(metrics))
     console.print(f"model  → {out / 'model.safetensors'} + {out / 'model.json'}")
     if report:
@@ -598,7 +611,12 @@ def predict(
             for j, c in enumerate(model.classes):
                 frame[f"proba_{c}"] = P[:, j]
         if output is None:
-            sys.stdout.write(frame.to_csv(index=False))
+            try:
+                sys.stdout.write(frame.to_csv(index=False))
+                sys.stdout.flush()
+            except BrokenPipeError:  # `softxent predict ... | head`: the reader left, which is fine
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
             return
         if output.suffix.lower() == ".parquet":
             import io
@@ -617,7 +635,7 @@ def evaluate(
     data: Optional[List[str]] = typer.Argument(None, help="labelled data files or globs (none: the bundled digits)"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="the label column (default: the model's)"),
     fmt: Optional[str] = FormatOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder  [default: runs/<timestamp>-evaluate/]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder  \\[default: runs/<timestamp>-evaluate/]"),
     report: bool = typer.Option(True, "--report/--no-report", help="write report.html and the PNGs"),
     debug: bool = DebugOption,
 ) -> None:
