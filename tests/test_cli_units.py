@@ -158,6 +158,12 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     atomic_write_bytes(p, b"old")
     atomic_write_bytes(p, b"new")
     assert p.read_bytes() == b"new"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+    os.chmod(p, 0o640)
+    atomic_write_bytes(p, b"new")
+    assert p.stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode
 
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
