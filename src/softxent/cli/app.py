@@ -420,10 +420,10 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
     monitor = _FitMonitor(progress, task, checkpoint_every, save_checkpoint,
                           describe=lambda: f"{getattr(est, 'solver_', params['solver'])} {unit}")
     est.set_params(callback=monitor)
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if the parent ignored it
-    except ValueError:
-        pass
+    try:  # Ctrl-C raises KeyboardInterrupt even where the parent process had SIGINT ignored
+        previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        previous_handler = None
     t_fit = time.perf_counter()
     interrupted = False
     with warnings.catch_warnings(record=True) as caught:
@@ -438,6 +438,9 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                                     description=f"{est.solver_} {'did not converge' if unconverged else 'converged'}")
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
     fit_s = time.perf_counter() - t_fit
     est.set_params(callback=None)
     notes = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
