@@ -396,7 +396,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
     base_meta = {
         "training": {"data": raw.sources, "format": raw.fmt, "n_rows": raw.n_rows, "n_train": len(tr),
                      "n_test": len(te), "test_size": test_size, "seed": seed,
-                     "command": "softxent " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else None},
+                     "command": _command_line()},
     }
 
     def model_of(coef, intercept, curve, status, extra=None):
@@ -508,6 +508,15 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
             metrics=metrics, plots=plots, per_class=per_class_rows(y_idx, logp_eval, labels), per_class_split=split)
         path = write_report(out, content)
         console.print(f"report → {path} (+ {len(plots)} PNGs)")
+
+
+def _command_line() -> str | None:
+    """The command as typed, when this process is the softxent command (not, e.g., a test runner)."""
+    import shlex
+
+    if sys.argv and (Path(sys.argv[0]).name.startswith("softxent") or sys.argv[0].endswith("__main__.py")):
+        return "softxent " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return None
 
 
 def _npz_key(model, target):
