@@ -216,21 +216,59 @@ def test_empty_and_degenerate_shapes():
     np.testing.assert_allclose(grad, [0.5, -0.5])
 
 
-def test_many_rows_span_several_blocks():
-    """Inputs larger than one processing block give the same rows as processed one at a time."""
-    z = rng_logits((3000, 70), seed=5, dtype=np.float32)
-    y = np.random.default_rng(5).integers(0, 70, 3000)
+@pytest.mark.parametrize("shape,dtype", [((3000, 70), np.float32), ((10, 20000), np.float64)])
+def test_many_rows_span_several_blocks(shape, dtype):
+    """Inputs larger than one internal processing block give the rows that small calls give."""
+    N, K = shape
+    rng = np.random.default_rng(5)
+    z = rng_logits(shape, seed=5, dtype=dtype)
+    y = rng.integers(0, K, N)
     y[::7] = -100
-    opts = dict(label_smoothing=0.1, z_loss=1e-3, weight=np.linspace(0.5, 1.5, 70),
-                sample_weight=np.random.default_rng(6).random(3000), softcap=8.0)
-    go = np.random.default_rng(7).standard_normal(3000)
-    loss, grad = cross_entropy_with_grad(z, y, reduction="none", grad_output=go, **opts)
-    for i in (0, 1, 999, 1000, 2999):
-        li, gi = cross_entropy_with_grad(z[i:i + 1], y[i:i + 1], reduction="none", grad_output=go[i:i + 1],
-                                         weight=opts["weight"], label_smoothing=0.1, z_loss=1e-3,
-                                         sample_weight=opts["sample_weight"][i:i + 1], softcap=8.0)
-        np.testing.assert_allclose(loss[i], li[0], rtol=1e-6)
-        np.testing.assert_allclose(grad[i], gi[0], rtol=1e-5, atol=1e-7)
+    w = np.linspace(0.5, 1.5, K)
+    s = rng.random(N)
+    go = rng.standard_normal(N)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, weight=w, softcap=8.0, reduction="none")
+    loss, grad = cross_entropy_with_grad(z, y, sample_weight=s, grad_output=go, **opts)
+    step = 7 if N > 100 else 1
+    tol = 1e-5 if dtype == np.float32 else 1e-11
+    for i in range(0, N, step):
+        rows = slice(i, i + step)
+        li, gi = cross_entropy_with_grad(z[rows], y[rows], sample_weight=s[rows], grad_output=go[rows],
+                                         **opts)
+        # (not bitwise: BLAS may sum a row in another order depending on how many rows it is given)
+        np.testing.assert_allclose(loss[rows], li, rtol=tol)
+        np.testing.assert_allclose(grad[rows], gi, rtol=tol, atol=tol * np.max(np.abs(gi)))
+
+
+def test_block_size_does_not_change_results(monkeypatch):
+    """White-box: with blocks of one or two rows every option gives the same result as with big blocks."""
+    import softxent.loss as L
+
+    rng = np.random.default_rng(8)
+    z = rng_logits((2, 3, 5), seed=8)
+    z[0, 1, 3] = -np.inf
+    y = rng.integers(0, 5, (2, 3))
+    y[1, 1] = 42
+    t = rng.random((2, 3, 5))
+    go = rng.standard_normal((2, 3))
+    kw = dict(weight=rng.random(5), sample_weight=rng.random((2, 3)), label_smoothing=0.2, z_loss=0.1,
+              ignore_index=42)
+    calls = [
+        lambda: cross_entropy_with_grad(z, y, reduction="none", grad_output=go, **kw),
+        lambda: cross_entropy_with_grad(z, y, reduction="mean", softcap=2.0, **kw),
+        lambda: cross_entropy_with_grad(np.maximum(z, -5), t, reduction="sum", softcap=2.0, weight=kw["weight"],
+                                        label_smoothing=0.3),
+        lambda: cross_entropy(z, y, reduction="none", **kw),
+        lambda: cross_entropy(np.maximum(z, -5), t, reduction="mean", sample_weight=kw["sample_weight"]),
+    ]
+    big = [fn() for fn in calls]
+    for block_bytes in (1, 2 * 5 * 8):
+        monkeypatch.setattr(L, "_BLOCK_BYTES", block_bytes)
+        for fn, ref in zip(calls, big):
+            got = fn()
+            got, ref = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
+            for a, b in zip(got, ref):
+                np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,22 +313,33 @@ def test_cross_entropy_with_grad_out(dtype, shape, proba):
     assert loss == ref_loss
 
 
-def test_out_overlapping_the_logits_or_the_target_is_safe():
+@pytest.mark.parametrize("block_bytes", [None, 1])
+def test_out_overlapping_the_logits_or_the_target_is_safe(monkeypatch, block_bytes):
+    """An out= that overlaps the inputs without being the logits: inputs are read as they were."""
+    import softxent.loss as L
+
+    if block_bytes is not None:   # white-box: many internal row blocks, so one block could clobber the next
+        monkeypatch.setattr(L, "_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(3)
     base = rng_logits((9, 4), seed=3)
+    y = rng.integers(0, 4, 8)
+    ref = cross_entropy_with_grad(base[:8].copy(), y)
+    for logits_rows, out_rows in ((slice(0, 8), slice(1, 9)), (slice(1, 9), slice(0, 8))):
+        big = base.copy()
+        ref = cross_entropy_with_grad(big[logits_rows].copy(), y)
+        loss, grad = cross_entropy_with_grad(big[logits_rows], y, out=big[out_rows])   # shifted by a row
+        np.testing.assert_array_equal(grad, ref[1])
+        assert loss == ref[0]
     z = base[:8]
-    ref = cross_entropy_with_grad(z.copy(), rng.integers(0, 4, 8))
-    y = np.random.default_rng(3).integers(0, 4, 8)
-    ref = cross_entropy_with_grad(z.copy(), y)
-    big = base.copy()
-    loss, grad = cross_entropy_with_grad(big[:8], y, out=big[1:])      # shifted by one row
-    np.testing.assert_array_equal(grad, ref[1])
-    assert loss == ref[0]
-    t = rng.random((8, 4))
-    ref = cross_entropy_with_grad(z, t.copy())
-    loss, grad = cross_entropy_with_grad(z, t, out=t)                  # gradient over the target
-    np.testing.assert_array_equal(grad, ref[1])
-    assert loss == ref[0]
+    t = rng.random((9, 4))
+    ref = cross_entropy_with_grad(z, t[:8].copy(), sample_weight=rng.random(8))
+    for target_rows, out_rows in ((slice(0, 8), slice(0, 8)), (slice(0, 8), slice(1, 9)),
+                                  (slice(1, 9), slice(0, 8))):
+        tc = t.copy()
+        ref = cross_entropy_with_grad(z, tc[target_rows].copy(), weight=np.arange(1.0, 5.0))
+        loss, grad = cross_entropy_with_grad(z, tc[target_rows], out=tc[out_rows], weight=np.arange(1.0, 5.0))
+        np.testing.assert_array_equal(grad, ref[1])
+        assert loss == ref[0]
 
 
 def test_bad_out_buffers():
