@@ -95,7 +95,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         cdt = val.compute_dtype(logits.dtype)
         M, K = logits.shape
         r = grad_loss.to(cdt)
-        r = r.reshape(M) if opt["reduction"] == "none" else r * factor.to(cdt)
+        r = r.reshape(M) if opt["reduction"] == "none" else (r * factor.to(cdt)).expand(M)
         zhat, t = _capped(logits.to(cdt), opt["softcap"])
         eps = opt["label_smoothing"]
         d_logits = d_target = None

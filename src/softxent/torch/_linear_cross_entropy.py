@@ -104,14 +104,21 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         r = r.reshape(N) if cfg["reduction"] == "none" else (r * factor).to(torch.float32).expand(N)
         alpha = (a * r).contiguous()
         beta = (coef_y * r).contiguous()
-        gamma = torch.zeros_like(alpha) if coef_u is None else (coef_u * r).contiguous()
+        gamma = None if coef_u is None else (coef_u * r).contiguous()
+        skip = cfg["skip_threshold"]
+        if skip is not None:
+            # The kernels skip a tile when every |alpha_i p_ij| < t; relative to the largest row weight,
+            # t = skip_threshold * max |alpha| means "every probability below skip_threshold" for
+            # uniformly weighted rows (CCE's rule).  One host read, only when the skip is asked for.
+            skip = float(skip * alpha.abs().max()) if N else None
+            skip = skip if skip else None
         K = _triton_kernels()
         with autocast_off(x.device.type):
             dx, dw, db = K.lce_backward(
                 x, weight, bias, target, lse, alpha, beta, gamma, ignore_index=cfg["ignore_index"],
                 softcap=cfg["softcap"], class_weight=cw, need_dx=cfg["need_dx"],
                 need_dw=cfg["need_dw"], need_db=cfg["need_db"] and bias is not None,
-                skip_threshold=cfg["skip_threshold"])
+                skip_threshold=skip, workspace_bytes=cfg["max_chunk_bytes"], dw_dtype=weight.dtype)
         return (dx if cfg["need_dx"] else None,
                 dw.to(weight.dtype) if (cfg["need_dw"] and dw is not None) else None,
                 db.to(bias.dtype) if (bias is not None and cfg["need_db"] and db is not None) else None,
@@ -158,9 +165,13 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
         return_lse: also return ``lse = logsumexp_k zhat_k`` per token (float32, shaped like the
             per-token losses, detached: use ``z_loss`` for a differentiable penalty on it).
         impl: ``'auto'``, ``'chunked'``, ``'triton'`` or ``'torch'`` (module docstring).
-        max_chunk_bytes: ``'chunked'`` only: bound on its logit buffers (default 128 MiB).
-        skip_threshold: ``'triton'`` only: opt-in block skip in the backward (approximate); ignored by
-            the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
+        max_chunk_bytes: bound on the scratch buffers: the ``'chunked'`` path's logit chunks (default
+            128 MiB), the ``'triton'`` backward's workspace (default: the kernels' 96 MiB).
+        skip_threshold: ``'triton'`` only, opt-in and approximate: the backward skips the tiles in which
+            every probability is below ``skip_threshold`` (precisely: every ``|alpha_i| p_ij`` below
+            ``skip_threshold * max_i |alpha_i|``, ``alpha_i`` the row's weight in the gradient) and that
+            hold no target and no label smoothing; e.g. ``2**-7 / 32`` (CCE's bf16 filter).  One host
+            read per backward.  Ignored by the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
 
     Returns:
         the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse``.
@@ -265,7 +276,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                 raise ValueError("impl='triton' takes float16, bfloat16 or float32 inputs; got float64 "
                                  "(use impl='chunked')")
             cfg = dict(common, skip_threshold=None if skip_threshold is None else float(skip_threshold),
-                       **need)
+                       max_chunk_bytes=None if max_chunk_bytes is None else int(max_chunk_bytes), **need)
             loss, lse = TritonLinearCrossEntropy.apply(
                 x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                 t2.contiguous(), sw2, cw, norm, cfg)
