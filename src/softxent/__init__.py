@@ -16,6 +16,20 @@ from .loss import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The estimator needs scikit-learn (the 'sklearn' extra); load it only when it is asked for.
+    if name == "SoftmaxRegression":
+        from .estimator import SoftmaxRegression
+
+        return SoftmaxRegression
+    if name == "LinearSoftmaxObjective":
+        from .objective import LinearSoftmaxObjective
+
+        return LinearSoftmaxObjective
+    raise AttributeError(f"module 'softxent' has no attribute {name!r}")
+
+
 __all__ = [
     "logsumexp",
     "softmax",
@@ -25,5 +39,7 @@ __all__ = [
     "cross_entropy_with_grad",
     "gradcheck",
     "check_seed_derivation",
+    "SoftmaxRegression",
+    "LinearSoftmaxObjective",
     "__version__",
 ]

@@ -1,0 +1,351 @@
+"""``SoftmaxRegression``: the seed's model ``h(x) = softmax(Theta x + b)`` as a scikit-learn classifier.
+
+It validates the data, builds one :class:`~softxent.objective.LinearSoftmaxObjective` and hands it to a
+solver of :mod:`softxent.solvers`.  Needs scikit-learn (the ``sklearn`` extra).
+
+Relation to scikit-learn's ``LogisticRegression`` (multinomial, ``penalty='l2'``)::
+
+    softxent:  (1/S) sum_i s_i CE_i + alpha/2 ||Theta||^2
+    sklearn:   C sum_i s_i CE_i + 1/2 ||Theta||^2      ==>   C = 1 / (alpha * S)
+
+with ``S = sum_i s_i`` (``n_samples`` without sample weights).  For elastic net, sklearn's
+``l1_ratio`` is our ``l1_ratio`` and the same ``C`` mapping holds.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from .loss import log_softmax, softmax
+from .objective import LinearSoftmaxObjective
+from .solvers import (
+    FULL_BATCH_SOLVERS,
+    MINIBATCH_SOLVERS,
+    SOLVERS,
+    MinibatchState,
+    Monitor,
+    minibatch_epochs,
+    run_solver,
+)
+
+__all__ = ["SoftmaxRegression"]
+
+_CONVERGENCE_ADVICE = (
+    "Try: scaling the features (e.g. sklearn.preprocessing.StandardScaler), increasing max_iter, "
+    "or another solver (newton-cg copes best with ill-conditioned data)."
+)
+
+
+def _seed_sequence(random_state, epoch: int):
+    """A NumPy seed from scikit-learn's ``random_state`` (None, int or RandomState) and an epoch count."""
+    if random_state is None:
+        return None
+    if isinstance(random_state, np.random.RandomState):
+        return [int(random_state.randint(2**31)), epoch]
+    return [int(random_state), epoch]
+
+
+class SoftmaxRegression(ClassifierMixin, BaseEstimator):
+    """Multinomial logistic (softmax) regression trained on the mean cross-entropy.
+
+    Minimises, over ``coef_`` (``Theta``, ``K x D``) and ``intercept_`` (``b``, not penalised)::
+
+        E = (1/S) sum_i s_i CE(Theta x_i + b, y_i) + alpha ((1 - l1_ratio)/2 ||Theta||^2 + l1_ratio ||Theta||_1)
+
+    where ``s_i`` is ``sample_weight`` times the class weight of ``y_i``.  scikit-learn's
+    ``LogisticRegression(C=...)`` minimises the same function for ``C = 1 / (alpha * S)``.
+
+    Parameters:
+        alpha: penalty strength (>= 0).
+        l1_ratio: 0 = L2, 1 = L1, between = elastic net (needs solver 'proximal', 'sgd' or 'adam').
+        fit_intercept: learn ``b``.
+        solver: 'auto', 'lbfgs', 'newton-cg', 'gd', 'proximal', 'sgd', 'adam' (see
+            :mod:`softxent.solvers` for when to use which).  'auto' picks 'proximal' when
+            ``l1_ratio > 0``, else 'lbfgs'.
+        max_iter: iterations of a full-batch solver, epochs of a minibatch one.
+        tol: stop when the gradient's max-norm is at most ``tol`` (full batch), or when the epoch loss
+            has not improved by ``tol`` for ``n_iter_no_change`` epochs (minibatch).
+        class_weight: None, 'balanced' or a dict ``{label: weight}``; multiplies the sample weights.
+        warm_start: start from the previous ``coef_`` / ``intercept_`` (and keep minibatch state).
+        batch_size: minibatch size for 'sgd' / 'adam'.
+        learning_rate: 'auto' or a float step: the fixed step of 'gd' ('auto' = Armijo backtracking),
+            the initial step of 'sgd' ('auto' = 1 / L from the largest row norm), Adam's step
+            ('auto' = 1e-3).
+        early_stopping: minibatch solvers hold out ``validation_fraction`` of the data and stop when the
+            validation objective stops improving.
+        validation_fraction, n_iter_no_change: see ``early_stopping`` / ``tol``.
+        random_state: seed for shuffling and the validation split.
+        verbose: print the objective at each iteration when > 0.
+        callback: ``callback(info)`` after every iteration; ``info`` has ``iteration``, ``max_iter``,
+            ``objective``, ``grad_norm``, ``elapsed``, ``coef`` and ``intercept`` (the current iterate).
+            Returning True stops the fit.
+
+    Attributes:
+        classes_, coef_ (K, D), intercept_ (K,), n_features_in_, feature_names_in_, n_iter_,
+        loss_curve_ (objective per iteration), objective_ (final objective value), solver_ (the solver
+        that ran), interrupted_ (True when a KeyboardInterrupt stopped ``fit``: the model then holds the
+        last completed iterate, and the interrupt is re-raised).
+
+    Two classes keep the softmax with K = 2 rows of ``coef_``; ``decision_function`` then returns the
+    log-odds ``z_1 - z_0`` (scikit-learn's binary convention).
+    """
+
+    _parameter_constraints = {
+        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "l1_ratio": [Interval(numbers.Real, 0, 1, closed="both")],
+        "fit_intercept": ["boolean"],
+        "solver": [StrOptions({"auto", *SOLVERS})],
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
+        "warm_start": ["boolean"],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions({"auto"}), Interval(numbers.Real, 0, None, closed="neither")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "callback": [callable, None],
+    }
+
+    def __init__(self, alpha=1e-4, l1_ratio=0.0, fit_intercept=True, solver="auto", max_iter=1000,
+                 tol=1e-6, class_weight=None, warm_start=False, batch_size=256, learning_rate="auto",
+                 early_stopping=False, validation_fraction=0.1, n_iter_no_change=5, random_state=None,
+                 verbose=0, callback=None):
+        self.alpha = alpha
+        self.l1_ratio = l1_ratio
+        self.fit_intercept = fit_intercept
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.class_weight = class_weight
+        self.warm_start = warm_start
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.random_state = random_state
+        self.verbose = verbose
+        self.callback = callback
+
+    # ------------------------------------------------------------------------------- helpers
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+    def _resolve_solver(self, for_partial_fit=False) -> str:
+        solver = self.solver
+        if for_partial_fit:  # streaming steps: Adam if asked for, plain SGD otherwise
+            return "adam" if solver == "adam" else "sgd"
+        if solver == "auto":
+            return "proximal" if self.l1_ratio > 0 and self.alpha > 0 else "lbfgs"
+        if self.l1_ratio > 0 and self.alpha > 0 and solver in ("lbfgs", "newton-cg", "gd"):
+            raise ValueError(
+                f"solver={solver!r} handles only the L2 penalty (l1_ratio=0); got l1_ratio={self.l1_ratio}. "
+                "Use solver='proximal' (or 'sgd' / 'adam') for L1 and elastic net.")
+        return solver
+
+    def _validate_fit_data(self, X, y, sample_weight, reset: bool):
+        X, y = validate_data(self, X, y, accept_sparse="csr", dtype=[np.float64, np.float32],
+                             order="C", reset=reset)
+        check_classification_targets(y)
+        sw = _check_sample_weight(sample_weight, X, dtype=X.dtype, ensure_non_negative=True)
+        if not np.all(np.isfinite(sw)):
+            raise ValueError("sample_weight must be finite; got NaN or inf values")
+        return X, y, sw
+
+    def _fold_class_weight(self, y_idx, sw, y_labels):
+        if self.class_weight is None:
+            return sw
+        cw = compute_class_weight(self.class_weight, classes=self.classes_, y=y_labels)
+        return sw * cw[y_idx].astype(sw.dtype)
+
+    def _make_objective(self, X, y_idx, sw, weight_sum=None):
+        return LinearSoftmaxObjective(X, y_idx, len(self.classes_), sw, alpha=self.alpha,
+                                      l1_ratio=self.l1_ratio, fit_intercept=self.fit_intercept,
+                                      weight_sum=weight_sum)
+
+    def _initial_w(self, obj):
+        if self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (obj.n_classes, obj.n_features):
+            return obj.pack(self.coef_, self.intercept_ if self.fit_intercept else None)
+        return np.zeros(obj.n_coef)
+
+    def _store(self, obj, w, dtype):
+        theta, b = obj.unpack(np.asarray(w, dtype=np.float64))
+        self.coef_ = np.array(theta, dtype=dtype)
+        self.intercept_ = (np.zeros(obj.n_classes, dtype=dtype) if b is None else np.array(b, dtype=dtype))
+
+    def _monitor(self, obj, max_iter, dtype):
+        def decorate(info):
+            theta, b = obj.unpack(info.w)
+            info.coef = theta
+            info.intercept = np.zeros(obj.n_classes) if b is None else b
+
+        callback = self.callback
+        if self.verbose:
+            user = callback
+
+            def callback(info):
+                print(f"iter {info.iteration:5d}  objective {info.objective:.10g}  "
+                      f"|grad| {info.grad_norm:.3e}")
+                return user(info) if user is not None else False
+
+        return Monitor(max_iter, callback, decorate)
+
+    # ---------------------------------------------------------------------------------- fit
+    def fit(self, X, y, sample_weight=None):
+        """Fit on ``X`` ``(N, D)`` (dense or CSR), labels ``y`` ``(N,)``, optional ``sample_weight``."""
+        self._validate_params()
+        X, y, sw = self._validate_fit_data(X, y, sample_weight, reset=True)
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(
+                "This solver needs samples of at least 2 classes in the data, but the data contains "
+                f"only one class: {classes[0]!r}")
+        if self.warm_start and hasattr(self, "classes_") and not np.array_equal(self.classes_, classes):
+            raise ValueError(f"warm_start needs the same classes as the previous fit {self.classes_.tolist()}; "
+                             f"got {classes.tolist()}")
+        self.classes_ = classes
+        sw = self._fold_class_weight(y_idx, sw, y)
+        if not np.sum(sw) > 0:
+            raise ValueError("sample_weight must not sum to zero (every sample would be ignored); got "
+                             f"a total weight of {float(np.sum(sw))}")
+        solver = self._resolve_solver()
+        self.solver_ = solver
+        obj = self._make_objective(X, y_idx, sw)
+        w0 = self._initial_w(obj)
+        monitor = self._monitor(obj, self.max_iter, X.dtype)
+        self.interrupted_ = False
+        try:
+            if solver in FULL_BATCH_SOLVERS:
+                lr = None if self.learning_rate == "auto" else self.learning_rate
+                res = run_solver(solver, obj, w0, max_iter=self.max_iter, tol=self.tol, monitor=monitor,
+                                 learning_rate=lr)
+                w, n_iter, converged = res.w, res.n_iter, res.converged
+            else:
+                w, n_iter, converged = self._fit_minibatch(obj, w0, solver, monitor, X, y_idx, sw)
+        except KeyboardInterrupt:
+            self.interrupted_ = True
+            w = monitor.last_w if monitor.last_w is not None else w0
+            self._finish(obj, w, len(monitor.curve), monitor, X.dtype)
+            raise
+        self._finish(obj, w, n_iter, monitor, X.dtype)
+        if not converged:
+            warnings.warn(
+                f"SoftmaxRegression(solver={solver!r}) did not converge within max_iter={self.max_iter} "
+                f"{'epochs' if solver in MINIBATCH_SOLVERS else 'iterations'} (tol={self.tol}). "
+                + _CONVERGENCE_ADVICE, ConvergenceWarning, stacklevel=2)
+        return self
+
+    def _finish(self, obj, w, n_iter, monitor, dtype):
+        self._store(obj, w, dtype)
+        self.n_iter_ = int(n_iter)
+        self.loss_curve_ = list(monitor.curve)
+        self.objective_ = float(obj.objective(np.asarray(w, dtype=np.float64)))
+
+    def _fit_minibatch(self, obj, w0, solver, monitor, X, y_idx, sw):
+        rng = np.random.default_rng(_seed_sequence(self.random_state, 0))
+        validation = None
+        if self.early_stopping:
+            N = X.shape[0]
+            n_val = max(1, int(round(self.validation_fraction * N)))
+            perm = rng.permutation(N)
+            val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+            validation, obj = obj.subset(val_rows), obj.subset(train_rows)
+        if not (self.warm_start and getattr(self, "_mb_state", None) is not None):
+            self._mb_state = MinibatchState()
+        w, n, converged = minibatch_epochs(
+            obj, w0, self._mb_state, method=solver, n_epochs=self.max_iter, batch_size=self.batch_size,
+            learning_rate=self.learning_rate, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
+            rng=rng, monitor=monitor, validation=validation)
+        return w, n, converged
+
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """One epoch of 'sgd' / 'adam' over this batch; ``classes`` is required on the first call."""
+        first = not hasattr(self, "classes_")
+        if first:
+            self._validate_params()
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit "
+                                 "(all labels the stream may contain)")
+        X, y, sw = self._validate_fit_data(X, y, sample_weight, reset=first)
+        if first:
+            cls = np.unique(np.asarray(classes))
+            if len(cls) < 2:
+                raise ValueError(f"classes must hold at least 2 labels; got {cls.tolist()}")
+            self.classes_ = cls
+        elif classes is not None and not np.array_equal(np.unique(np.asarray(classes)), self.classes_):
+            raise ValueError(f"classes={list(classes)} differs from the classes of the first partial_fit "
+                             f"call {self.classes_.tolist()}")
+        unknown = np.setdiff1d(np.unique(y), self.classes_)
+        if unknown.size:
+            raise ValueError(f"y holds labels {unknown.tolist()} that are not in classes "
+                             f"{self.classes_.tolist()} given to the first partial_fit call")
+        y_idx = np.searchsorted(self.classes_, y)
+        if self.class_weight is not None:
+            if self.class_weight == "balanced":
+                raise ValueError("class_weight='balanced' needs the whole data set; partial_fit takes a dict")
+            cw = np.array([self.class_weight.get(c, 1.0) for c in self.classes_], dtype=sw.dtype)
+            sw = sw * cw[y_idx]
+        solver = self._resolve_solver(for_partial_fit=True)
+        self.solver_ = solver
+        obj = self._make_objective(X, y_idx, sw)
+        if first:
+            w = np.zeros(obj.n_coef)
+            self._mb_state = MinibatchState()
+            self.loss_curve_ = []
+            self.n_iter_ = 0
+        else:
+            w = obj.pack(self.coef_, self.intercept_ if self.fit_intercept else None)
+            if getattr(self, "_mb_state", None) is None:  # continuing a full-batch fit
+                self._mb_state = MinibatchState()
+        rng = np.random.default_rng(_seed_sequence(self.random_state, self._mb_state.epoch))
+        monitor = self._monitor(obj, self._mb_state.epoch + 1, X.dtype)
+        w, _, _ = minibatch_epochs(obj, w, self._mb_state, method=solver, n_epochs=1,
+                                   batch_size=self.batch_size, learning_rate=self.learning_rate, tol=None,
+                                   n_iter_no_change=self.n_iter_no_change, rng=rng, monitor=monitor)
+        self._store(obj, w, X.dtype)
+        self.n_iter_ += 1
+        self.loss_curve_ = list(self.loss_curve_) + monitor.curve
+        self.objective_ = float(obj.objective(w))
+        self.interrupted_ = False
+        return self
+
+    # ------------------------------------------------------------------------------ predict
+    def _logits(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], reset=False)
+        coef = self.coef_.astype(X.dtype, copy=False)
+        z = np.asarray(X @ coef.T)
+        return z + self.intercept_.astype(X.dtype, copy=False)
+
+    def decision_function(self, X):
+        """Logits ``z = X Theta^T + b``, ``(N, K)``; for two classes the log-odds ``z_1 - z_0``, ``(N,)``."""
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
+    def predict_proba(self, X):
+        """``h(x) = softmax(Theta x + b)``, ``(N, K)``, columns in the order of ``classes_``."""
+        return softmax(self._logits(X))
+
+    def predict_log_proba(self, X):
+        """``log h(x)`` computed as ``z - lse(z)`` (exact for tiny probabilities)."""
+        return log_softmax(self._logits(X))
+
+    def predict(self, X):
+        """The most probable class label for each row."""
+        z = self._logits(X)
+        return self.classes_[np.argmax(z, axis=1)]

@@ -1,0 +1,208 @@
+"""The softmax-regression objective: one home for the loss, gradient and Hessian-vector product of the
+linear model ``z = X Theta^T + b`` trained on the cross-entropy of :mod:`softxent.loss`.
+
+Notation (that of the code): ``X`` is ``(N, D)`` (dense or scipy.sparse CSR), ``y`` holds class indices
+in ``[0, K)``, ``s`` the sample weights (class weights already folded in), ``S = sum_i s_i``, ``Theta`` the
+``(K, D)`` coefficients and ``b`` the ``(K,)`` intercept::
+
+    E(Theta, b) = (1/S) sum_i s_i CE_i  +  alpha ((1 - rho)/2 ||Theta||^2 + rho ||Theta||_1)
+    CE_i        = lse(z_i) - z_{i, y_i},        z_i = Theta x_i + b
+
+    dE/dTheta   = delta^T X + alpha (1 - rho) Theta        (+ the L1 subgradient, handled by a prox)
+    dE/db       = sum_i delta_i,           delta_i = s_i (h(z_i) - e_{y_i}) / S   -- the seed's delta
+    H v         : V_z = X V_Theta^T + v_b,  R_i = (s_i/S) (diag(h_i) - h_i h_i^T) V_z,i
+                  (H v)_Theta = R^T X + alpha (1 - rho) V_Theta,   (H v)_b = sum_i R_i
+
+The intercept is not penalised.  Coefficients travel as one flat vector ``w = [Theta.ravel(), b]`` (``b``
+only with ``fit_intercept``), which is what scipy's optimisers and the solvers use.
+
+The data terms are exposed as *unnormalised sums* (:meth:`data_sums`, :meth:`data_hessp_sum`) so that a
+data set split in row blocks (softxent.dask) computes each block's sums with this same code and the
+client adds them up before :meth:`finish` normalises and adds the penalty.
+
+float32 ``X`` keeps float32 matrix products (the coefficients are cast to float32 for them); the scalar
+loss is accumulated in float64.  Sparse ``X`` is never densified.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .loss import cross_entropy_with_grad, softmax, softmax_jvp
+
+__all__ = ["LinearSoftmaxObjective"]
+
+
+class LinearSoftmaxObjective:
+    """Loss, gradient and Hessian-vector product of L2/L1-penalised softmax regression.
+
+    Args:
+        X: ``(N, D)`` float32/float64 ndarray or CSR matrix (validated by the caller).
+        y: ``(N,)`` integer class indices in ``[0, n_classes)``.
+        n_classes: ``K``.
+        sample_weight: ``(N,)`` non-negative weights ``s`` (None = ones).
+        alpha: penalty strength ``alpha >= 0``.
+        l1_ratio: ``rho`` in [0, 1]: 0 = L2 (ridge), 1 = L1 (lasso), between = elastic net.
+        fit_intercept: whether ``w`` carries the intercept ``b``.
+        weight_sum: the normaliser ``S``; defaults to ``sum(s)`` of this data.  A block of a larger data
+            set passes the total so that :meth:`loss_gradient` on the block is its share.
+    """
+
+    def __init__(self, X, y, n_classes: int, sample_weight=None, *, alpha: float = 0.0,
+                 l1_ratio: float = 0.0, fit_intercept: bool = True, weight_sum: float | None = None):
+        self.X = X
+        self.y = np.asarray(y, dtype=np.int64)
+        self.n_classes = int(n_classes)
+        self.n_features = X.shape[1]
+        self.dtype = X.dtype
+        self.sample_weight = None if sample_weight is None else np.asarray(sample_weight, dtype=X.dtype)
+        self.alpha = float(alpha)
+        self.l1_ratio = float(l1_ratio)
+        self.fit_intercept = bool(fit_intercept)
+        if weight_sum is None:
+            weight_sum = (X.shape[0] if self.sample_weight is None
+                          else float(np.sum(self.sample_weight, dtype=np.float64)))
+        self.weight_sum = float(weight_sum)
+        self._hess_cache = None
+
+    # ---------------------------------------------------------------- coefficient layout
+    @property
+    def n_coef(self) -> int:
+        """Length of the flat coefficient vector ``w``."""
+        return self.n_classes * (self.n_features + int(self.fit_intercept))
+
+    def unpack(self, w):
+        """``w`` -> ``(Theta (K, D), b (K,) or None)`` as views."""
+        K, D = self.n_classes, self.n_features
+        theta = w[: K * D].reshape(K, D)
+        return theta, (w[K * D:] if self.fit_intercept else None)
+
+    def pack(self, theta, intercept=None) -> np.ndarray:
+        """``(Theta, b)`` -> the flat float64 vector ``w``."""
+        parts = [np.asarray(theta, dtype=np.float64).ravel()]
+        if self.fit_intercept:
+            parts.append(np.zeros(self.n_classes) if intercept is None
+                         else np.asarray(intercept, dtype=np.float64).ravel())
+        return np.concatenate(parts)
+
+    # ---------------------------------------------------------------- data terms (sums over rows)
+    def decision_function(self, w) -> np.ndarray:
+        """``z = X Theta^T + b``, ``(N, K)`` in the dtype of ``X``."""
+        theta, b = self.unpack(w)
+        z = self.X @ theta.T.astype(self.dtype, copy=False)
+        z = np.asarray(z)  # sparse @ dense is dense already; keep ndarray semantics
+        if b is not None:
+            z += b.astype(self.dtype, copy=False)
+        return z
+
+    def data_sums(self, w, need_grad: bool = True):
+        """``(sum_i s_i CE_i, d/dw of that sum)``: the unnormalised data term, no penalty.
+
+        One matrix product for ``z``, one pass of :func:`softxent.loss.cross_entropy_with_grad` that
+        overwrites ``z`` with ``s_i (h_i - e_{y_i})``, one product for ``delta^T X``.
+        """
+        z = self.decision_function(w)
+        row_loss, dz = cross_entropy_with_grad(z, self.y, sample_weight=self.sample_weight,
+                                               reduction="none", out=z)
+        loss_sum = float(np.sum(row_loss, dtype=np.float64))
+        if not need_grad:
+            return loss_sum, None
+        return loss_sum, self._backprop(dz)
+
+    def _backprop(self, dz) -> np.ndarray:
+        """``dz (N, K)`` -> ``[dz^T X, sum_i dz_i]`` as a flat float64 vector."""
+        if sp.issparse(self.X):
+            g_theta = (self.X.T @ dz).T
+        else:
+            g_theta = dz.T @ self.X
+        parts = [np.asarray(g_theta, dtype=np.float64).ravel()]
+        if self.fit_intercept:
+            parts.append(dz.sum(axis=0, dtype=np.float64))
+        return np.concatenate(parts)
+
+    def data_hessp_sum(self, w, v, proba=None) -> np.ndarray:
+        """``sum_i J_i^T s_i (diag(h_i) - h_i h_i^T) J_i v``: the unnormalised data Hessian times ``v``.
+
+        ``proba`` (``h`` at ``w``, ``(N, K)``) may be passed to save one matrix product.
+        """
+        p = softmax(self.decision_function(w), out=None) if proba is None else proba
+        vz = self.decision_function(v)
+        r = softmax_jvp(p, vz)
+        if self.sample_weight is not None:
+            r *= self.sample_weight[:, None]
+        return self._backprop(r)
+
+    # ---------------------------------------------------------------- the objective
+    def finish(self, loss_sum: float, grad_sum, w, weight_sum: float | None = None):
+        """Normalise summed data terms by ``S`` and add the smooth (L2) part of the penalty.
+
+        Returns ``(E_smooth, gradient)`` (gradient None if ``grad_sum`` is None).  The L1 part is not
+        added here: it is non-smooth and solvers treat it with :meth:`prox_l1` (see :meth:`objective`).
+        """
+        S = self.weight_sum if weight_sum is None else float(weight_sum)
+        inv = 1.0 / S if S > 0 else 0.0
+        theta = w[: self.n_classes * self.n_features]
+        l2 = self.alpha * (1.0 - self.l1_ratio)
+        value = loss_sum * inv + 0.5 * l2 * float(theta @ theta)
+        if grad_sum is None:
+            return value, None
+        g = grad_sum * inv
+        if l2:
+            g[: theta.size] += l2 * theta
+        return value, g
+
+    def loss_gradient(self, w):
+        """``(E_smooth(w), grad E_smooth(w))``: the data term over ``S`` plus the L2 penalty."""
+        loss_sum, grad_sum = self.data_sums(w)
+        return self.finish(loss_sum, grad_sum, w)
+
+    def loss(self, w) -> float:
+        """``E_smooth(w)`` without the gradient."""
+        return self.finish(self.data_sums(w, need_grad=False)[0], None, w)[0]
+
+    def hessp(self, w, v) -> np.ndarray:
+        """``H v`` of ``E_smooth`` at ``w`` (the softmax probabilities at ``w`` are cached between calls)."""
+        cache = self._hess_cache
+        if cache is None or cache[0].shape != w.shape or not np.array_equal(cache[0], w):
+            cache = self._hess_cache = (w.copy(), softmax(self.decision_function(w)))
+        S = self.weight_sum
+        hv = self.data_hessp_sum(w, v, proba=cache[1]) * (1.0 / S if S > 0 else 0.0)
+        l2 = self.alpha * (1.0 - self.l1_ratio)
+        if l2:
+            k = self.n_classes * self.n_features
+            hv[:k] += l2 * v[:k]
+        return hv
+
+    def l1_penalty(self, w) -> float:
+        """``alpha rho ||Theta||_1`` (the intercept is not penalised)."""
+        if not (self.alpha and self.l1_ratio):
+            return 0.0
+        return self.alpha * self.l1_ratio * float(np.abs(w[: self.n_classes * self.n_features]).sum())
+
+    def prox_l1(self, w, step: float) -> np.ndarray:
+        """Proximal map of ``step * alpha rho ||Theta||_1``: soft-thresholding, which makes exact zeros."""
+        t = step * self.alpha * self.l1_ratio
+        out = w.copy()
+        if t > 0:
+            k = self.n_classes * self.n_features
+            out[:k] = np.sign(w[:k]) * np.maximum(np.abs(w[:k]) - t, 0.0)
+        return out
+
+    def objective(self, w) -> float:
+        """The full objective ``E(w)``, L1 part included."""
+        return self.loss(w) + self.l1_penalty(w)
+
+    def subset(self, rows, weight_sum: float | None = None) -> "LinearSoftmaxObjective":
+        """The same objective on a subset of rows: a minibatch, or a validation split.
+
+        ``weight_sum`` sets the normaliser (default: the subset's own total weight).  A minibatch passes
+        ``S * |B| / N`` so that its gradient is an unbiased estimate of the full gradient, and a batch that
+        happens to hold only low-weight rows takes a correspondingly small step.
+        """
+        return LinearSoftmaxObjective(
+            self.X[rows], self.y[rows], self.n_classes,
+            None if self.sample_weight is None else self.sample_weight[rows],
+            alpha=self.alpha, l1_ratio=self.l1_ratio, fit_intercept=self.fit_intercept,
+            weight_sum=weight_sum,
+        )
