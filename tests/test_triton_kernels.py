@@ -10,8 +10,9 @@ checked against softxent.loss.cross_entropy_with_grad.
 Tolerances: float32 inputs -- relative 1e-5 (float32 accumulation, float32 delta).  16-bit inputs --
 the forward accumulates in float32 from the same operands (1e-5 again); the gradients round delta to the
 input dtype before the products and dx once more at the end, like PyTorch's own backward of F.linear, so
-their error must stay within 3x that of "round delta, multiply exactly, round dx" (3x: the interpreter
-truncates float32 -> bfloat16 where a GPU rounds to nearest).
+their error must stay within 1.5x that of "round delta, multiply exactly, round dx" -- with the rounding
+the platform does: nearest-even on a GPU, truncation for bfloat16 in Triton's interpreter (measured: the
+kernels' error equals that floor to three digits).
 """
 
 import os
@@ -29,9 +30,10 @@ pytest.importorskip("triton")
 from softxent import loss as ref_loss  # noqa: E402
 from softxent.torch import _triton_kernels as K  # noqa: E402
 
-if torch.cuda.is_available():
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if torch.cuda.is_available() and not INTERPRETED:
     DEVICE = torch.device("cuda")
-elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+elif INTERPRETED:
     DEVICE = torch.device("cpu")
 else:  # pragma: no cover
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -107,13 +109,22 @@ def rel(a, ref):
     return np.linalg.norm(a - ref) / (n if n > 0 else 1.0)
 
 
+def round_to(a, dtype):
+    """float64 -> dtype -> float64 as the kernels' stores round: to nearest even on a GPU, but the
+    interpreter truncates float32 -> bfloat16 (it drops the low 16 bits)."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return np.asarray(a, np.float32).astype(np.float64) if dtype == torch.float32 else a
+    if dtype == torch.bfloat16 and INTERPRETED:
+        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+        return bits.view(np.float32).astype(np.float64)
+    return torch.from_numpy(np.asarray(a, np.float64)).to(dtype).double().numpy()
+
+
 def rounding_floor(delta, other, dtype, out_dtype):
-    """Relative error of ``round(round(delta) @ other)`` (RTNE, float64 product): what rounding delta to
-    the input dtype costs any implementation that feeds it to 16-bit tensor cores."""
-    exact = delta @ other
-    d = torch.from_numpy(delta).to(dtype).double().numpy()
-    prod = torch.from_numpy(d @ other).to(out_dtype).double().numpy()
-    return rel(prod, exact)
+    """Relative error of ``round(round(delta) @ other)`` (float64 product): what rounding delta to the
+    input dtype, and the result to its output dtype, costs any implementation that feeds delta to 16-bit
+    tensor cores (PyTorch's backward of F.linear included)."""
+    return rel(round_to(round_to(delta, dtype) @ other, out_dtype), delta @ other)
 
 
 def check_forward(got, ref, need_ws):
@@ -140,7 +151,7 @@ def check_backward(got, ref, x, W, need):
             tol = 1e-5
         else:
             floor = rounding_floor(ref["delta"] if name == "dx" else ref["delta"].T, other, dtype, out_dtype)
-            tol = 3 * floor + 1e-6
+            tol = 1.5 * floor + 1e-6
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
     if need["db"]:
         assert db is not None and db.dtype == torch.float32
@@ -411,19 +422,27 @@ def test_skip_threshold_drops_exactly_the_small_tiles(dtype, chunk, mm):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N,D,V", [(8192, 4096, 128256), (16384, 2304, 256000), (4096, 4096, 32000),
                                    (100, 64, 50257)])
-def test_plan_backward_fits_the_budget(N, D, V):
+@pytest.mark.parametrize("dw_in_float32", [True, False])
+def test_plan_backward_fits_the_budget(N, D, V, dw_in_float32):
     budget = K.DEFAULT_WORKSPACE_BYTES
-    p = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, workspace_bytes=budget)
-    assert 0 < p.workspace_bytes <= budget
+    p = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, workspace_bytes=budget,
+                        dw_in_float32=dw_in_float32)
     assert 1 <= p.rows <= N and 1 <= p.cols <= V
-    acc = p.rows * D * 4 if p.cols < V else 0
-    assert p.rows * p.cols * 2 + acc + -(-p.rows // 128) * p.cols * 4 == p.workspace_bytes
     assert p.cols == V or p.cols % 128 == 0
-    # a budget holding everything gives one chunk; a frozen weight needs no dW super-blocks
+    lo = p.rows * D * 2 if p.cols < V else 0
+    dw_acc = V * D * 4 if (p.rows < N and not dw_in_float32) else 0
+    assert p.rows * p.cols * 2 + -(-p.rows // 128) * p.cols * 4 + lo + dw_acc == p.workspace_bytes
+    assert 0 < p.workspace_bytes <= budget
+    if not dw_in_float32:  # no room for a float32 dW: one row super-block, dW written once
+        assert p.rows == N
+    # a budget holding everything gives one chunk
     big = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, workspace_bytes=2 * N * V * 3)
     assert (big.rows, big.cols) == (N, V)
-    only_dx = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=False, workspace_bytes=budget)
-    assert only_dx.workspace_bytes <= budget
+
+
+def test_plan_backward_relaxes_an_impossible_budget():
+    p = K.plan_backward(4096, 32000, 4096, 2, need_dx=True, need_dw=True, workspace_bytes=1000)
+    assert p.workspace_bytes > 1000 and p.cols >= 128
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -294,6 +294,15 @@ _BLOCK_BYTES = 1 << 19
 _FEW_CLASSES = 32
 
 
+# Where sum_k exp(z_ik) lies in [lo, hi] the unshifted exponentials are used as they are: no term
+# overflows, terms that underflow are below lo * eps of the sum, and the gradient's factor a_i / sum
+# keeps a normal exponent for any a_i >= lo.
+_UNSHIFTED_RANGE = {
+    t: (float(np.sqrt(np.finfo(t).tiny)), float(1 / np.sqrt(np.finfo(t).tiny)))
+    for t in (np.float32, np.float64)
+}
+
+
 def _row_max(z: np.ndarray) -> np.ndarray:
     """``max_k z_ik`` of an ``(R, K)`` block, shape ``(R,)``; NaN propagates as in ``np.max``."""
     if z.shape[1] > _FEW_CLASSES:
@@ -372,7 +381,8 @@ class _Forward:
     tanh_c: np.ndarray | None  # (R, K) softcap: tanh(z / c)
 
 
-def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray) -> _Forward:
+def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray,
+             z_copy: np.ndarray | None = None) -> _Forward:
     """Per-row losses of the block ``rows`` and what its gradient needs; writes ``exp(z - m)`` into ``e``.
 
     Write the (smoothed, weighted) target of row i as per-class weights ``B_i``: for class-index targets
@@ -386,6 +396,12 @@ def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray) -> _Fo
     one-hot targets and no options this is the seed's ``delta = h(z) - y``.  For index targets ``B`` is
     never materialised.  ``omega_i`` is ``s_i w_{y_i}`` for index targets (0 when ignored) and ``s_i``
     for probability targets, which is how PyTorch normalises ``'mean'``.
+
+    ``lse_i`` comes from ``sum_k exp(z_ik)`` unshifted where that sum lies safely inside the dtype's range
+    (``exp(z)`` is as accurate as ``exp(z - m)``, and skipping the row maximum and the subtraction saves
+    two of five passes); the other rows (large or very negative logits, -inf / NaN rows) are redone with
+    the usual shift by the row maximum ``m_i``.  ``z_copy`` is scratch space for the block's logits, given
+    when ``e`` is the logits themselves (``out=logits``), so that those rows can still be redone.
     """
     z = pb.z[rows]
     dt = z.dtype
@@ -396,8 +412,9 @@ def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray) -> _Fo
         tanh_c = np.divide(z, c)
         np.tanh(tanh_c, out=tanh_c)
         z = tanh_c * c
-    m = _row_max(z)
-    m = np.where(np.isfinite(m), m, 0).astype(dt, copy=False)  # as in _shift
+    elif z_copy is not None:
+        z = z_copy[:R]
+        z[...] = pb.z[rows]
     # Everything that reads the logits comes before ``e`` (which may be the logits) is written.
     B = None
     if co.index is not None:
@@ -418,12 +435,24 @@ def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray) -> _Fo
         if bad.any():
             lin[bad] = _safe_mul(B[bad], z[bad]).sum(axis=-1)
 
-    np.subtract(z, m[:, None], out=e)
-    np.exp(e, out=e)
+    with np.errstate(over="ignore"):      # overflowing rows are redone below
+        np.exp(z, out=e)
     ssum = _row_sum(e, co.ones)
+    lo, hi = _UNSHIFTED_RANGE[dt.type]
+    redo = np.flatnonzero(~((ssum >= lo) & (ssum <= hi)))    # NaN sums too
+    if z.shape[1] == 1:     # one class: shifted, h = 1 and loss = lse - z = 0 come out exactly
+        redo = np.arange(R)
     with np.errstate(divide="ignore"):  # all -inf row: log 0 = -inf
         lse = np.log(ssum)
-    lse += m
+    if redo.size:
+        zr = z[redo]
+        m = _row_max(zr)
+        m = np.where(np.isfinite(m), m, 0).astype(dt, copy=False)  # as in _shift
+        er = np.exp(zr - m[:, None])
+        e[redo] = er
+        ssum[redo] = _row_sum(er, co.ones)
+        with np.errstate(divide="ignore"):
+            lse[redo] = np.log(ssum[redo]) + m
 
     row_loss = _safe_mul(b_sum, lse) - lin
     a = b_sum
@@ -443,7 +472,14 @@ def _backward(co: _Coefficients, fw: _Forward, rows: slice, row_scale: np.ndarra
     # A row that carries no loss (ignored, zero weight) gets an exact 0, even where its softmax is 0/0.
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(ar == 0, 0, ar / fw.ssum).astype(dt, copy=False)
+    # Where a_i r_i / sum_i would be subnormal (tiny grad_output or weights over a large unshifted sum),
+    # normalise first (e / sum <= 1) and scale after, so that the gradient keeps its precision.
+    small = np.flatnonzero((np.abs(factor) < np.finfo(dt).tiny) & (factor != 0))
+    if small.size:
+        g_small = g[small] / fw.ssum[small, None] * ar[small, None]
     g *= factor[:, None]
+    if small.size:
+        g[small] = g_small
     if fw.B is not None:
         fw.B *= row_scale[:, None]
         g -= fw.B
@@ -464,11 +500,12 @@ def _row_blocks(M: int, K: int, itemsize: int):
     return rows, [slice(i, min(i + rows, M)) for i in range(0, M, rows)]
 
 
-def _unalias(pb: _Problem, g: np.ndarray) -> None:
+def _unalias(pb: _Problem, g: np.ndarray) -> bool:
     """Copy the inputs that overlap the gradient buffer ``g``, except logits that *are* ``g``.
 
     Block by block, the logits of a block are read before its gradient is written over them, so
-    ``out=logits`` needs no copy; any other overlap would let one block overwrite inputs of the next.
+    ``out=logits`` needs no full copy (True is returned: :func:`_forward` then keeps one block's copy);
+    any other overlap would let one block overwrite inputs of the next.
     """
     same = (pb.z.__array_interface__["data"][0] == g.__array_interface__["data"][0]
             and pb.z.strides == g.strides)
@@ -478,6 +515,7 @@ def _unalias(pb: _Problem, g: np.ndarray) -> None:
         v = getattr(pb, name)
         if v is not None and np.may_share_memory(v, g):
             setattr(pb, name, v.copy())
+    return same
 
 
 def _cross_entropy(pb: _Problem, reduction: str, *, with_grad: bool, grad_output=1.0,
@@ -494,6 +532,7 @@ def _cross_entropy(pb: _Problem, reduction: str, *, with_grad: bool, grad_output
     co = _coefficients(pb)
     denom = float(np.sum(co.omega, dtype=np.float64)) if reduction == "mean" else 1.0
     g = row_scale = None
+    logits_are_out = False
     if with_grad:
         go = np.asarray(grad_output, dtype=dt)
         if reduction == "none":
@@ -515,13 +554,14 @@ def _cross_entropy(pb: _Problem, reduction: str, *, with_grad: bool, grad_output
             g = np.empty((M, K), dt)
         else:
             g = out.reshape(M, K)
-            _unalias(pb, g)
+            logits_are_out = _unalias(pb, g)
     block_rows, blocks = _row_blocks(M, K, dt.itemsize)
     scratch = None if with_grad else np.empty((min(block_rows, M), K), dt)
+    z_copy = np.empty((min(block_rows, M), K), dt) if logits_are_out else None
     row_loss = np.empty(M, dt)
     for rows in blocks:
         e = g[rows] if with_grad else scratch[: rows.stop - rows.start]
-        fw = _forward(pb, co, rows, e)
+        fw = _forward(pb, co, rows, e, z_copy)
         row_loss[rows] = fw.row_loss
         if with_grad:
             _backward(co, fw, rows, row_scale[rows], e)

@@ -174,6 +174,18 @@ class LinearSoftmaxObjective:
             hv[:k] += l2 * v[:k]
         return hv
 
+    def lipschitz_bound(self) -> float:
+        """A bound on the Lipschitz constant of a single row's gradient, for first step sizes.
+
+        The softmax Hessian has eigenvalues <= 1/2, so ``L <= 1/2 max_i (||x_i||^2 + 1) + alpha``.
+        """
+        X = self.X
+        if sp.issparse(X):
+            sq = np.asarray(X.multiply(X).sum(axis=1)).ravel()
+        else:
+            sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+        return 0.5 * (float(np.max(sq, initial=0.0)) + 1.0) + self.alpha
+
     def l1_penalty(self, w) -> float:
         """``alpha rho ||Theta||_1`` (the intercept is not penalised)."""
         if not (self.alpha and self.l1_ratio):

@@ -137,14 +137,8 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
 
 # ---------------------------------------------------------------------------------------------- gd
 def _lipschitz_guess(obj) -> float:
-    """A cheap upper-bound-ish guess of the gradient's Lipschitz constant, for the first step.
-
-    The softmax Hessian has eigenvalues <= 1/2, so ``L <= 1/2 max_i (||x_i||^2 + 1) + alpha``.
-    """
-    X = obj.X
-    sq = np.asarray(X.multiply(X).sum(axis=1)).ravel() if hasattr(X, "multiply") else np.einsum(
-        "ij,ij->i", X, X, dtype=np.float64)
-    return 0.5 * (float(np.max(sq, initial=0.0)) + 1.0) + obj.alpha
+    """The objective's bound on its gradient's Lipschitz constant, used for the first step."""
+    return obj.lipschitz_bound()
 
 
 def _gd(obj, w0, *, max_iter, tol, monitor, learning_rate=None, **_):

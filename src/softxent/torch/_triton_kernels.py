@@ -48,9 +48,12 @@ the rows in super-blocks of ``R`` and the vocabulary in chunks of ``C`` so that 
 No atomics anywhere: results are bitwise reproducible run to run.  Extra traffic over the four GEMMs is
 the delta chunk (written once, read twice) plus float32 read-modify-writes of ``dx`` across vocabulary
 chunks and of ``dW`` across row super-blocks; :func:`plan_backward` picks ``(R, C)`` to minimise it for
-the budget.  Peak extra memory = ``R C e + [C < V] R D 4 + ceil(R / BLOCK_M) C 4`` bytes (e = element
-size) plus, as the interface requires, ``dW`` in float32 (``V D 4`` bytes; pass ``dw_dtype=W.dtype``
-to have it written once in the weight's dtype when ``R = N``).
+the budget.  Across vocabulary chunks a 16-bit ``dx`` accumulates as the pair ``dx + dx_lo`` (both
+16-bit: ~16 more bits than dx alone, half the memory of a float32 accumulator; float32 dx accumulates in
+place).  Peak extra memory = ``R C e + ceil(R / BLOCK_M) C 4 + [C < V] R D e`` bytes (e = element size;
+see :func:`plan_backward`) plus, as the interface requires by default, ``dW`` in float32 (``V D 4``
+bytes); ``dw_dtype=W.dtype`` makes the planner keep ``R = N`` so that dW is written once in the
+weight's dtype with no float32 copy.
 
 Cost, honestly: the exact backward needs the complete ``lse`` before any ``delta``, so it recomputes the
 logits -- four ``2 N D V`` GEMMs in all against the three of a materialising implementation.  An exact
@@ -369,14 +372,19 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, flag_ptr,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr,
                    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_fm, stride_fk,
-                   ACCUMULATE: tl.constexpr, HAS_FLAGS: tl.constexpr, FLAG_M: tl.constexpr,
-                   FLAG_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   ACCUMULATE: tl.constexpr, SPLIT_LO: tl.constexpr, HAS_FLAGS: tl.constexpr,
+                   FLAG_M: tl.constexpr, FLAG_K: tl.constexpr, EVEN_K: tl.constexpr,
                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """``C (+)= scale * A @ B`` with float32 accumulation, any strides.  With HAS_FLAGS, A is made of
+    """``C (+)= scale * A @ B`` with float32 accumulation, any strides.
+
+    With SPLIT_LO the running sum is the pair ``C + LO`` (both in C's 16-bit dtype, same strides):
+    ``s = scale A @ B (+ C + LO)``, ``C = round(s)``, ``LO = round(s - C)`` -- about 16 bits more than C
+    alone, so a sum over many calls is rounded once in effect, at half the memory of a float32
+    accumulator.  With HAS_FLAGS, A is made of
     FLAG_M x FLAG_K tiles kept or not by ``flag[i * stride_fm + k * stride_fk]``: the rows of unkept tiles
     read as zero (they hold stale data), K-blocks with no kept tile are skipped, and an accumulated
     output tile that got no kept block is left alone."""
@@ -418,15 +426,21 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, flag_ptr,
     acc = acc * tl.load(scale_ptr)
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_LO:
+        lo_ptrs = lo_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    write = True
     if ACCUMULATE:
-        write = True
         if HAS_FLAGS:
             write = n_active > 0
         if write:
             acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+            if SPLIT_LO:
+                acc += tl.load(lo_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    if write:
+        hi = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptrs, hi, mask=c_mask)
+        if SPLIT_LO:
+            tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=c_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,17 +583,24 @@ _LAUNCH_BYTES = 32 * 2**20  # ~10 us of launch + tail per chunk, expressed as HB
 
 
 def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need_dw: bool,
-                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, block_m: int = 128,
-                  block_v: int = 128) -> BackwardPlan:
+                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, dw_in_float32: bool = True,
+                  block_m: int = 128, block_v: int = 128) -> BackwardPlan:
     """Choose the row super-block ``R`` and vocabulary chunk ``C`` of the backward.
 
-    Workspace = ``R C e`` (delta) ``+ [C < V] R D 4`` (float32 dx accumulator) ``+ ceil(R/BLOCK_M) C 4``
-    (db partials).  Extra HBM traffic, minimised over the plans that fit ``workspace_bytes``::
+    Workspace (bytes, e = element size of x)::
 
-        (ceil(V/C) - 1) N D 8 [need_dx]  +  (ceil(N/R) - 1) V D 8 [need_dw]  +  launches
+        R C e                                  delta chunk (when dx or dW is needed)
+      + ceil(R / block_m) C 4                  db partials
+      + [C < V, need_dx, e < 4] R D e          low half of the dx accumulator (16-bit x; the high half
+                                               is dx itself, a float32 dx accumulates in place)
+      + [R < N, need_dw, not dw_in_float32] V D 4   float32 dW accumulator before the cast
+
+    Extra HBM traffic, minimised over the plans that fit::
+
+        (ceil(V/C) - 1) N D 4e [need_dx]  +  (ceil(N/R) - 1) V D 8 [need_dw]  +  launches
 
     R runs over ``N`` and ``block_m * 2^k``; C is the largest multiple of ``block_v`` that fits, then
-    balanced over the chunks.  When nothing fits, the smallest plan (one tile each way) is returned.
+    balanced over the chunks.  When no plan fits, the budget is doubled until one does.
     """
     need_delta = need_dx or need_dw
     e = elem_size if need_delta else 0
@@ -588,31 +609,32 @@ def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need
     while r < N:
         cands.add(r)
         r *= 2
-    best, best_cost = None, None
-    for R in sorted(cands):
-        n_rb = triton.cdiv(R, block_m)
-        per_col = R * e + n_rb * 4
-        if per_col * V <= workspace_bytes:
-            C, acc = V, 0
-        else:
-            acc = R * D * 4 if need_dx else 0
-            C = (workspace_bytes - acc) // per_col // block_v * block_v
-            if C < block_v:
-                continue
-            n_chunks = triton.cdiv(V, C)
-            C = min(V, triton.cdiv(triton.cdiv(V, n_chunks), block_v) * block_v)
-        n_v, n_r = triton.cdiv(V, C), triton.cdiv(N, R)
-        cost = n_v * n_r * 3 * _LAUNCH_BYTES
-        if need_dx:
-            cost += (n_v - 1) * N * D * 8
-        if need_dw:
-            cost += (n_r - 1) * V * D * 8
-        if best_cost is None or cost < best_cost:
-            best, best_cost = BackwardPlan(R, C, per_col * C + (acc if C < V else 0)), cost
-    if best is None:
-        R, C = min(N, block_m), min(V, block_v)
-        best = BackwardPlan(R, C, R * C * e + C * 4 + (R * D * 4 if need_dx and C < V else 0))
-    return best
+    budget = max(int(workspace_bytes), 1)
+    while True:
+        best, best_cost = None, None
+        for R in sorted(cands):
+            per_col = R * e + triton.cdiv(R, block_m) * 4
+            fixed = V * D * 4 if (R < N and need_dw and not dw_in_float32) else 0
+            if fixed + per_col * V <= budget:
+                C, lo = V, 0
+            else:
+                lo = R * D * elem_size if (need_dx and elem_size < 4) else 0
+                C = (budget - fixed - lo) // per_col // block_v * block_v
+                if C < block_v:
+                    continue
+                C = min(V, triton.cdiv(triton.cdiv(V, triton.cdiv(V, C)), block_v) * block_v)
+                lo = lo if C < V else 0
+            n_v, n_r = triton.cdiv(V, C), triton.cdiv(N, R)
+            cost = n_v * n_r * 3 * _LAUNCH_BYTES
+            if need_dx:
+                cost += (n_v - 1) * N * D * 4 * elem_size
+            if need_dw:
+                cost += (n_r - 1) * V * D * 8
+            if best_cost is None or cost < best_cost:
+                best, best_cost = BackwardPlan(R, C, fixed + per_col * C + lo), cost
+        if best is not None:
+            return best
+        budget *= 2
 
 
 def _delta_scale(alpha, beta, gamma, class_weight) -> torch.Tensor:
@@ -695,7 +717,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
     else:
         plan = plan_backward(N, V, D, x.element_size(), need_dx=need_dx, need_dw=need_dw,
                              workspace_bytes=workspace_bytes or DEFAULT_WORKSPACE_BYTES,
-                             block_m=BM, block_v=BV)
+                             dw_in_float32=dw_dtype == torch.float32, block_m=BM, block_v=BV)
         R, C = plan.rows, plan.cols
     n_rchunks, n_vchunks = triton.cdiv(N, R), triton.cdiv(V, C)
     n_rb, n_vb = triton.cdiv(R, BM), triton.cdiv(C, BV)
@@ -705,7 +727,8 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
     if need_dw:
         dw = torch.empty((V, D), dtype=dw_dtype if dw_direct else torch.float32, device=dev)
     delta = torch.empty((R, C), dtype=x.dtype, device=dev) if need_delta else None
-    dx_acc = torch.empty((R, D), dtype=torch.float32, device=dev) if (need_dx and n_vchunks > 1) else None
+    split_dx = need_dx and n_vchunks > 1 and x.dtype != torch.float32
+    dx_lo = torch.empty((R, D), dtype=x.dtype, device=dev) if split_dx else None
     dbpart = torch.empty((n_rb, C), dtype=torch.float32, device=dev) if need_db else None
     has_skip = skip_threshold is not None
     flags = torch.empty((n_rb, n_vb), dtype=torch.int8, device=dev) if has_skip else None
@@ -714,12 +737,13 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
     dot_f32, precision = _dot_options(x.dtype)
     softcap_f = float(softcap) if softcap is not None else 1.0
 
-    def matmul(a, stride_a, b, stride_b, c, stride_c, M, Nn, K, accumulate, flag_strides, flag_m, flag_k):
+    def matmul(a, stride_a, b, stride_b, c, lo, stride_c, M, Nn, K, accumulate, flag_strides, flag_m,
+               flag_k):
         grid = (triton.cdiv(M, mcfg.block_m) * triton.cdiv(Nn, mcfg.block_n),)
         _matmul_kernel[grid](
-            a, b, c, scale, flags, M, Nn, K, stride_a[0], stride_a[1], stride_b[0], stride_b[1],
+            a, b, c, lo, scale, flags, M, Nn, K, stride_a[0], stride_a[1], stride_b[0], stride_b[1],
             stride_c[0], stride_c[1], flag_strides[0], flag_strides[1],
-            ACCUMULATE=accumulate, HAS_FLAGS=has_skip, FLAG_M=flag_m, FLAG_K=flag_k,
+            ACCUMULATE=accumulate, SPLIT_LO=lo is not None, HAS_FLAGS=has_skip, FLAG_M=flag_m, FLAG_K=flag_k,
             EVEN_K=K % mcfg.block_k == 0, DOT_F32=dot_f32,
             PRECISION=precision, BLOCK_M=mcfg.block_m, BLOCK_N=mcfg.block_n, BLOCK_K=mcfg.block_k,
             GROUP_M=mcfg.group_m, num_warps=mcfg.num_warps, num_stages=mcfg.num_stages)
@@ -745,19 +769,14 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
             if need_db:
                 db[v0:v0 + nc] += dbpart[:nrb, :nc].sum(dim=0)
             if need_dx:
-                # dx[rows] (+)= delta @ W[chunk]: M = rows, K = vocabulary (flags [row tile, vocab tile])
-                if dx_acc is None:
-                    out, accumulate = dx[r0:r0 + nr], False
-                else:
-                    out, accumulate = dx_acc, ci > 0
-                matmul(delta, (C, 1), weight[v0:v0 + nc], (D, 1), out, (D, 1), nr, D, nc, accumulate,
-                       (n_vb, 1), BM, BV)
+                # dx[rows] (+)= delta @ W[chunk]: M = rows, K = vocabulary (flags [row tile, vocab tile]);
+                # across vocabulary chunks a 16-bit dx accumulates as the pair dx + dx_lo
+                matmul(delta, (C, 1), weight[v0:v0 + nc], (D, 1), dx[r0:r0 + nr], dx_lo, (D, 1), nr, D, nc,
+                       ci > 0, (n_vb, 1), BM, BV)
             if need_dw:
                 # dW[chunk] (+)= delta^T @ x[rows]: M = vocabulary, K = rows (flags [row tile, vocab tile])
-                matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw[v0:v0 + nc], (D, 1), nc, D, nr, r0 > 0,
+                matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw[v0:v0 + nc], None, (D, 1), nc, D, nr, r0 > 0,
                        (1, n_vb), BV, BM)
-        if dx_acc is not None:
-            dx[r0:r0 + nr].copy_(dx_acc[:nr])
     if need_dw and not dw_direct:
         dw = dw.to(dw_dtype)
     if stats is not None:
