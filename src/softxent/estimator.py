@@ -14,6 +14,7 @@ with ``S = sum_i s_i`` (``n_samples`` without sample weights).  For elastic net,
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 
@@ -39,6 +40,22 @@ from .solvers import (
 )
 
 __all__ = ["SoftmaxRegression"]
+
+# Below this many multiply-adds per matrix product, BLAS threads cost more than they save: OpenBLAS's
+# threads spin-wait, and on a busy 2-core machine a digits-sized fit ran 10x slower with 2 threads.
+_SINGLE_THREAD_FLOPS = 2e7
+
+
+def _blas_threads(X, n_classes):
+    """Limit BLAS to one thread for small products (threadpoolctl, when installed)."""
+    if X.shape[0] * X.shape[1] * n_classes >= _SINGLE_THREAD_FLOPS:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
 
 _CONVERGENCE_ADVICE = (
     "Try: scaling the features (e.g. sklearn.preprocessing.StandardScaler), increasing max_iter, "
@@ -214,7 +231,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         if len(classes) < 2:
             raise ValueError(
                 "This solver needs samples of at least 2 classes in the data, but the data contains "
-                f"only one class: {classes[0]!r}")
+                f"only one class: {classes[0].item() if hasattr(classes[0], 'item') else classes[0]!r}")
         if self.warm_start and hasattr(self, "classes_") and not np.array_equal(self.classes_, classes):
             raise ValueError(f"warm_start needs the same classes as the previous fit {self.classes_.tolist()}; "
                              f"got {classes.tolist()}")
@@ -230,13 +247,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         monitor = self._monitor(obj, self.max_iter, X.dtype)
         self.interrupted_ = False
         try:
-            if solver in FULL_BATCH_SOLVERS:
-                lr = None if self.learning_rate == "auto" else self.learning_rate
-                res = run_solver(solver, obj, w0, max_iter=self.max_iter, tol=self.tol, monitor=monitor,
-                                 learning_rate=lr)
-                w, n_iter, converged = res.w, res.n_iter, res.converged
-            else:
-                w, n_iter, converged = self._fit_minibatch(obj, w0, solver, monitor, X, y_idx, sw)
+            with _blas_threads(X, len(classes)):
+                w, n_iter, converged = self._run(obj, w0, solver, monitor, X, y_idx, sw)
         except KeyboardInterrupt:
             self.interrupted_ = True
             w = monitor.last_w if monitor.last_w is not None else w0
@@ -249,6 +261,14 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 f"{'epochs' if solver in MINIBATCH_SOLVERS else 'iterations'} (tol={self.tol}). "
                 + _CONVERGENCE_ADVICE, ConvergenceWarning, stacklevel=2)
         return self
+
+    def _run(self, obj, w0, solver, monitor, X, y_idx, sw):
+        if solver in FULL_BATCH_SOLVERS:
+            lr = None if self.learning_rate == "auto" else self.learning_rate
+            res = run_solver(solver, obj, w0, max_iter=self.max_iter, tol=self.tol, monitor=monitor,
+                             learning_rate=lr)
+            return res.w, res.n_iter, res.converged
+        return self._fit_minibatch(obj, w0, solver, monitor, X, y_idx, sw)
 
     def _finish(self, obj, w, n_iter, monitor, dtype):
         self._store(obj, w, dtype)

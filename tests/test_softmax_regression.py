@@ -1,0 +1,323 @@
+"""SoftmaxRegression and LinearSoftmaxObjective: the optimum, the derivatives, the options, bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+pytest.importorskip("sklearn")
+from sklearn.datasets import load_digits, make_classification  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from softxent import SoftmaxRegression, gradcheck  # noqa: E402
+from softxent.loss import cross_entropy  # noqa: E402
+from softxent.objective import LinearSoftmaxObjective  # noqa: E402
+
+FULL_BATCH = ["lbfgs", "newton-cg", "gd", "proximal"]
+
+
+# ----------------------------------------------------------------------------------------- data
+def _digits():
+    X, y = load_digits(return_X_y=True)
+    return X / 16.0, y, 1e-2
+
+
+def _generated():
+    X, y = make_classification(n_samples=600, n_features=20, n_informative=12, n_classes=10,
+                               n_clusters_per_class=1, random_state=0)
+    return X, y, 1e-3
+
+
+DATASETS = {"digits": _digits, "generated": _generated}
+
+
+def _objective_of(X, y, classes, coef, intercept, alpha, l1_ratio=0.0, sample_weight=None):
+    obj = LinearSoftmaxObjective(X, np.searchsorted(classes, y), len(classes), sample_weight,
+                                 alpha=alpha, l1_ratio=l1_ratio)
+    return obj.objective(obj.pack(coef, intercept))
+
+
+_SKLEARN_CACHE = {}
+
+
+def _sklearn_optimum(name):
+    """scikit-learn's LogisticRegression(lbfgs, tol=1e-10) at C = 1 / (alpha N): the reference optimum."""
+    if name not in _SKLEARN_CACHE:
+        X, y, alpha = DATASETS[name]()
+        with threadpool_limits(1), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            sk = LogisticRegression(C=1.0 / (alpha * len(y)), tol=1e-10, max_iter=20000).fit(X, y)
+        _SKLEARN_CACHE[name] = _objective_of(X, y, sk.classes_, sk.coef_, sk.intercept_, alpha)
+    return _SKLEARN_CACHE[name]
+
+
+# ------------------------------------------------------------------------------- same optimum
+@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("solver", FULL_BATCH)
+def test_full_batch_solvers_reach_sklearn_optimum(name, solver):
+    X, y, alpha = DATASETS[name]()
+    ref = _sklearn_optimum(name)
+    m = SoftmaxRegression(alpha=alpha, solver=solver, tol=1e-9, max_iter=20000).fit(X, y)
+    assert m.objective_ == pytest.approx(_objective_of(X, y, m.classes_, m.coef_, m.intercept_, alpha))
+    # within 1e-6 relative of scikit-learn's optimum, and never meaningfully above it
+    assert abs(m.objective_ - ref) <= 1e-6 * ref, (m.objective_, ref)
+
+
+@pytest.mark.parametrize("solver,kwargs,rel", [
+    ("sgd", dict(batch_size=64, max_iter=400), 1e-2),
+    ("adam", dict(batch_size=64, max_iter=400, learning_rate=1e-2), 5e-2),
+])
+def test_minibatch_solvers_approach_the_optimum(solver, kwargs, rel):
+    """Stochastic solvers with a fixed budget approach the optimum but cannot hit it to 1e-6: their
+    steps carry sampling noise (sgd's decays as 1/sqrt(epoch)); they are for streaming data."""
+    X, y, alpha = _digits()
+    ref = _sklearn_optimum("digits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m = SoftmaxRegression(alpha=alpha, solver=solver, tol=1e-7, random_state=0, **kwargs).fit(X, y)
+    assert m.objective_ >= ref * (1 - 1e-9)
+    assert m.objective_ <= ref * (1 + rel), (m.objective_, ref)
+    assert m.score(X, y) > 0.9
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "newton-cg", "proximal"])
+def test_csr_equals_dense(solver):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 40)) * (rng.random((300, 40)) < 0.2)
+    y = rng.integers(0, 4, 300)
+    kw = dict(alpha=1e-2, solver=solver, tol=1e-10, max_iter=5000)
+    if solver == "proximal":
+        kw["l1_ratio"] = 0.5
+    dense = SoftmaxRegression(**kw).fit(X, y)
+    sparse = SoftmaxRegression(**kw).fit(sp.csr_matrix(X), y)
+    np.testing.assert_allclose(sparse.coef_, dense.coef_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sparse.predict_proba(sp.csr_matrix(X)), dense.predict_proba(X), atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "newton-cg"])
+def test_float32_close_to_float64(solver):
+    X, y, alpha = _generated()
+    m64 = SoftmaxRegression(alpha=alpha, solver=solver, tol=1e-8).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # float32 may stop at its rounding floor
+        m32 = SoftmaxRegression(alpha=alpha, solver=solver, tol=1e-5).fit(X.astype(np.float32), y)
+    assert m32.coef_.dtype == np.float32 and m32.intercept_.dtype == np.float32
+    assert m32.predict_proba(X.astype(np.float32)).dtype == np.float32
+    f32 = _objective_of(X, y, m32.classes_, m32.coef_, m32.intercept_, alpha)
+    assert abs(f32 - m64.objective_) <= 1e-5 * m64.objective_
+    np.testing.assert_allclose(m32.predict_proba(X.astype(np.float32)), m64.predict_proba(X), atol=2e-3)
+
+
+# --------------------------------------------------------------------------- the objective
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_objective_gradient_and_hessp_match_finite_differences(sparse, fit_intercept):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((40, 7)) * (rng.random((40, 7)) < (0.5 if sparse else 1.0))
+    X = sp.csr_matrix(X) if sparse else X
+    y = rng.integers(0, 5, 40)
+    s = rng.random(40) * 2
+    obj = LinearSoftmaxObjective(X, y, 5, s, alpha=0.3, l1_ratio=0.25, fit_intercept=fit_intercept)
+    w = rng.standard_normal(obj.n_coef)
+    assert gradcheck(obj.loss_gradient, w) < 1e-8
+    v = rng.standard_normal(obj.n_coef)
+    assert gradcheck(lambda u: float(obj.loss_gradient(u)[1] @ v), w, lambda u: obj.hessp(u, v)) < 1e-7
+    # the data term is the weighted mean of softxent.loss's cross-entropy, the penalty as documented
+    theta, b = obj.unpack(w)
+    z = np.asarray(X @ theta.T) + (0 if b is None else b)
+    expected = (cross_entropy(z, y, sample_weight=s, reduction="sum") / s.sum()
+                + 0.3 * (0.75 / 2 * np.sum(theta**2) + 0.25 * np.abs(theta).sum()))
+    assert obj.objective(w) == pytest.approx(expected, rel=1e-12)
+
+
+def test_objective_block_sums_add_up():
+    """The unnormalised block sums of two halves add up to the whole (what the Dask back-end relies on)."""
+    rng = np.random.default_rng(2)
+    X, y, s = rng.standard_normal((50, 6)), rng.integers(0, 3, 50), rng.random(50)
+    whole = LinearSoftmaxObjective(X, y, 3, s, alpha=0.1)
+    w, v = rng.standard_normal(whole.n_coef), rng.standard_normal(whole.n_coef)
+    halves = [LinearSoftmaxObjective(X[sl], y[sl], 3, s[sl], alpha=0.1)
+              for sl in (slice(0, 17), slice(17, 50))]
+    loss = sum(h.data_sums(w)[0] for h in halves)
+    grad = sum(h.data_sums(w)[1] for h in halves)
+    f, g = whole.finish(loss, grad, w, weight_sum=s.sum())
+    f_ref, g_ref = whole.loss_gradient(w)
+    assert f == pytest.approx(f_ref, rel=1e-13)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14)
+    hv = sum(h.data_hessp_sum(w, v) for h in halves) / s.sum()
+    np.testing.assert_allclose(hv + 0.1 * np.r_[v[:18], np.zeros(3)], whole.hessp(w, v), rtol=1e-11)
+
+
+def test_hessp_cache_follows_the_point():
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((30, 4)), rng.integers(0, 3, 30)
+    obj = LinearSoftmaxObjective(X, y, 3, alpha=0.1)
+    w1, w2, v = (rng.standard_normal(obj.n_coef) for _ in range(3))
+    h1 = obj.hessp(w1, v)
+    h2 = obj.hessp(w2, v)
+    fresh = LinearSoftmaxObjective(X, y, 3, alpha=0.1)
+    np.testing.assert_allclose(h2, fresh.hessp(w2, v), rtol=1e-12)
+    assert not np.allclose(h1, h2)
+
+
+# ------------------------------------------------------------------------------ the options
+def test_l1_gives_exact_zeros_and_beats_sklearn_saga():
+    X, y, _ = _generated()
+    alpha, l1_ratio = 2e-2, 1.0
+    m = SoftmaxRegression(alpha=alpha, l1_ratio=l1_ratio, tol=1e-9, max_iter=20000).fit(X, y)
+    assert m.solver_ == "proximal"
+    assert np.sum(m.coef_ == 0) > 0.2 * m.coef_.size
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sk = LogisticRegression(C=1 / (alpha * len(y)), l1_ratio=l1_ratio, solver="saga", tol=1e-8,
+                                max_iter=3000).fit(X, y)
+    f_sk = _objective_of(X, y, sk.classes_, sk.coef_, sk.intercept_, alpha, l1_ratio)
+    assert m.objective_ <= f_sk * (1 + 1e-6)
+
+
+def test_string_labels_and_binary_keeps_two_columns():
+    X, y = make_classification(n_samples=200, n_features=5, random_state=0)
+    labels = np.array(["cat", "dog"])[y]
+    m = SoftmaxRegression(alpha=1e-2).fit(X, labels)
+    assert m.coef_.shape == (2, 5) and m.intercept_.shape == (2,)
+    assert set(m.predict(X)) <= {"cat", "dog"}
+    proba = m.predict_proba(X)
+    assert proba.shape == (200, 2)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    d = m.decision_function(X)
+    assert d.shape == (200,)
+    np.testing.assert_allclose(d, np.log(proba[:, 1]) - np.log(proba[:, 0]), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(m.predict_log_proba(X), np.log(proba), rtol=1e-9, atol=1e-12)
+
+
+def test_class_weight_equals_sample_weight():
+    X, y, alpha = _generated()
+    cw = {c: 1.0 + c for c in range(10)}
+    a = SoftmaxRegression(alpha=alpha, class_weight=cw, tol=1e-10).fit(X, y)
+    b = SoftmaxRegression(alpha=alpha, tol=1e-10).fit(X, y, sample_weight=1.0 + y)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-6, atol=1e-8)
+    bal = SoftmaxRegression(alpha=alpha, class_weight="balanced", tol=1e-8).fit(X, y)
+    assert bal.score(X, y) > 0.5
+
+
+def test_sample_weight_integer_equals_repeating_rows():
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((60, 5)), rng.integers(0, 3, 60)
+    sw = rng.integers(0, 4, 60)
+    a = SoftmaxRegression(alpha=1e-2, solver="newton-cg", tol=1e-10).fit(X, y, sample_weight=sw)
+    b = SoftmaxRegression(alpha=1e-2, solver="newton-cg", tol=1e-10).fit(X.repeat(sw, 0), y.repeat(sw))
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-8, atol=1e-10)
+
+
+def test_callback_sees_every_iteration_and_can_stop():
+    X, y, alpha = _digits()
+    seen = []
+    m = SoftmaxRegression(alpha=alpha, callback=lambda info: seen.append(info) or False).fit(X, y)
+    assert len(seen) == m.n_iter_ == len(m.loss_curve_)
+    assert [i.iteration for i in seen] == list(range(1, len(seen) + 1))
+    assert all(np.isfinite(i.grad_norm) and i.elapsed >= 0 for i in seen)
+    assert np.all(np.diff(m.loss_curve_) <= 1e-12)  # L-BFGS with a line search only goes down
+    assert seen[-1].coef.shape == (10, 64) and seen[-1].intercept.shape == (10,)
+    stopped = SoftmaxRegression(alpha=alpha, callback=lambda info: info.iteration >= 3).fit(X, y)
+    assert stopped.n_iter_ == 3
+
+
+def test_keyboard_interrupt_keeps_last_iterate():
+    X, y, alpha = _digits()
+    kept = {}
+
+    def interrupt(info):
+        if info.iteration == 5:
+            kept["coef"] = info.coef.copy()
+            raise KeyboardInterrupt
+
+    m = SoftmaxRegression(alpha=alpha, callback=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        m.fit(X, y)
+    assert m.interrupted_ and m.n_iter_ == 5
+    np.testing.assert_allclose(m.coef_, kept["coef"])
+    assert m.predict(X).shape == y.shape  # usable
+    # and resuming from it with warm_start reaches the optimum
+    m.set_params(callback=None, warm_start=True, tol=1e-9)
+    m.fit(X, y)
+    assert not m.interrupted_
+    assert abs(m.objective_ - _sklearn_optimum("digits")) <= 1e-6 * m.objective_
+
+
+def test_warm_start_from_the_optimum_stops_at_once():
+    X, y, alpha = _digits()
+    m = SoftmaxRegression(alpha=alpha, solver="newton-cg", tol=1e-8).fit(X, y)
+    m.set_params(warm_start=True)
+    m.fit(X, y)
+    assert m.n_iter_ <= 1
+
+
+def test_partial_fit_streams_and_checks_labels():
+    X, y, alpha = _digits()
+    m = SoftmaxRegression(alpha=alpha, solver="adam", learning_rate=1e-2, random_state=0)
+    with pytest.raises(ValueError, match="classes must be passed"):
+        m.partial_fit(X[:100], y[:100])
+    losses = []
+    for epoch in range(5):
+        for start in range(0, len(y), 400):
+            m.partial_fit(X[start:start + 400], y[start:start + 400], classes=np.arange(10))
+        losses.append(m.objective_)
+    assert m.score(X, y) > 0.85
+    with pytest.raises(ValueError, match=r"labels \[42\]"):
+        m.partial_fit(X[:3], np.array([0, 1, 42]))
+
+
+def test_convergence_warning_says_what_to_try():
+    X, y, _ = _digits()
+    with pytest.warns(ConvergenceWarning, match=r"scaling the features.*max_iter.*newton-cg"):
+        SoftmaxRegression(alpha=1e-6, max_iter=3).fit(X * 16, y)
+
+
+def test_unscaled_separable_data_gives_finite_probabilities():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((100, 3)) * 1e3
+    y = (X[:, 0] > 0).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m = SoftmaxRegression(alpha=0.0, solver="newton-cg", max_iter=50).fit(X, y)
+    assert np.all(np.isfinite(m.predict_proba(X)))
+    assert m.score(X, y) == 1.0
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_bad_input_gets_sklearn_errors():
+    X, y, _ = _generated()
+    with pytest.raises(ValueError, match="only one class: 3"):
+        SoftmaxRegression().fit(X, np.full(len(y), 3))
+    Xn = X.copy()
+    Xn[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        SoftmaxRegression().fit(Xn, y)
+    Xi = X.copy()
+    Xi[0, 0] = np.inf
+    with pytest.raises(ValueError, match="infinity"):
+        SoftmaxRegression().fit(Xi, y)
+    with pytest.raises(NotFittedError):
+        SoftmaxRegression().predict(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m = SoftmaxRegression(max_iter=20).fit(X, y)
+    with pytest.raises(ValueError, match="20 features"):
+        m.predict(X[:, :5])
+    with pytest.raises(ValueError, match=r"sample_weight.shape == \(5,\), expected \(600,\)"):
+        SoftmaxRegression().fit(X, y, sample_weight=np.ones(5))
+    with pytest.raises(ValueError, match="[Nn]egative"):
+        SoftmaxRegression().fit(X, y, sample_weight=-np.ones(len(y)))
+    with pytest.raises(ValueError, match="at least one non-zero"):
+        SoftmaxRegression().fit(X, y, sample_weight=np.zeros(len(y)))
+    with pytest.raises(ValueError, match="Unknown label type"):
+        SoftmaxRegression().fit(X, np.linspace(0, 1, len(y)))
+    with pytest.raises(ValueError, match=r"solver='lbfgs' handles only the L2 penalty"):
+        SoftmaxRegression(solver="lbfgs", l1_ratio=0.5).fit(X, y)
+    with pytest.raises(ValueError, match="'alpha' parameter"):
+        SoftmaxRegression(alpha=-1).fit(X, y)
+    with pytest.raises(ValueError, match="'solver' parameter"):
+        SoftmaxRegression(solver="bfgs").fit(X, y)
