@@ -436,8 +436,6 @@ class Preprocessing:
         if impute not in (None, "mean"):
             raise DataError(f"unknown --impute {impute!r}; expected 'mean'")
         if _is_frame(features):
-            import pandas as pd
-
             cols = list(features.columns)
             if not cols:
                 raise DataError("the data has no feature columns besides the target")
@@ -456,7 +454,6 @@ class Preprocessing:
                 names.extend([f"{c}={v}" for v in cats[c]] if c in cats else [c])
             pre = cls(input_columns=cols, feature_names=names, categorical=cats, impute=impute,
                       standardize=standardize, table=True)
-            del pd
         else:
             names = list(raw.feature_names) if raw is not None else [f"x{j}" for j in range(features.shape[1])]
             pre = cls(input_columns=names, feature_names=names, impute=impute, standardize=standardize,
