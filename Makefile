@@ -27,7 +27,7 @@ $(VENV)/.all: pyproject.toml
 venv: $(VENV)/.all
 
 demo: $(VENV)/.core
-	$(VENV)/bin/softxent gradcheck
+	$(VENV)/bin/softxent train
 
 test: $(VENV)/.all
 	$(PY) -m pytest -q
