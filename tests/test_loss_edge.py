@@ -111,6 +111,37 @@ def test_huge_float32_logits_stay_finite():
         assert np.isfinite(loss) and np.all(np.isfinite(grad)), opts
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_of_any_offset_match_scipy(dtype):
+    """Rows whose logits sit anywhere in the dtype's range (some past exp's range, some far below 0)
+    match SciPy's logsumexp / softmax computed in float64 on the same values."""
+    special = pytest.importorskip("scipy.special")
+    offsets = np.array([-3e4, -2000, -800, -100, -60, -45, -20, 0, 20, 45, 60, 100, 800, 2000, 3e4])
+    z = (rng_logits((len(offsets), 7), seed=11) + offsets[:, None]).astype(dtype)
+    y = np.random.default_rng(11).integers(0, 7, len(offsets))
+    z64 = z.astype(np.float64)
+    loss, grad = cross_entropy_with_grad(z, y, reduction="none")
+    ref_loss = special.logsumexp(z64, axis=1) - z64[np.arange(len(y)), y]
+    ref_grad = special.softmax(z64, axis=1) - np.eye(7)[y]
+    eps = np.finfo(dtype).eps
+    assert np.all(np.abs(loss - ref_loss) <= 4 * eps * (np.abs(z64).max(axis=1) + 3))
+    assert np.all(np.abs(grad - ref_grad) <= 4 * eps)
+    # and in one call with class weights and smoothing (different rows mixed in one block)
+    loss_s = cross_entropy(z, y, label_smoothing=0.1, reduction="none")
+    lp = special.log_softmax(z64, axis=1)
+    ref_s = -(0.9 * lp[np.arange(len(y)), y] + 0.1 / 7 * lp.sum(axis=1))
+    assert np.all(np.abs(loss_s - ref_s) <= 4 * eps * (np.abs(z64).max(axis=1) + 3))
+
+
+def test_tiny_upstream_gradient_keeps_float32_precision():
+    """grad_output = 1e-30 with logits near 20: a_i r_i / sum_k exp(z_ik) would be subnormal in float32."""
+    z = rng_logits((4, 5), seed=12, dtype=np.float32) + np.float32(20)
+    y = np.array([0, 1, 2, 3])
+    g64 = cross_entropy_with_grad(z.astype(np.float64), y, reduction="sum", grad_output=1e-30)[1]
+    g32 = cross_entropy_with_grad(z, y, reduction="sum", grad_output=1e-30)[1]
+    assert np.max(np.abs(g32 - g64)) <= 4 * np.finfo(np.float32).eps * np.max(np.abs(g64))
+
+
 def test_large_float64_logits():
     z = np.array([[1e4, 0.0, -1e4], [-1e300, 1e300, 0.0]])
     loss, grad = cross_entropy_with_grad(z, np.array([0, 1]), reduction="none")

@@ -286,11 +286,12 @@ def _safe_mul(coef, x):
 
 
 # The cross-entropy runs over blocks of about this many bytes of logits (whole rows), so that its passes
-# over a block (max, subtract, exp, sum, scale) stay in the L2 cache: each logit is read from memory
-# once and each gradient entry written once, and ``cross_entropy`` needs no (N, K) buffer at all.
-_BLOCK_BYTES = 1 << 19
+# over a block (exp, row sum, scale, and the target's gather / scatter) stay in the L2 cache: each logit
+# is read from memory once and each gradient entry written once, and ``cross_entropy`` needs no (N, K)
+# buffer at all.  (Measured on a 1 MiB-L2 core: 256 KiB blocks cost ~30% more, 2 MiB ones 2x.)
+_BLOCK_BYTES = 1 << 20
 # Up to this many classes, NumPy's reductions along the short class axis pay a call per row; a loop over
-# the K columns (each an operation on all rows) is several times faster.
+# the K columns (each an operation on all rows) is several times faster.  (Used for the row maximum.)
 _FEW_CLASSES = 32
 
 
@@ -311,6 +312,14 @@ def _row_max(z: np.ndarray) -> np.ndarray:
     for j in range(1, z.shape[1]):
         np.maximum(m, z[:, j], out=m)
     return m
+
+
+def _take_rowwise(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``x[i, index[i]]`` for each row of an ``(R, K)`` block (flat indices: ~2x faster than x[arange, index])."""
+    R, K = x.shape
+    if x.flags.c_contiguous:
+        return x.reshape(-1).take(np.arange(0, R * K, K) + index)
+    return x[np.arange(R), index]
 
 
 def _row_sum(x: np.ndarray, ones: np.ndarray) -> np.ndarray:
@@ -372,7 +381,8 @@ def _class_weighted_row_sum(z: np.ndarray, co: _Coefficients) -> np.ndarray:
 
 @dataclass
 class _Forward:
-    """One block of ``R`` rows after the forward pass; ``exp(z - m)`` is in the caller's buffer ``e``."""
+    """One block of ``R`` rows after the forward pass; ``e_ik = exp(z_ik - m_i)`` is in the caller's buffer
+    (``m_i`` = 0, or the row maximum on the rows that need a shift; see :func:`_forward`)."""
 
     row_loss: np.ndarray       # (R,)   loss_i
     a: np.ndarray              # (R,)   coefficient of h(z_i) in dloss_i/dz_i
@@ -384,6 +394,8 @@ class _Forward:
 def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray,
              z_copy: np.ndarray | None = None) -> _Forward:
     """Per-row losses of the block ``rows`` and what its gradient needs; writes ``exp(z - m)`` into ``e``.
+
+    ``rows`` selects rows of the flattened ``(M, K)`` problem; ``e`` is an ``(R, K)`` buffer.
 
     Write the (smoothed, weighted) target of row i as per-class weights ``B_i``: for class-index targets
     ``B_ik = s_i ((1 - eps) w_k [k = y_i] + eps/K w_k)`` (0 for an ignored row), for probability targets
@@ -418,7 +430,7 @@ def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray,
     # Everything that reads the logits comes before ``e`` (which may be the logits) is written.
     B = None
     if co.index is not None:
-        lin = _safe_mul(co.coef_y[rows], z[np.arange(R), co.index[rows]])   # sum_k B_ik z_ik, one-hot
+        lin = _safe_mul(co.coef_y[rows], _take_rowwise(z, co.index[rows]))  # sum_k B_ik z_ik, one-hot
         if co.coef_u is not None:
             lin += _safe_mul(co.coef_u[rows], _class_weighted_row_sum(z, co))
         b_sum = co.b_sum[rows]
@@ -484,7 +496,9 @@ def _backward(co: _Coefficients, fw: _Forward, rows: slice, row_scale: np.ndarra
         fw.B *= row_scale[:, None]
         g -= fw.B
     else:
-        g[np.arange(R), co.index[rows]] -= co.coef_y[rows] * row_scale
+        at = np.arange(0, R * g.shape[1], g.shape[1]) + co.index[rows]   # g[i, y_i] in the flat block
+        g_flat = g.reshape(-1)
+        g_flat[at] -= co.coef_y[rows] * row_scale
         if co.coef_u is not None:
             u = co.coef_u[rows] * row_scale
             g -= u[:, None] if co.class_weight is None else np.multiply.outer(u, co.class_weight)
@@ -495,7 +509,8 @@ def _backward(co: _Coefficients, fw: _Forward, rows: slice, row_scale: np.ndarra
         g *= dcap
 
 
-def _row_blocks(M: int, K: int, itemsize: int):
+def _row_blocks(M: int, K: int, itemsize: int) -> tuple[int, list[slice]]:
+    """Rows per block and the blocks' row slices covering ``range(M)``."""
     rows = max(1, _BLOCK_BYTES // (K * itemsize))
     return rows, [slice(i, min(i + rows, M)) for i in range(0, M, rows)]
 
