@@ -185,6 +185,8 @@ def main(argv=None):
                                "extra / naive"], title=title)
     print(f"chunked vs naive (relative max error): {agreement}")
     row = {r["contender"]: r for r in rows}["chunked"]
+    if a.quick:
+        print("(--quick: tiny sizes that only check the script runs; the targets are for the full size)")
     print(f"targets: time <= 1.2 x naive: {row['time / naive']:.2f} "
           f"({'met' if row['time / naive'] <= 1.2 else 'NOT met'}); extra <= naive / 8: "
           f"{row['extra / naive']:.3f} ({'met' if row['extra / naive'] <= 1 / 8 else 'NOT met'})")

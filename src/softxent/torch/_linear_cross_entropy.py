@@ -17,7 +17,10 @@ Implementations (``impl``):
 * ``'triton'`` -- the Triton kernels of softxent.torch._triton_kernels: forward = blockwise products
   with an online log-sum-exp and the target logit, no ``N x V`` buffer; backward recomputes the logit
   blocks and forms delta in float32.  CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
-  ``skip_threshold`` opts into the kernels' block skip (approximate; exact by default).
+  ``skip_threshold`` opts into the kernels' block skip (approximate; exact by default).  ``dW`` is
+  asked for in the weight's dtype: the kernels then write it once (rounded once) when one row
+  super-block covers N, and otherwise accumulate it in float32 and cast once -- never a per-chunk
+  rounding, and no ``V x D`` float32 buffer when it can be avoided.
 * ``'torch'`` -- the plain materialising path (``F.linear`` in the input dtype, then
   softxent.torch.cross_entropy): the reference the others are checked against, and a baseline.
 * ``'auto'`` -- ``'triton'`` for CUDA tensors when Triton and the kernels import, ``'chunked'`` otherwise.
@@ -26,7 +29,13 @@ Shapes and dtypes: ``x`` ``(..., D)`` and ``target`` ``(...)`` (integer class in
 ``(V, D)`` and ``bias`` ``(V,)`` in ``x``'s dtype (float16, bfloat16, float32 or float64; under
 ``torch.autocast`` all three are cast to the autocast dtype first, as ``F.linear`` would).  The math runs
 in float32 (float64 for float64 inputs); the loss is float32 (float64); gradients come back in the
-inputs' dtypes; only the inputs that require a gradient get one.
+inputs' dtypes; only the inputs that require a gradient get one.  ``lse`` (``return_lse``) is detached.
+
+Validation: shapes, dtypes, devices and options are checked up front; the values (class indices in
+``[0, V)``, non-negative weights and normalizer) in one device-to-host read per call in eager mode (a
+synchronisation on CUDA), skipped while torch.compile traces and during CUDA-graph capture.  No other
+host synchronisation (but one per backward with ``skip_threshold``): the 'mean' denominator and the
+zero-weight case are handled on the device.
 """
 
 from __future__ import annotations

@@ -146,12 +146,11 @@ def causal_lm_loss_function(logits, labels, vocab_size: int, num_items_in_batch=
         raise ValueError(f"logits must have vocab_size = {vocab_size} classes on the last axis; got shape "
                          f"{tuple(logits.shape)}")
     if shift_labels is None:
-        z = logits[..., :-1, :]
-        target = labels[..., 1:]
-    else:
-        z, target = logits, shift_labels
-    target = target.to(logits.device)
+        # Shift the labels, not the logits (slicing the logits would copy them): the last position
+        # gets ignore_index, as in transformers.
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    target = shift_labels.to(logits.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss, _ = _cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction,
+    loss, _ = _cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
                              normalizer=num_items_in_batch)
     return loss
