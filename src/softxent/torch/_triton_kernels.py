@@ -372,6 +372,22 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
 
 
 @triton.jit
+def _mm_step(acc, a_ptrs, b_ptrs, a_mask, n_mask, kk, K, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """``acc + A[:, kk] @ B[kk, :]`` for one K-block (rows of A outside ``a_mask`` read as zero)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=a_mask[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=a_mask[:, None] & (kk < K)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(kk < K)[:, None] & n_mask[None, :], other=0.0)
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr,
                    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_fm, stride_fk,
@@ -395,34 +411,29 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr,
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
-    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
-    b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
+    # 64-bit base pointers advanced by BLOCK_K each step (no int32 overflow, and the plain loop below is
+    # what Triton's software pipeliner recognises)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * stride_bn + rk[:, None] * stride_bk
+    step_a = BLOCK_K * stride_ak
+    step_b = BLOCK_K * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_active = pid_m * 0
-    a_mask = m_mask
     if HAS_FLAGS:
         f_rows = flag_ptr + (rm // FLAG_M) * stride_fm  # each row's flag-tile row
-    for k0 in range(0, K, BLOCK_K):
-        active = True
-        if HAS_FLAGS:
+        for k0 in range(0, K, BLOCK_K):
             kept = tl.load(f_rows + (k0 // FLAG_K) * stride_fk, mask=m_mask, other=0) != 0
             active = tl.max(kept.to(tl.int32), axis=0) > 0
             n_active += active.to(tl.int32)
-            a_mask = kept
-        if active:
-            kk = (k0 + rk).to(tl.int64)
-            if EVEN_K:
-                a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask[:, None], other=0.0)
-                b = tl.load(b_cols + kk[:, None] * stride_bk, mask=n_mask[None, :], other=0.0)
-            else:
-                a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask[:, None] & (kk < K)[None, :],
-                            other=0.0)
-                b = tl.load(b_cols + kk[:, None] * stride_bk, mask=(kk < K)[:, None] & n_mask[None, :],
-                            other=0.0)
-            if DOT_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if active:
+                acc = _mm_step(acc, a_ptrs, b_ptrs, kept, n_mask, k0 + rk, K, EVEN_K, DOT_F32, PRECISION)
+            a_ptrs += step_a
+            b_ptrs += step_b
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _mm_step(acc, a_ptrs, b_ptrs, m_mask, n_mask, k0 + rk, K, EVEN_K, DOT_F32, PRECISION)
+            a_ptrs += step_a
+            b_ptrs += step_b
     acc = acc * tl.load(scale_ptr)
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
