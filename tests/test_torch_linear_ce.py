@@ -399,7 +399,7 @@ def test_autocast_casts_like_linear():
 # --------------------------------------------------------------------------------------------------
 # gradient accumulation, gradcheck, module
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_ALL)
 def test_gradient_accumulation_with_normalizer_equals_full_batch(impl):
     rng = np.random.default_rng(13)
     B, T, D, V = 4, 9, 6, 23
@@ -502,6 +502,35 @@ def test_triton_frozen_weight_shift_and_lse(reduction):
     tol = TOL32 if DEV == "cpu" else 1e-2   # TF32 products on a GPU
     assert rel_err(loss.cpu(), truth[0]) <= tol and rel_err(xg.grad.cpu(), truth[1]) <= tol
     assert rel_err(lse.cpu(), truth[4].reshape(2, 4)) <= tol
+
+
+@needs_triton
+def test_triton_asks_only_for_the_gradients_needed(monkeypatch):
+    """(Triton's interpreter copies every argument, so allocations are not observable there: check the
+    flags the kernels receive instead.)"""
+    from softxent.torch import _triton_kernels as kernels
+
+    calls = []
+    real = kernels.lce_backward
+
+    def spy(*args, **kwargs):
+        calls.append({k: kwargs[k] for k in ("need_dx", "need_dw", "need_db")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lce_backward", spy)
+    rng = np.random.default_rng(23)
+    x, w, b, y = draw(rng, 8, 16, 20)
+    x, w, b, y = x.to(DEV), w.to(DEV), b.to(DEV), y.to(DEV)
+    for rx, rw, rb in ((True, False, False), (False, True, False), (False, False, True)):
+        xg, wg, bg = (x.clone().requires_grad_(rx), w.clone().requires_grad_(rw),
+                      b.clone().requires_grad_(rb))
+        linear_cross_entropy(xg, wg, y, bg, impl="triton").backward()
+        assert calls[-1] == {"need_dx": rx, "need_dw": rw, "need_db": rb}
+        assert (xg.grad is not None, wg.grad is not None, bg.grad is not None) == (rx, rw, rb)
+    n_calls = len(calls)
+    with torch.no_grad():
+        linear_cross_entropy(x.clone().requires_grad_(), w, y, impl="triton")
+    assert len(calls) == n_calls
 
 
 @needs_triton
