@@ -21,7 +21,7 @@ $(VENV)/.all: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[all,triton]'
+	$(PIP) install -e '.[all]'
 	touch $@ $(VENV)/.core
 
 venv: $(VENV)/.all
