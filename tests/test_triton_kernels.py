@@ -440,6 +440,22 @@ def test_plan_backward_fits_the_budget(N, D, V, dw_in_float32):
     assert (big.rows, big.cols) == (N, V)
 
 
+@pytest.mark.parametrize("N,D,V", [(8192, 4096, 128256), (16384, 2304, 256000), (4096, 4096, 32000),
+                                   (64, 48, 300)])
+def test_plan_backward_automatic_workspace(N, D, V):
+    """No budget given: the smallest workspace >= 96 MiB whose extra traffic is <= 2e-3 N D V bytes."""
+    for dw_in_float32 in (True, False):
+        auto = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, dw_in_float32=dw_in_float32)
+        assert auto.traffic_bytes <= 2e-3 * N * D * V or (auto.rows, auto.cols) == (N, V)
+        assert auto.workspace_bytes <= K.MAX_AUTO_WORKSPACE_BYTES
+        strict = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, dw_in_float32=dw_in_float32,
+                                 workspace_bytes=K.DEFAULT_WORKSPACE_BYTES)
+        assert strict.workspace_bytes <= K.DEFAULT_WORKSPACE_BYTES
+        assert auto.traffic_bytes <= strict.traffic_bytes
+        if strict.traffic_bytes <= 2e-3 * N * D * V:  # the first step already meets the rule
+            assert auto == strict
+
+
 def test_plan_backward_relaxes_an_impossible_budget():
     p = K.plan_backward(4096, 32000, 4096, 2, need_dx=True, need_dw=True, workspace_bytes=1000)
     assert p.workspace_bytes > 1000 and p.cols >= 128

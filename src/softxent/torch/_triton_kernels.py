@@ -35,7 +35,8 @@ atomics into both dx and dW -- ``2 N V D / BLOCK`` atomic adds (about 270 GB of 
 8192 x 4096 x 128256), affordable only when most tiles are skipped, and non-deterministic -- or (b)
 recomputing the logits once per D block (``D / BLOCK_D`` times the forward's work).  We instead take
 the rows in super-blocks of ``R`` and the vocabulary in chunks of ``C`` so that the chunk's delta
-(``R x C`` in the input dtype) fits a workspace of ``workspace_bytes`` (default 96 MiB):
+(``R x C`` in the input dtype) fits a workspace of ``workspace_bytes`` (default: automatic, see
+:func:`plan_backward`):
 
 1. ``_lce_delta_kernel`` -- one program per ``BLOCK_M x BLOCK_V`` tile: recompute ``z``, form delta in
    float32, store it (scaled by a power of two, see below) in the input dtype, store the tile's column
@@ -106,7 +107,9 @@ __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
 ]
 
-DEFAULT_WORKSPACE_BYTES = 96 * 2**20
+DEFAULT_WORKSPACE_BYTES = 96 * 2**20  # where the automatic workspace starts (~0.1 GiB)
+MAX_AUTO_WORKSPACE_BYTES = 2**30  # where it stops
+AUTO_TRAFFIC_PER_NDV = 2e-3  # automatic: extra bytes <= this * N D V (~5% of the four GEMMs' time)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -583,18 +586,20 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BackwardPlan:
-    """Rows per super-block ``rows``, vocabulary columns per chunk ``cols``, and the workspace bytes."""
+    """Rows per super-block ``rows``, vocabulary columns per chunk ``cols``, the workspace bytes and the
+    extra HBM traffic (read-modify-writes of the accumulators, bytes) of that plan."""
 
     rows: int
     cols: int
     workspace_bytes: int
+    traffic_bytes: int = 0
 
 
 _LAUNCH_BYTES = 32 * 2**20  # ~10 us of launch + tail per chunk, expressed as HBM traffic (~3 TB/s)
 
 
 def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need_dw: bool,
-                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, dw_in_float32: bool = True,
+                  workspace_bytes: int | None = None, dw_in_float32: bool = True,
                   block_m: int = 128, block_v: int = 128) -> BackwardPlan:
     """Choose the row super-block ``R`` and vocabulary chunk ``C`` of the backward.
 
@@ -608,11 +613,32 @@ def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need
 
     Extra HBM traffic, minimised over the plans that fit::
 
-        (ceil(V/C) - 1) N D 4e [need_dx]  +  (ceil(N/R) - 1) V D 8 [need_dw]  +  launches
+        (ceil(V/C) - 1) N D 4e [need_dx]  +  (ceil(N/R) - 1) V D 8 [need_dw]   (+ launches, ~32 MB each)
 
     R runs over ``N`` and ``block_m * 2^k``; C is the largest multiple of ``block_v`` that fits, then
-    balanced over the chunks.  When no plan fits, the budget is doubled until one does.
+    balanced over the chunks.  When no plan fits an explicit ``workspace_bytes``, it is doubled until
+    one does.  ``workspace_bytes=None`` (automatic): the smallest budget from 96 MiB up (steps of
+    sqrt 2, at most 1 GiB) whose traffic is at most ``2e-3 N D V`` bytes -- about 5% of the time of the
+    four ``2 N D V`` GEMMs at 200 flop per byte of bandwidth (H100: ~750 TFLOP/s bf16, ~3 TB/s) --
+    or holds everything at once.  At (8192, 4096, 128256) and (16384, 2304, 256000) in bf16 with
+    dW written in bf16 this gives about 0.13 and 0.25 GiB; a strict 96 MiB costs ~2x and ~6x the
+    traffic budget there (the dx accumulator is re-read once per vocabulary chunk).
     """
+    if workspace_bytes is not None:
+        return _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, int(workspace_bytes), dw_in_float32,
+                                block_m, block_v)
+    budget = float(DEFAULT_WORKSPACE_BYTES)
+    while True:
+        plan = _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, int(budget), dw_in_float32, block_m,
+                                block_v)
+        if (plan.traffic_bytes <= AUTO_TRAFFIC_PER_NDV * N * D * V or (plan.rows, plan.cols) == (N, V)
+                or budget >= MAX_AUTO_WORKSPACE_BYTES):
+            return plan
+        budget = min(budget * math.sqrt(2.0), MAX_AUTO_WORKSPACE_BYTES)
+
+
+def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_in_float32, block_m,
+                     block_v) -> BackwardPlan:
     need_delta = need_dx or need_dw
     e = elem_size if need_delta else 0
     cands = {N}
@@ -636,13 +662,14 @@ def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need
                 C = min(V, triton.cdiv(triton.cdiv(V, triton.cdiv(V, C)), block_v) * block_v)
                 lo = lo if C < V else 0
             n_v, n_r = triton.cdiv(V, C), triton.cdiv(N, R)
-            cost = n_v * n_r * 3 * _LAUNCH_BYTES
+            traffic = 0
             if need_dx:
-                cost += (n_v - 1) * N * D * 4 * elem_size
+                traffic += (n_v - 1) * N * D * 4 * elem_size
             if need_dw:
-                cost += (n_r - 1) * V * D * 8
+                traffic += (n_r - 1) * V * D * 8
+            cost = traffic + n_v * n_r * 3 * _LAUNCH_BYTES
             if best_cost is None or cost < best_cost:
-                best, best_cost = BackwardPlan(R, C, fixed + per_col * C + lo), cost
+                best, best_cost = BackwardPlan(R, C, fixed + per_col * C + lo, traffic), cost
         if best is not None:
             return best
         budget *= 2
@@ -679,8 +706,8 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
             ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with ``beta != 0``
             and whose rows all have ``gamma = 0`` is treated as zero in dx, dW and db.  For CCE's rule
             "every probability below eps" pass ``t = eps * max_i |alpha_i|``.
-        workspace_bytes: budget of the backward's scratch memory (default 96 MiB); see
-            :func:`plan_backward`.
+        workspace_bytes: budget of the backward's scratch memory, or None (default) for the automatic
+            choice of :func:`plan_backward` (>= 96 MiB, <= 1 GiB, extra traffic ~5% of the GEMMs').
         dw_dtype: float32 (default) or the weight's dtype: with one row super-block (``R = N``) the
             latter is written directly, rounded once; otherwise it is accumulated in float32 then cast.
         chunk_shape: force ``(R, C)`` (tests, tuning).
@@ -724,10 +751,10 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
         if not (isinstance(R, int) and isinstance(C, int) and R >= 1 and C >= 1):
             raise ValueError(f"chunk_shape must be two ints >= 1 (rows, columns); got {chunk_shape!r}")
         R, C = min(R, N), min(C, V)
-        plan = BackwardPlan(R, C, -1)
+        plan = BackwardPlan(R, C, -1, -1)
     else:
         plan = plan_backward(N, V, D, x.element_size(), need_dx=need_dx, need_dw=need_dw,
-                             workspace_bytes=workspace_bytes or DEFAULT_WORKSPACE_BYTES,
+                             workspace_bytes=workspace_bytes,
                              dw_in_float32=dw_dtype == torch.float32, block_m=BM, block_v=BV)
         R, C = plan.rows, plan.cols
     n_rchunks, n_vchunks = triton.cdiv(N, R), triton.cdiv(V, C)
@@ -791,7 +818,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
     if need_dw and not dw_direct:
         dw = dw.to(dw_dtype)
     if stats is not None:
-        stats["plan"] = BackwardPlan(R, C, plan.workspace_bytes)
+        stats["plan"] = BackwardPlan(R, C, plan.workspace_bytes, plan.traffic_bytes)
         stats["tiles"] = sum(triton.cdiv(min(R, N - r0), BM) for r0 in range(0, N, R)) * sum(
             triton.cdiv(min(C, V - v0), BV) for v0 in range(0, V, C))
         stats["tiles_kept"] = int(kept) if kept is not None else stats["tiles"]
