@@ -383,9 +383,10 @@ def test_skip_threshold_drops_exactly_the_small_tiles(dtype, chunk, mm):
     threshold = SKIP_EPS / N  # = eps * max alpha: CCE's rule on the probabilities
     configs = {"delta": SMALL, "matmul": mm or SMALL}  # 16 x 16 tiles, also on a GPU
     stats = {}
-    dx, dw, _ = K.lce_backward(x, W, None, y, lse, alpha, alpha, gamma, ignore_index=IGNORE, softcap=None,
-                               class_weight=None, need_dx=True, need_dw=True, need_db=False,
-                               skip_threshold=threshold, chunk_shape=chunk, configs=configs, stats=stats)
+    zero_bias = torch.zeros(V, dtype=dtype, device=DEVICE)  # only to get db (the column sums of delta)
+    dx, dw, db = K.lce_backward(x, W, zero_bias, y, lse, alpha, alpha, gamma, ignore_index=IGNORE,
+                                softcap=None, class_weight=None, need_dx=True, need_dw=True, need_db=True,
+                                skip_threshold=threshold, chunk_shape=chunk, configs=configs, stats=stats)
     p_term = (1.0 / N) * ref_loss.softmax(f64(x) @ f64(W).T)
     onehot = np.zeros((N, V), bool)
     onehot[np.arange(N), y.cpu().numpy()] = True
@@ -402,8 +403,9 @@ def test_skip_threshold_drops_exactly_the_small_tiles(dtype, chunk, mm):
     assert n_keep <= 0.8 * stats["tiles"], (n_keep, stats["tiles"])
     assert keep_el[5].all()
     kept_delta = np.where(keep_el, ref["delta"], 0.0)
-    sub_ref = dict(ref, delta=kept_delta, dx=kept_delta @ f64(W), dw=kept_delta.T @ f64(x))
-    check_backward((dx, dw, None), sub_ref, x, W, dict(dx=True, dw=True, db=False))
+    sub_ref = dict(ref, delta=kept_delta, dx=kept_delta @ f64(W), dw=kept_delta.T @ f64(x),
+                   db=kept_delta.sum(axis=0))
+    check_backward((dx, dw, db), sub_ref, x, W, dict(dx=True, dw=True, db=True))
     # error against the exact gradient: bounded by the dropped deltas (each < threshold)
     dropped = np.abs(np.where(keep_el, 0.0, ref["delta"]))
     assert dropped.max() < threshold
