@@ -240,8 +240,23 @@ try:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     LIGER.update(api="liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss()(W, x, y)",
                  version=_version("liger-kernel"))
-except Exception as e:
-    LIGER["error"] = f"{type(e).__name__}: {e}"
+except Exception as e:  # e.g. a broken optional import inside liger_kernel.transformers: use its Function
+    LIGER["module_error"] = f"{type(e).__name__}: {e}"
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
+            """liger-kernel 0.8.5's module.forward with its defaults (mean, ignore_index -100)."""
+
+            def forward(self, lin_weight, _input, target):
+                return LigerFusedLinearCrossEntropyFunction.apply(
+                    _input, lin_weight, target, None, None, -100, 0.0, 0.0, "mean", None, False, None, False,
+                    False, False, None, None)[0]
+
+        LIGER.update(api="liger_kernel.ops LigerFusedLinearCrossEntropyFunction.apply (module import failed)",
+                     version=_version("liger-kernel"))
+    except Exception as e2:
+        LIGER["error"] = f"{type(e2).__name__}: {e2}"
 meta["liger"] = LIGER
 CCE = {}
 try:
