@@ -328,7 +328,10 @@ def _row_sum(x: np.ndarray, ones: np.ndarray) -> np.ndarray:
     Several times faster than ``x.sum(axis=1)`` at every K; the accumulation is in the block's dtype
     with BLAS's many partial sums (in float32 a relative error of a few ``eps`` for positive terms).
     """
-    return x @ ones
+    # OpenBLAS's short-row kernels raise the invalid flag on rows holding inf (padding lanes), though
+    # the sums come out right (inf); NaN from inf - inf still propagates into the result.
+    with np.errstate(invalid="ignore"):
+        return x @ ones
 
 
 @dataclass
@@ -449,7 +452,7 @@ def _forward(pb: _Problem, co: _Coefficients, rows: slice, e: np.ndarray,
 
     with np.errstate(over="ignore"):      # overflowing rows are redone below
         np.exp(z, out=e)
-    ssum = _row_sum(e, co.ones)
+        ssum = _row_sum(e, co.ones)
     lo, hi = _UNSHIFTED_RANGE[dt.type]
     redo = np.flatnonzero(~((ssum >= lo) & (ssum <= hi)))    # NaN sums too
     if z.shape[1] == 1:     # one class: shifted, h = 1 and loss = lse - z = 0 come out exactly
