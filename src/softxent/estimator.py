@@ -63,6 +63,11 @@ _CONVERGENCE_ADVICE = (
 )
 
 
+def _is_dask(X) -> bool:
+    """A dask collection (array, DataFrame), recognised without importing dask (the core does not need it)."""
+    return type(X).__module__.split(".", 1)[0] == "dask"
+
+
 def _seed_sequence(random_state, epoch: int):
     """A NumPy seed from scikit-learn's ``random_state`` (None, int or RandomState) and an epoch count."""
     if random_state is None:
@@ -224,7 +229,14 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
 
     # ---------------------------------------------------------------------------------- fit
     def fit(self, X, y, sample_weight=None):
-        """Fit on ``X`` ``(N, D)`` (dense or CSR), labels ``y`` ``(N,)``, optional ``sample_weight``."""
+        """Fit on ``X`` ``(N, D)`` (dense or CSR), labels ``y`` ``(N,)``, optional ``sample_weight``.
+
+        A dask array ``X`` (with dask ``y``) is fitted on the current ``dask.distributed`` cluster by
+        :func:`softxent.dask.fit_dask`."""
+        if _is_dask(X):
+            from .dask import fit_dask
+
+            return fit_dask(self, X, y, sample_weight)
         self._validate_params()
         X, y, sw = self._validate_fit_data(X, y, sample_weight, reset=True)
         classes, y_idx = np.unique(y, return_inverse=True)
@@ -294,7 +306,13 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         return w, n, converged
 
     def partial_fit(self, X, y, classes=None, sample_weight=None):
-        """One epoch of 'sgd' / 'adam' over this batch; ``classes`` is required on the first call."""
+        """One epoch of 'sgd' / 'adam' over this batch; ``classes`` is required on the first call.
+
+        A dask array ``X``: one such call per row block, in turn (:func:`softxent.dask.partial_fit_dask`)."""
+        if _is_dask(X):
+            from .dask import partial_fit_dask
+
+            return partial_fit_dask(self, X, y, classes, sample_weight)
         first = not hasattr(self, "classes_")
         if first:
             self._validate_params()
@@ -354,18 +372,34 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X):
         """Logits ``z = X Theta^T + b``, ``(N, K)``; for two classes the log-odds ``z_1 - z_0``, ``(N,)``."""
+        if _is_dask(X):  # lazily, block by block
+            from .dask import predict_dask
+
+            return predict_dask(self, "decision_function", X)
         z = self._logits(X)
         return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def predict_proba(self, X):
         """``h(x) = softmax(Theta x + b)``, ``(N, K)``, columns in the order of ``classes_``."""
+        if _is_dask(X):  # lazily, block by block
+            from .dask import predict_dask
+
+            return predict_dask(self, "predict_proba", X)
         return softmax(self._logits(X))
 
     def predict_log_proba(self, X):
         """``log h(x)`` computed as ``z - lse(z)`` (exact for tiny probabilities)."""
+        if _is_dask(X):  # lazily, block by block
+            from .dask import predict_dask
+
+            return predict_dask(self, "predict_log_proba", X)
         return log_softmax(self._logits(X))
 
     def predict(self, X):
         """The most probable class label for each row."""
+        if _is_dask(X):  # lazily, block by block
+            from .dask import predict_dask
+
+            return predict_dask(self, "predict", X)
         z = self._logits(X)
         return self.classes_[np.argmax(z, axis=1)]

@@ -1,0 +1,123 @@
+"""Functions that run on the Dask workers, one row block at a time.
+
+They live in the installed package (not in a test or a notebook) so that every worker can unpickle them,
+and they import nothing from Dask: a block is plain NumPy.  Every number about the model is computed by
+:class:`softxent.objective.LinearSoftmaxObjective` on the block -- the same code as on one machine --
+and the client adds the blocks' *unnormalised* sums before ``finish`` normalises them.
+
+Block layouts:
+
+* a *raw* block ``(X, y, s)``: ``X`` ``(n, D)`` C-contiguous float32/float64, ``y`` ``(n,)`` the labels as
+  given (any dtype), ``s`` ``(n,)`` sample weights in ``X``'s dtype or None;
+* a *prepared* block ``(X, y_idx, s)``: the same ``X`` object, ``y_idx`` int64 class indices into the
+  fit's ``classes``, ``s`` the sample weights with the class weights folded in (or None).
+
+``spec`` is the dict ``{"n_classes", "alpha", "l1_ratio", "fit_intercept"}`` of the objective.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..objective import LinearSoftmaxObjective
+
+
+def load_block(X, y, s, dtype):
+    """Raw block from dask chunks: ``X`` as C-contiguous ``dtype`` (all columns), ``y`` and ``s`` as 1-D."""
+    X = np.ascontiguousarray(X, dtype=dtype)
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:  # a column vector, as read from a one-column table
+        y = y[:, 0]
+    if s is not None:
+        s = np.ascontiguousarray(s, dtype=dtype).reshape(-1)
+    return X, y, s
+
+
+def frame_column_values(part, columns, dtype):
+    """A pandas partition's ``columns`` (a list: 2-D; one name: 1-D) as a NumPy array of ``dtype``."""
+    values = part[columns].to_numpy()
+    return values if values.dtype == dtype else values.astype(dtype)
+
+
+def scan_block(block) -> dict:
+    """One pass over a raw block: its labels and their counts, and what is wrong with it, if anything.
+
+    Returns ``{"n_rows", "labels" (sorted unique), "counts" (per label), "nonfinite_X" (count of NaN/inf
+    entries), "negative_s", "nonfinite_s"}``.
+    """
+    X, y, s = block
+    labels, counts = np.unique(y, return_counts=True)
+    finite = np.isfinite(X)
+    out = {"n_rows": int(X.shape[0]), "labels": labels, "counts": counts.astype(np.int64),
+           "nonfinite_X": int(finite.size - np.count_nonzero(finite)), "negative_s": 0, "nonfinite_s": 0}
+    if s is not None:
+        out["nonfinite_s"] = int(s.size - np.count_nonzero(np.isfinite(s)))
+        out["negative_s"] = int(np.count_nonzero(s < 0))
+    return out
+
+
+def prepare_block(block, classes, class_weight):
+    """Raw block -> prepared block: labels to indices into ``classes``, class weights folded into ``s``.
+
+    ``class_weight`` is None or the ``(K,)`` weight per class, as the in-memory estimator folds it
+    (``s * cw[y_idx]`` in ``X``'s dtype).  ``X`` is passed through (no copy).
+    """
+    X, y, s = block
+    y_idx = np.searchsorted(classes, y).astype(np.int64, copy=False)
+    if class_weight is not None:
+        base = np.ones(X.shape[0], dtype=X.dtype) if s is None else s
+        s = base * np.asarray(class_weight)[y_idx].astype(X.dtype)
+    return X, y_idx, s
+
+
+def block_weight_sum(block) -> float:
+    """``sum_i s_i`` of a prepared block in float64, as LinearSoftmaxObjective sums it (rows if no ``s``)."""
+    return _objective(block, {"n_classes": 1, "alpha": 0.0, "l1_ratio": 0.0, "fit_intercept": True}).weight_sum
+
+
+def _objective(block, spec, weight_sum=None) -> LinearSoftmaxObjective:
+    X, y_idx, s = block
+    return LinearSoftmaxObjective(X, y_idx, spec["n_classes"], s, alpha=spec["alpha"], l1_ratio=spec["l1_ratio"],
+                                  fit_intercept=spec["fit_intercept"], weight_sum=weight_sum)
+
+
+def coefficients(w):
+    """The graph node holding an evaluation's coefficients ``w`` (every block task of it depends on it)."""
+    return w
+
+
+def block_sums(block, w, spec, need_grad=True):
+    """``LinearSoftmaxObjective.data_sums(w)`` of a prepared block: ``(sum_i s_i CE_i, its gradient)``."""
+    return _objective(block, spec).data_sums(w, need_grad=need_grad)
+
+
+def block_proba(block, w, spec):
+    """``h = softmax(X Theta^T + b)`` of a prepared block at ``w`` (kept on the worker for Hessian products)."""
+    from ..loss import softmax
+
+    return softmax(_objective(block, spec).decision_function(w))
+
+
+def block_hessp_sum(block, w, v, spec, proba=None):
+    """``LinearSoftmaxObjective.data_hessp_sum(w, v, proba)`` of a prepared block."""
+    return _objective(block, spec).data_hessp_sum(w, v, proba=proba)
+
+
+def block_hessian_diag_sum(block, w, spec, proba=None):
+    """``LinearSoftmaxObjective.data_hessian_diag_sum(w, proba)`` of a prepared block."""
+    return _objective(block, spec).data_hessian_diag_sum(w, proba=proba)
+
+
+def block_lipschitz(block, spec) -> float:
+    """``LinearSoftmaxObjective.lipschitz_bound()`` of a prepared block (the bound is a max over rows)."""
+    return _objective(block, spec).lipschitz_bound()
+
+
+def block_nbytes(block) -> int:
+    """Bytes held by a block's arrays."""
+    return int(sum(a.nbytes for a in block if a is not None))
+
+
+def predict_block(X, estimator, method):
+    """``getattr(estimator, method)(X)`` on one NumPy block: the lazy predict of a dask array."""
+    return getattr(estimator, method)(X)

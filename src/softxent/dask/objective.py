@@ -1,0 +1,408 @@
+"""The softmax-regression objective over a Dask cluster: one map-reduce per evaluation.
+
+:class:`DaskLinearSoftmaxObjective` has the interface of :class:`softxent.objective.LinearSoftmaxObjective`
+(``loss_gradient``, ``loss``, ``hessp``, ``lipschitz_bound``, ``l1_penalty``, ``prox_l1``, ``objective``,
+``pack`` / ``unpack``, ``n_coef`` ...), so every full-batch solver of :mod:`softxent.solvers` runs on it
+unchanged.  With the data in row blocks ``b = 1..B`` (each block holds all ``D`` columns)::
+
+    E(w) = finish( sum_b L_b(w),  sum_b G_b(w) )       (L_b, G_b) = LinearSoftmaxObjective(block b).data_sums(w)
+    H v  = (1/S) sum_b H_b(w) v  +  alpha (1 - rho) V_Theta
+
+Each ``(L_b, G_b)`` is computed on the worker holding block ``b`` by the same LinearSoftmaxObjective code
+as on one machine (:mod:`softxent.dask._blocks`); the client adds the ``B`` partial sums in block order
+(deterministic) and ``finish`` normalises by ``S = sum_i s_i`` and adds the L2 penalty.  What travels per
+evaluation is ``w`` (``K (D + 1)`` floats) out, as one graph node shared by all block tasks, and ``B``
+vectors of the same size back.  Each evaluation's graph is built afresh from the block futures, so the
+scheduler's graph does not grow with the iterations.
+
+Two ways to hold the blocks (``persist``):
+
+* persisted (the default when the prepared blocks take at most half the workers' memory): the blocks are
+  computed once and kept in the workers' memory as futures.  Their lineage stays with the scheduler, so
+  a block lost with its worker is recomputed from the source (a seeded ``da.random`` array, ``from_array``,
+  Parquet files ...) and the fit goes on with the same numbers.
+* streamed (out of core): each evaluation recomputes every block from the source (e.g. reads the Parquet
+  files again), so memory holds a few blocks per worker at a time, never the data set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..objective import LinearSoftmaxObjective
+from . import _blocks
+
+__all__ = ["DaskLinearSoftmaxObjective", "DaskBlocks"]
+
+
+def _is_nan(x) -> bool:
+    return isinstance(x, float) and x != x
+
+
+class DaskBlocks:
+    """Validated row blocks of ``(X, y, sample_weight)`` on a cluster, and what one pass over them found.
+
+    Built by :meth:`from_arrays`, which checks the chunk layout, then runs ONE pass over the blocks that
+    finds the classes (with their counts) and checks every block for NaN/inf in ``X`` and negative or
+    non-finite weights.  ``persist=True`` keeps the raw blocks in the workers' memory for the objective;
+    ``False`` keeps only the recipe (the dask graph) and recomputes blocks when they are needed.
+
+    Attributes: ``client``, ``n_rows``, ``n_features``, ``dtype``, ``chunks`` (rows per block),
+    ``labels`` (sorted unique labels over all blocks), ``label_counts``, ``persisted``, ``has_weight``.
+    """
+
+    def __init__(self, client, raw, *, n_rows, n_features, dtype, chunks, labels, label_counts, persisted,
+                 has_weight):
+        self.client = client
+        self._raw = raw              # per block: a Future (persisted) or a Delayed (streamed) raw block
+        self.n_rows = n_rows
+        self.n_features = n_features
+        self.dtype = dtype
+        self.chunks = chunks
+        self.labels = labels
+        self.label_counts = label_counts
+        self.persisted = persisted
+        self.has_weight = has_weight
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_arrays(cls, client, X, y, sample_weight=None, *, persist="auto"):
+        """Validate dask arrays ``X`` ``(N, D)``, ``y`` ``(N,)``, ``sample_weight`` (None, scalar, NumPy or
+        dask ``(N,)``) and scan them once.  ``persist``: True, False or 'auto' (persist when the blocks
+        take at most half of the workers' total memory limit)."""
+        import dask
+
+        X, y, sample_weight = check_dask_arrays(X, y, sample_weight)
+        dtype = np.float32 if X.dtype == np.float32 else np.float64
+        if persist == "auto":
+            persist = _fits_in_memory(client, X.shape[0] * X.shape[1] * np.dtype(dtype).itemsize)
+        elif persist not in (True, False):
+            raise ValueError(f"persist must be True, False or 'auto'; got {persist!r}")
+        if X.numblocks[1] > 1:  # a row block must hold every column: one chunk along axis 1
+            X = X.rechunk({1: -1})
+        xs, ys = X.to_delayed().ravel(), y.to_delayed().ravel()
+        ss = [None] * len(xs) if sample_weight is None else list(sample_weight.to_delayed().ravel())
+        load = dask.delayed(_blocks.load_block, pure=True)
+        raw = [load(xb, yb, sb, dtype) for xb, yb, sb in zip(xs, ys, ss)]
+        scan = dask.delayed(_blocks.scan_block, pure=True)
+        if persist:
+            raw = client.compute(raw)
+            stats = client.gather(client.map(_blocks.scan_block, raw, pure=False))
+        else:
+            stats = client.gather(client.compute([scan(r) for r in raw]))
+        _raise_for_bad_blocks(stats, X.chunks[0])
+        labels, counts = _merge_label_counts(stats)
+        return cls(client, raw, n_rows=int(X.shape[0]), n_features=int(X.shape[1]), dtype=np.dtype(dtype),
+                   chunks=tuple(int(c) for c in X.chunks[0]), labels=labels, label_counts=counts,
+                   persisted=bool(persist), has_weight=sample_weight is not None)
+
+    # ------------------------------------------------------------------------------ use
+    def objective(self, classes, class_weight=None, *, alpha=0.0, l1_ratio=0.0, fit_intercept=True):
+        """The :class:`DaskLinearSoftmaxObjective` of these blocks for ``classes`` (sorted, a superset of
+        :attr:`labels`) and per-class weights ``class_weight`` (``(K,)`` or None)."""
+        classes = np.asarray(classes)
+        cw = None if class_weight is None else np.asarray(class_weight, dtype=np.float64)
+        client = self.client
+        if self.persisted:
+            prepared = client.map(_blocks.prepare_block, self._raw, classes=classes, class_weight=cw, pure=False)
+            sums = client.gather(client.map(_blocks.block_weight_sum, prepared, pure=False))
+            self._raw = None  # the prepared blocks share X with the raw ones; the raw ones go
+        else:
+            import dask
+
+            prep = dask.delayed(_blocks.prepare_block, pure=True)
+            prepared = [prep(r, classes, cw) for r in self._raw]
+            wsum = dask.delayed(_blocks.block_weight_sum, pure=True)
+            sums = client.gather(client.compute([wsum(p) for p in prepared]))
+        weight_sum = 0.0
+        for s in sums:  # block order: the same sum on every run
+            weight_sum += s
+        return DaskLinearSoftmaxObjective(client, prepared, n_classes=len(classes), n_features=self.n_features,
+                                          dtype=self.dtype, weight_sum=weight_sum, alpha=alpha, l1_ratio=l1_ratio,
+                                          fit_intercept=fit_intercept, persisted=self.persisted,
+                                          n_rows=self.n_rows, chunks=self.chunks)
+
+    def raw_blocks(self):
+        """The raw blocks as futures or delayed objects (for streaming them to ``partial_fit``)."""
+        return list(self._raw)
+
+
+class DaskLinearSoftmaxObjective:
+    """:class:`~softxent.objective.LinearSoftmaxObjective`'s interface over prepared row blocks on a cluster.
+
+    Built by :meth:`DaskBlocks.objective`.  ``blocks`` are futures of persisted prepared blocks, or delayed
+    objects that recompute them (streamed).  Attributes as LinearSoftmaxObjective: ``n_classes``,
+    ``n_features``, ``n_coef``, ``dtype``, ``alpha``, ``l1_ratio``, ``fit_intercept``, ``weight_sum``;
+    plus ``n_rows``, ``chunks``, ``n_evaluations`` (map-reduces run so far) and ``persisted``.
+    """
+
+    def __init__(self, client, blocks, *, n_classes, n_features, dtype, weight_sum, alpha, l1_ratio,
+                 fit_intercept, persisted, n_rows, chunks):
+        self.client = client
+        self.blocks = list(blocks)
+        self.persisted = persisted
+        self.n_rows = n_rows
+        self.chunks = chunks
+        self.dtype = np.dtype(dtype)
+        # The layout object: an objective over no rows, with this objective's K, D, penalty and S.  pack,
+        # unpack, finish, l1_penalty and prox_l1 are its methods, so none of them is written twice.
+        self._layout = LinearSoftmaxObjective(np.empty((0, n_features), dtype=self.dtype), np.empty(0, np.int64),
+                                              n_classes, alpha=alpha, l1_ratio=l1_ratio,
+                                              fit_intercept=fit_intercept, weight_sum=weight_sum)
+        self.spec = {"n_classes": int(n_classes), "alpha": float(alpha), "l1_ratio": float(l1_ratio),
+                     "fit_intercept": bool(fit_intercept)}
+        self.n_evaluations = 0
+        self._hess_cache = None      # (w, w's graph node, per-block futures of the softmax at w)
+        self._lipschitz = None
+
+    # ------------------------------------------------------------------ LinearSoftmaxObjective's attributes
+    n_classes = property(lambda self: self._layout.n_classes)
+    n_features = property(lambda self: self._layout.n_features)
+    n_coef = property(lambda self: self._layout.n_coef)
+    alpha = property(lambda self: self._layout.alpha)
+    l1_ratio = property(lambda self: self._layout.l1_ratio)
+    fit_intercept = property(lambda self: self._layout.fit_intercept)
+    weight_sum = property(lambda self: self._layout.weight_sum)
+
+    def pack(self, theta, intercept=None):
+        return self._layout.pack(theta, intercept)
+
+    def unpack(self, w):
+        return self._layout.unpack(w)
+
+    def finish(self, loss_sum, grad_sum, w, weight_sum=None):
+        return self._layout.finish(loss_sum, grad_sum, w, weight_sum)
+
+    def l1_penalty(self, w) -> float:
+        return self._layout.l1_penalty(w)
+
+    def prox_l1(self, w, step):
+        return self._layout.prox_l1(w, step)
+
+    # ------------------------------------------------------------------ the map-reduce
+    def _node(self, value):
+        """``value`` (a small array) as ONE node that every block task of an evaluation depends on.
+
+        Persisted blocks: a task that returns ``value`` (the value travels once, inside the task; block
+        tasks on other workers fetch it from the worker that ran it; the scheduler can rerun it if that
+        worker is lost).  Streamed blocks: a delayed literal in the evaluation's graph.
+        """
+        if self.persisted:
+            return self.client.submit(_blocks.coefficients, value, pure=False)
+        import dask
+
+        return dask.delayed(value, pure=True)
+
+    def _map(self, func, *args, per_block=None):
+        """``[func(block_b, *args, per_block[b]) for each block b]`` on the cluster: futures, in block order.
+
+        Persisted: one ``client.submit`` per block (cheap on the client).  Streamed: one small graph that
+        recomputes each block from the source.
+        """
+        self.n_evaluations += 1
+        extra = [()] * len(self.blocks) if per_block is None else [(p,) for p in per_block]
+        if self.persisted:
+            return [self.client.submit(func, b, *args, *e, pure=False) for b, e in zip(self.blocks, extra)]
+        import dask
+
+        f = dask.delayed(func, pure=True)
+        return self.client.compute([f(b, *args, *e) for b, e in zip(self.blocks, extra)])
+
+    def _gather_sum(self, futures):
+        """Gather the blocks' arrays and add them in block order (the same sum on every run)."""
+        parts = self.client.gather(futures)
+        total = np.array(parts[0], dtype=np.float64, copy=True)
+        for p in parts[1:]:
+            total += p
+        return total
+
+    def data_sums(self, w, need_grad: bool = True):
+        """``(sum_i s_i CE_i, its gradient)`` over all blocks: one map-reduce (``need_grad=False``: loss only)."""
+        w = np.ascontiguousarray(w, dtype=np.float64)
+        parts = self.client.gather(self._map(_blocks.block_sums, self._node(w), self.spec, need_grad))
+        loss_sum = 0.0
+        for loss_b, _ in parts:
+            loss_sum += loss_b
+        if not need_grad:
+            return loss_sum, None
+        grad_sum = parts[0][1].copy()
+        for _, grad_b in parts[1:]:
+            grad_sum += grad_b
+        return loss_sum, grad_sum
+
+    def _proba_at(self, w):
+        """``(w's graph node, per-block futures of h at w)``, cached: a Newton iteration asks for many
+        products at the same point.  The ``(n_b, K)`` probabilities stay on the workers next to their blocks
+        (as the in-memory objective caches them) until ``w`` changes."""
+        w = np.ascontiguousarray(w, dtype=np.float64)
+        cache = self._hess_cache
+        if cache is None or cache[0].shape != w.shape or not np.array_equal(cache[0], w):
+            self._hess_cache = None  # release the old probabilities before computing new ones
+            w_node = self._node(w)
+            cache = self._hess_cache = (w.copy(), w_node, self._map(_blocks.block_proba, w_node, self.spec))
+        return cache[1], cache[2]
+
+    def data_hessp_sum(self, w, v, proba=None):
+        """``sum_b`` of the blocks' ``data_hessp_sum(w, v)``: one map-reduce (``proba`` is not used: the
+        probabilities at ``w`` live on the workers)."""
+        w_node, probas = self._proba_at(w)
+        v_node = self._node(np.ascontiguousarray(v, dtype=np.float64))
+        return self._gather_sum(self._map(_blocks.block_hessp_sum, w_node, v_node, self.spec, per_block=probas))
+
+    def data_hessian_diag_sum(self, w, proba=None):
+        """``sum_b`` of the blocks' ``data_hessian_diag_sum(w)``: one map-reduce."""
+        w_node, probas = self._proba_at(w)
+        return self._gather_sum(self._map(_blocks.block_hessian_diag_sum, w_node, self.spec, per_block=probas))
+
+    # ------------------------------------------------------------------ the objective
+    def loss_gradient(self, w):
+        """``(E_smooth(w), grad E_smooth(w))``: one map-reduce, then ``finish``."""
+        loss_sum, grad_sum = self.data_sums(w)
+        return self.finish(loss_sum, grad_sum, w)
+
+    def loss(self, w) -> float:
+        """``E_smooth(w)`` without the gradient (one map-reduce)."""
+        return self.finish(self.data_sums(w, need_grad=False)[0], None, w)[0]
+
+    def hessp(self, w, v):
+        """``H v`` of ``E_smooth`` at ``w``: one map-reduce of the blocks' data terms, then the penalty."""
+        hv_sum = self.data_hessp_sum(w, v)
+        # The L2 penalty is quadratic, so its Hessian times v is its gradient at v: finish(0, Hv_sum, v)
+        # gives (1/S) Hv_sum + alpha (1 - rho) V_Theta without writing the penalty a second time.
+        return self.finish(0.0, hv_sum, np.asarray(v, dtype=np.float64))[1]
+
+    def hessian_diag(self, w):
+        """Diagonal of the Hessian of ``E_smooth`` at ``w`` (Newton-CG's preconditioner): one map-reduce."""
+        d_sum = self.data_hessian_diag_sum(w)
+        # The L2 penalty's Hessian is alpha (1 - rho) on the Theta diagonal, which is its gradient at the
+        # all-ones vector: finish(0, d_sum, ones) adds it without writing the penalty a second time.
+        return self.finish(0.0, d_sum, np.ones(self.n_coef))[1]
+
+    def lipschitz_bound(self) -> float:
+        """The largest of the blocks' :meth:`LinearSoftmaxObjective.lipschitz_bound` (a max over rows)."""
+        if self._lipschitz is None:
+            self._lipschitz = float(max(self.client.gather(self._map(_blocks.block_lipschitz, self.spec))))
+        return self._lipschitz
+
+    def objective(self, w) -> float:
+        """The full objective ``E(w)``, L1 part included."""
+        return self.loss(w) + self.l1_penalty(w)
+
+    def block_nbytes(self) -> int:
+        """Bytes the prepared blocks hold on the workers (a map-reduce)."""
+        return int(sum(self.client.gather(self._map(_blocks.block_nbytes))))
+
+
+# ---------------------------------------------------------------------------------------- validation
+def check_dask_arrays(X, y, sample_weight=None):
+    """Check shapes and chunk layout of dask ``X`` ``(N, D)`` / ``y`` ``(N,)`` / ``sample_weight``.
+
+    Returns ``(X, y, sample_weight)`` as dask arrays with the same row chunks (``sample_weight`` None, or
+    a scalar turned into a constant array).  Raises ValueError/TypeError naming what is wrong.
+    """
+    import dask.array as da
+
+    if not isinstance(X, da.Array):
+        raise TypeError(f"X must be a dask.array.Array here; got {type(X).__name__}")
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_samples, n_features); got a dask array of shape {X.shape}")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
+            or X.dtype == np.bool_):
+        raise TypeError(f"X must hold numbers (float32/float64, or integers cast to float64); got dtype {X.dtype}")
+    _check_known_chunks("X", X)
+    if isinstance(y, np.ndarray) or isinstance(y, (list, tuple)):
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != X.shape[0]:
+            raise ValueError(f"y must have shape ({X.shape[0]},) to match X; got {y.shape}")
+        y = da.from_array(y, chunks=(X.chunks[0],))
+    if not isinstance(y, da.Array):
+        raise TypeError(f"y must be a dask array or a NumPy array; got {type(y).__name__}")
+    _check_known_chunks("y", y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.rechunk({1: -1})
+    elif y.ndim != 1:
+        raise ValueError(f"y must be 1-D (n_samples,); got a dask array of shape {y.shape}")
+    if y.shape[0] != X.shape[0]:
+        raise ValueError(f"X and y have different numbers of rows: X has {X.shape[0]}, y has {y.shape[0]}")
+    if y.chunks[0] != X.chunks[0]:
+        raise ValueError(
+            f"the row chunks of X and y do not line up: X has row chunks {_show_chunks(X.chunks[0])}, y has "
+            f"{_show_chunks(y.chunks[0])}; rechunk one to the other, e.g. y = y.rechunk({{0: X.chunks[0]}})")
+    if sample_weight is None:
+        return X, y, None
+    if np.isscalar(sample_weight):
+        value = float(sample_weight)
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"sample_weight must be a finite non-negative number; got {sample_weight!r}")
+        dtype = np.float32 if X.dtype == np.float32 else np.float64
+        return X, y, da.full(X.shape[0], value, chunks=(X.chunks[0],), dtype=dtype)
+    if isinstance(sample_weight, (np.ndarray, list, tuple)):
+        sw = np.asarray(sample_weight)
+        if sw.shape != (X.shape[0],):
+            raise ValueError(f"sample_weight must have shape ({X.shape[0]},) to match X; got {sw.shape}")
+        sample_weight = da.from_array(sw, chunks=(X.chunks[0],))
+    if not isinstance(sample_weight, da.Array):
+        raise TypeError(f"sample_weight must be None, a number, a NumPy or a dask array; got "
+                        f"{type(sample_weight).__name__}")
+    _check_known_chunks("sample_weight", sample_weight)
+    if sample_weight.shape != (X.shape[0],):
+        raise ValueError(f"sample_weight must have shape ({X.shape[0]},) to match X; got {sample_weight.shape}")
+    if sample_weight.chunks[0] != X.chunks[0]:
+        raise ValueError(
+            f"the row chunks of X and sample_weight do not line up: X has {_show_chunks(X.chunks[0])}, "
+            f"sample_weight has {_show_chunks(sample_weight.chunks[0])}; rechunk sample_weight to X's row chunks")
+    return X, y, sample_weight
+
+
+def _check_known_chunks(name, a):
+    if any(_is_nan(c) for c in a.chunks[0]):
+        raise ValueError(
+            f"{name} has unknown chunk sizes (NaN rows per block, as after a dask.dataframe .values or a boolean "
+            f"mask); compute them first: {name} = {name}.compute_chunk_sizes(), or build it with "
+            f"df.to_dask_array(lengths=True)")
+
+
+def _show_chunks(chunks, limit=8) -> str:
+    shown = ", ".join(str(int(c)) for c in chunks[:limit])
+    return f"({shown}{', ...' if len(chunks) > limit else ''})"
+
+
+def _raise_for_bad_blocks(stats, row_chunks):
+    starts = np.concatenate([[0], np.cumsum(row_chunks)])
+    for i, st in enumerate(stats):
+        where = f"block {i} (rows {int(starts[i])}..{int(starts[i + 1]) - 1})"
+        if st["nonfinite_X"]:
+            raise ValueError(f"Input X contains NaN or infinity: {st['nonfinite_X']} entries in {where}; "
+                             "remove or impute them before fitting")
+        if st["nonfinite_s"]:
+            raise ValueError(f"sample_weight must be finite; got {st['nonfinite_s']} NaN or inf values in {where}")
+        if st["negative_s"]:
+            raise ValueError(f"Negative values in data passed to sample_weight: {st['negative_s']} in {where}")
+
+
+def _merge_label_counts(stats):
+    """Per-block ``(labels, counts)`` -> the sorted labels over all blocks and their total counts."""
+    labels = np.unique(np.concatenate([st["labels"] for st in stats]))
+    counts = np.zeros(len(labels), dtype=np.int64)
+    for st in stats:
+        counts[np.searchsorted(labels, st["labels"])] += st["counts"]
+    return labels, counts
+
+
+def _fits_in_memory(client, nbytes: int) -> bool:
+    """Whether ``nbytes`` take at most half of the workers' total memory limit (no limit: yes)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"] if _accepts_n_workers(client) \
+        else client.scheduler_info()["workers"]
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    if not limits or any(lim == 0 for lim in limits):
+        return True
+    return nbytes <= 0.5 * sum(limits)
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
