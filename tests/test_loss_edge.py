@@ -211,6 +211,30 @@ def test_nan_logits_propagate_to_their_row():
     assert np.isnan(cross_entropy(z, np.full((3, 4), 0.25)))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("opts", [{}, {"softcap": 2.0}, {"label_smoothing": 0.1, "z_loss": 0.1}])
+def test_rows_without_loss_ignore_garbage_logits(bad, opts):
+    """Padding rows (ignored, weight 0, grad_output 0) holding NaN / inf add exactly 0 to loss and gradient."""
+    z = rng_logits((4, 3), seed=13)
+    z[1, :] = bad
+    clean = z.copy()
+    clean[1] = 0.0
+    y = np.array([0, -100, 2, 1])
+    for kw in (dict(target=y), dict(target=np.where(y < 0, 0, y), sample_weight=np.array([1.0, 0, 2, 1])),
+               dict(target=np.abs(y) % 3, reduction="none", grad_output=np.array([1.0, 0, 2, 1]))):
+        with np.errstate(invalid="ignore", over="ignore"):     # arithmetic on the garbage row itself
+            loss, grad = cross_entropy_with_grad(z, **kw, **opts)
+        ref_loss, ref_grad = cross_entropy_with_grad(clean, **kw, **opts)
+        assert np.all(grad[1] == 0) and np.all(np.isfinite(grad))
+        np.testing.assert_array_equal(grad, ref_grad)
+        if kw.get("reduction") != "none":
+            assert loss == ref_loss
+    # a mean over nothing stays 0 with a zero gradient whatever the logits hold
+    with np.errstate(invalid="ignore", over="ignore"):
+        loss, grad = cross_entropy_with_grad(z, np.full(4, -100), **opts)
+    assert loss == 0 and np.all(grad == 0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("make", [
     lambda z: dict(logits=z, target=np.full(z.shape[:-1], -100)),                      # all ignored

@@ -16,7 +16,10 @@ rejected with a ``TypeError``.  Inputs are never modified (unless passed as ``ou
 
 NaN logits propagate to NaN results.  ``-inf`` logits are allowed (masked classes): they get probability
 0 and contribute ``0 * log 0 = 0`` unless a target puts weight on them, in which case the loss is
-``+inf``.  A row whose logits are all ``-inf`` has no softmax (NaN), as in every library.
+``+inf``.  A row whose logits are all ``-inf`` has no softmax (NaN), as in every library.  A row that
+carries no loss (ignored target, zero weight, zero ``grad_output``) contributes exactly 0 to the loss
+and to the gradient whatever its logits hold (NaN / inf padding included; PyTorch's gradient is NaN
+there).
 """
 
 from __future__ import annotations
@@ -502,8 +505,10 @@ def _backward(co: _Coefficients, fw: _Forward, rows: slice, row_scale: np.ndarra
     """``g_i <- row_scale_i dloss_i/dz_i = row_scale_i (a_i h(z_i) - B_i)``, in place over ``g = e``."""
     R = g.shape[0]
     dt = g.dtype
-    ar = fw.a * row_scale
-    # A row that carries no loss (ignored, zero weight) gets an exact 0, even where its softmax is 0/0.
+    with np.errstate(invalid="ignore"):
+        ar = np.where(row_scale == 0, 0, fw.a * row_scale)   # a zero upstream factor: no gradient
+    # A row that carries no loss (ignored, zero weight, zero grad_output, a mean over nothing) gets an
+    # exact 0, even where its softmax is 0/0 (all -inf) ...
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(ar == 0, 0, ar / fw.ssum).astype(dt, copy=False)
     # Where a_i r_i / sum_i would be subnormal (tiny grad_output or weights over a large unshifted sum),
@@ -529,6 +534,10 @@ def _backward(co: _Coefficients, fw: _Forward, rows: slice, row_scale: np.ndarra
         np.multiply(dcap, dcap, out=dcap)
         np.subtract(1, dcap, out=dcap)     # d(c tanh(z/c))/dz = 1 - tanh(z/c)**2
         g *= dcap
+    # ... and where such a row's logits hold NaN / +inf (padding), 0 * NaN would still be NaN.
+    absent = np.flatnonzero((ar == 0) & ~np.isfinite(fw.ssum))
+    if absent.size:
+        g[absent] = 0
 
 
 def _row_blocks(M: int, K: int, itemsize: int) -> tuple[int, list[slice]]:
