@@ -687,7 +687,10 @@ def cross_entropy_with_grad(logits, target, *, weight=None, sample_weight=None,
 
     Returns:
         ``(loss, dlogits)``: loss as in :func:`cross_entropy`, dlogits with the shape and dtype of the
-        logits.
+        logits (the ``out`` array itself when one is given).
+
+    The logits are processed in row blocks that fit the L2 cache, each read from memory once; rows whose
+    ``sum_k exp(z_ik)`` stays in the dtype's safe range skip the max shift (see ``_forward``).
 
     >>> loss, d = cross_entropy_with_grad(np.array([[0.0, 0.0]]), np.array([1]))
     >>> d   # (h - y) / N with h = (1/2, 1/2), y = (0, 1), N = 1
