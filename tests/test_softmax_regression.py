@@ -321,3 +321,24 @@ def test_bad_input_gets_sklearn_errors():
         SoftmaxRegression(alpha=-1).fit(X, y)
     with pytest.raises(ValueError, match="'solver' parameter"):
         SoftmaxRegression(solver="bfgs").fit(X, y)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_objective_row_blocks_equal_one_block(dtype, fit_intercept):
+    """data_sums in cache-sized row blocks (uneven last block) equals the whole-matrix computation."""
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((1000, 30)).astype(dtype)
+    y, s = rng.integers(0, 6, 1000), rng.random(1000)
+    blocked = LinearSoftmaxObjective(X, y, 6, s, alpha=0.1, fit_intercept=fit_intercept)
+    blocked.BLOCK_BYTES = 64 * 30 * X.itemsize + 5   # 64-row blocks: 15 full ones and a short one
+    whole = LinearSoftmaxObjective(X, y, 6, s, alpha=0.1, fit_intercept=fit_intercept)
+    whole.BLOCK_BYTES = 1 << 40
+    assert blocked._block_rows() == 64 and whole._block_rows() >= 1000
+    w = rng.standard_normal(blocked.n_coef)
+    fb, gb = blocked.loss_gradient(w)
+    fw, gw = whole.loss_gradient(w)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    assert fb == pytest.approx(fw, rel=rtol)
+    np.testing.assert_allclose(gb, gw, rtol=rtol, atol=rtol * np.abs(gw).max())
+    assert blocked.loss(w) == pytest.approx(fw, rel=rtol)
