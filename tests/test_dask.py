@@ -53,8 +53,8 @@ def _dask(*arrays, chunks=CHUNKS):
 
 
 # ------------------------------------------------------------------------------ the objective itself
-@pytest.mark.parametrize("persist", [True, False])
-def test_objective_matches_in_memory(client, persist):
+@pytest.mark.parametrize("persist, coef_node", [(True, True), (True, False), (False, True)])
+def test_objective_matches_in_memory(client, persist, coef_node):
     """Loss, gradient, Hessian-vector product, Hessian diagonal and Lipschitz bound of the map-reduce equal
     LinearSoftmaxObjective's on the concatenated data (at random w, with weights and both penalties)."""
     X, y, sw = _softmax_data(1)
@@ -64,7 +64,7 @@ def test_objective_matches_in_memory(client, persist):
     np.testing.assert_array_equal(blocks.labels, np.arange(K))
     np.testing.assert_array_equal(blocks.label_counts, np.bincount(y))
     cw = np.array([1.0, 2.0, 0.5, 1.5])
-    obj = blocks.objective(np.arange(K), cw, alpha=0.03, l1_ratio=0.3, fit_intercept=True)
+    obj = blocks.objective(np.arange(K), cw, alpha=0.03, l1_ratio=0.3, fit_intercept=True, coef_node=coef_node)
     ref = LinearSoftmaxObjective(X, y, K, sw * cw[y], alpha=0.03, l1_ratio=0.3, fit_intercept=True)
     assert isinstance(obj, DaskLinearSoftmaxObjective)
     assert obj.weight_sum == pytest.approx(ref.weight_sum, rel=1e-14)
@@ -96,12 +96,17 @@ def test_graph_does_not_grow(client):
 
     w = np.zeros(obj.n_coef)
     obj.loss_gradient(w)
+    obj.hessp(w, w + 1)  # the softmax at w stays on the workers (one task per worker) until w changes
+    # one task per worker and evaluation, over the blocks that worker holds
+    groups = obj._current_groups()
+    assert sorted(i for g in groups for i in g) == list(range(len(CHUNKS)))
+    who_has = client.who_has(obj.blocks)
+    assert len(groups) == len({who_has[b.key][0] for b in obj.blocks}) <= 2
     before = n_tasks()
     for i in range(15):
         w[i] = 0.1
         obj.loss_gradient(w)
-    obj.hessp(w, w)
-    obj.loss_gradient(w)
+        obj.hessp(w, w + 1)
     # the client releases futures in the background: poll until the scheduler has caught up
     deadline = time.monotonic() + 10
     while n_tasks() > before and time.monotonic() < deadline:
@@ -112,6 +117,14 @@ def test_graph_does_not_grow(client):
     while n_tasks() > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert n_tasks() == 0
+
+
+def test_local_cluster_listens_on_loopback_only(client):
+    psutil = pytest.importorskip("psutil")
+    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+    listening = [c.laddr for p in procs for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 5  # scheduler (+ its HTTP routes), 2 workers, 2 nannies
+    assert all(addr.ip == "127.0.0.1" for addr in listening), listening
 
 
 def test_workers_blas_single_threaded(client):
@@ -167,6 +180,49 @@ def test_fit_streamed_from_source(client):
     est = fit_dask(SoftmaxRegression(alpha=1e-3, tol=1e-9), Xd, yd, persist=False)
     assert abs(est.objective_ - ref.objective_) <= 1e-8 * ref.objective_
     np.testing.assert_allclose(est.coef_, ref.coef_, atol=1e-6)
+
+
+def test_fit_without_a_client_starts_and_closes_a_local_cluster(client, monkeypatch):
+    """With no current client, fit starts a LocalCluster on 127.0.0.1 (one worker here, to save time) and
+    shuts it down after the fit."""
+    import softxent.dask._cluster as cluster_module
+
+    started = []
+
+    def one_worker_cluster(n_workers=None, **kwargs):
+        cluster = start_local_cluster(n_workers=1, **kwargs)
+        started.append(cluster)
+        return cluster
+
+    monkeypatch.setattr(cluster_module, "current_client", lambda: None)
+    monkeypatch.setattr(cluster_module, "start_local_cluster", one_worker_cluster)
+    X, y, _ = _softmax_data(16)
+    Xd, yd = _dask(X, y)
+    est = SoftmaxRegression(alpha=1e-2, tol=1e-9).fit(Xd, yd)
+    ref = SoftmaxRegression(alpha=1e-2, tol=1e-9).fit(X, y)
+    assert abs(est.objective_ - ref.objective_) <= 1e-8 * ref.objective_
+    assert len(started) == 1 and started[0].scheduler_address.startswith("tcp://127.0.0.1:")
+    assert started[0].status.name == "closed"
+    assert distributed.default_client() is client  # the caller's default client is untouched
+
+
+def test_interrupted_fit_keeps_last_iterate(client):
+    X, y, _ = _softmax_data(17)
+    Xd, yd = _dask(X, y)
+    seen = []
+
+    def stop_at_3(info):
+        seen.append(info.coef.copy())
+        if info.iteration == 3:
+            raise KeyboardInterrupt
+
+    est = SoftmaxRegression(alpha=1e-3, callback=stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(Xd, yd)
+    assert est.interrupted_ and len(est.loss_curve_) == 3
+    np.testing.assert_array_equal(est.coef_, seen[-1])
+    with pytest.raises(ValueError, match="early_stopping=True is not available for dask input"):
+        SoftmaxRegression(solver="sgd", early_stopping=True).fit(Xd, yd)
 
 
 def test_fit_string_labels_float32(client):

@@ -118,6 +118,55 @@ def block_nbytes(block) -> int:
     return int(sum(a.nbytes for a in block if a is not None))
 
 
+# -------------------------------------------------------------------------------------------------
+# Group functions: one task per worker and evaluation runs over all the blocks that worker holds (a
+# task costs the scheduler far more than a block's arithmetic at small sizes).  Partial sums are added
+# in the order of the blocks in the group.
+def _add(total, part):
+    return np.array(part, dtype=np.float64, copy=True) if total is None else total + part
+
+
+def group_sums(spec, w, need_grad, *blocks):
+    """``sum`` over ``blocks`` of :func:`block_sums`: ``(loss_sum, grad_sum or None)``."""
+    loss_sum, grad_sum = 0.0, None
+    for b in blocks:
+        loss_b, grad_b = block_sums(b, w, spec, need_grad)
+        loss_sum += loss_b
+        if need_grad:
+            grad_sum = _add(grad_sum, grad_b)
+    return loss_sum, grad_sum
+
+
+def group_proba(spec, w, *blocks):
+    """:func:`block_proba` of each block, as a list (kept on the worker for Hessian products)."""
+    return [block_proba(b, w, spec) for b in blocks]
+
+
+def group_hessp_sum(spec, w, v, probas, *blocks):
+    """``sum`` over ``blocks`` of :func:`block_hessp_sum` (``probas`` from :func:`group_proba`)."""
+    total = None
+    for b, p in zip(blocks, probas):
+        total = _add(total, block_hessp_sum(b, w, v, spec, proba=p))
+    return total
+
+
+def group_hessian_diag_sum(spec, w, probas, *blocks):
+    """``sum`` over ``blocks`` of :func:`block_hessian_diag_sum`."""
+    total = None
+    for b, p in zip(blocks, probas):
+        total = _add(total, block_hessian_diag_sum(b, w, spec, proba=p))
+    return total
+
+
+def group_lipschitz(spec, *blocks) -> float:
+    """The largest :func:`block_lipschitz` over ``blocks``."""
+    return max(block_lipschitz(b, spec) for b in blocks)
+
+
+def group_nbytes(*blocks) -> int:
+    return sum(block_nbytes(b) for b in blocks)
+
+
 def predict_block(X, estimator, method):
     """``getattr(estimator, method)(X)`` on one NumPy block: the lazy predict of a dask array."""
     return getattr(estimator, method)(X)

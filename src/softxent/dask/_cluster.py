@@ -21,14 +21,17 @@ def usable_cores() -> int:
 def start_local_cluster(n_workers: int | None = None, *, memory_limit="auto", **kwargs):
     """A ``LocalCluster`` of worker processes bound to 127.0.0.1, one single-threaded worker per core.
 
-    No dashboard (it would open a port); BLAS single-threaded in every worker.  ``kwargs`` go to
-    ``LocalCluster``.
+    No dashboard; every port (scheduler, workers, nannies, the scheduler's HTTP routes) on 127.0.0.1;
+    BLAS single-threaded in every worker.  ``kwargs`` go to ``LocalCluster``.
     """
     from distributed import LocalCluster
 
+    # dashboard_address=None turns the dashboard off, but the scheduler still serves its HTTP routes
+    # (health, metrics) on port 8787 by default: on 127.0.0.1 and a free port instead.
+    scheduler_kwargs = {"dashboard_address": "127.0.0.1:0", **kwargs.pop("scheduler_kwargs", {})}
     options = dict(n_workers=n_workers or usable_cores(), threads_per_worker=1, processes=True,
                    host="127.0.0.1", dashboard_address=None, memory_limit=memory_limit,
-                   env=dict(SINGLE_THREAD_ENV))
+                   env=dict(SINGLE_THREAD_ENV), scheduler_kwargs=scheduler_kwargs)
     options.update(kwargs)
     return LocalCluster(**options)
 

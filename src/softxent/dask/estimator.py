@@ -75,7 +75,7 @@ def _set_features(est, n_features, names):
 
 
 # ----------------------------------------------------------------------------------------------- fit
-def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto"):
+def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef_node=True):
     """Fit the ``SoftmaxRegression`` ``est`` on dask ``X`` ``(N, D)`` and ``y`` ``(N,)``; returns ``est``.
 
     Full-batch solvers (lbfgs, newton-cg, gd, proximal) run on the client and evaluate the objective as
@@ -83,7 +83,9 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto"):
     at a time, for each epoch.  ``client``: a ``distributed.Client`` (default: the current one; with
     none, a LocalCluster on this machine that is shut down afterwards).  ``persist``: keep the blocks in
     the workers' memory (True), recompute them from the source at every evaluation (False, out of core),
-    or 'auto' (persist when they take at most half the workers' memory).
+    or 'auto' (persist when they take at most 30% of the workers' memory limit).  ``coef_node``: the coefficients
+    enter each evaluation as one graph node (True) or inlined into its one-per-worker tasks (False, one
+    scheduling hop less per evaluation).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.utils.class_weight import compute_class_weight
@@ -110,7 +112,7 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto"):
             cw = compute_class_weight(est.class_weight, classes=classes, y=classes,
                                       sample_weight=blocks.label_counts.astype(np.float64))
         obj = blocks.objective(classes, cw, alpha=est.alpha, l1_ratio=est.l1_ratio,
-                               fit_intercept=est.fit_intercept)
+                               fit_intercept=est.fit_intercept, coef_node=coef_node)
         if not obj.weight_sum > 0:
             raise ValueError("sample_weight must not sum to zero (every sample would be ignored); got a total "
                              f"weight of {obj.weight_sum}")
@@ -231,8 +233,8 @@ def partial_fit_dask(est, X, y, classes=None, sample_weight=None):
     if X.numblocks[1] > 1:
         X = X.rechunk({1: -1})
     known = est.classes_ if hasattr(est, "classes_") else (None if classes is None else np.unique(np.asarray(classes)))
-    xs, ys = X.to_delayed().ravel(), y.to_delayed().ravel()
-    ss = [None] * len(xs) if sample_weight is None else list(sample_weight.to_delayed().ravel())
+    xs, ys = X.to_delayed(optimize_graph=False).ravel(), y.to_delayed(optimize_graph=False).ravel()
+    ss = [None] * len(xs) if sample_weight is None else list(sample_weight.to_delayed(optimize_graph=False).ravel())
     import dask
 
     dtype = np.float32 if X.dtype == np.float32 else np.float64

@@ -9,15 +9,17 @@ unchanged.  With the data in row blocks ``b = 1..B`` (each block holds all ``D``
     H v  = (1/S) sum_b H_b(w) v  +  alpha (1 - rho) V_Theta
 
 Each ``(L_b, G_b)`` is computed on the worker holding block ``b`` by the same LinearSoftmaxObjective code
-as on one machine (:mod:`softxent.dask._blocks`); the client adds the ``B`` partial sums in block order
-(deterministic) and ``finish`` normalises by ``S = sum_i s_i`` and adds the L2 penalty.  What travels per
-evaluation is ``w`` (``K (D + 1)`` floats) out, as one graph node shared by all block tasks, and ``B``
-vectors of the same size back.  Each evaluation's graph is built afresh from the block futures, so the
-scheduler's graph does not grow with the iterations.
+as on one machine (:mod:`softxent.dask._blocks`).  An evaluation runs ONE task per worker, over the blocks
+that worker holds (a task costs the scheduler milliseconds; a block's arithmetic can cost less), which
+adds its blocks' sums; the client adds the per-worker sums and ``finish`` normalises by ``S = sum_i s_i``
+and adds the L2 penalty.  What travels per evaluation is ``w`` (``K (D + 1)`` floats) out -- as one graph
+node that the tasks depend on (``coef_node=True``, the default) or inlined into each worker's task -- and
+one vector of that size back per worker.  Each evaluation's graph is built afresh from the block futures
+and released after it, so the scheduler's graph does not grow with the iterations.
 
 Two ways to hold the blocks (``persist``):
 
-* persisted (the default when the prepared blocks take at most half the workers' memory): the blocks are
+* persisted (the default when the prepared blocks take at most 30% of the workers' memory): the blocks are
   computed once and kept in the workers' memory as futures.  Their lineage stays with the scheduler, so
   a block lost with its worker is recomputed from the source (a seeded ``da.random`` array, ``from_array``,
   Parquet files ...) and the fit goes on with the same numbers.
@@ -69,19 +71,19 @@ class DaskBlocks:
     def from_arrays(cls, client, X, y, sample_weight=None, *, persist="auto"):
         """Validate dask arrays ``X`` ``(N, D)``, ``y`` ``(N,)``, ``sample_weight`` (None, scalar, NumPy or
         dask ``(N,)``) and scan them once.  ``persist``: True, False or 'auto' (persist when the blocks
-        take at most half of the workers' total memory limit)."""
+        take at most 30% of the workers' total memory limit)."""
         import dask
 
         X, y, sample_weight = check_dask_arrays(X, y, sample_weight)
         dtype = np.float32 if X.dtype == np.float32 else np.float64
         if persist == "auto":
-            persist = _fits_in_memory(client, X.shape[0] * X.shape[1] * np.dtype(dtype).itemsize)
+            persist = _fits_in_memory(client, X.shape[0] * (X.shape[1] + 2) * np.dtype(dtype).itemsize)
         elif persist not in (True, False):
             raise ValueError(f"persist must be True, False or 'auto'; got {persist!r}")
         if X.numblocks[1] > 1:  # a row block must hold every column: one chunk along axis 1
             X = X.rechunk({1: -1})
-        xs, ys = X.to_delayed().ravel(), y.to_delayed().ravel()
-        ss = [None] * len(xs) if sample_weight is None else list(sample_weight.to_delayed().ravel())
+        xs, ys = X.to_delayed(optimize_graph=False).ravel(), y.to_delayed(optimize_graph=False).ravel()
+        ss = [None] * len(xs) if sample_weight is None else list(sample_weight.to_delayed(optimize_graph=False).ravel())
         load = dask.delayed(_blocks.load_block, pure=True)
         raw = [load(xb, yb, sb, dtype) for xb, yb, sb in zip(xs, ys, ss)]
         scan = dask.delayed(_blocks.scan_block, pure=True)
@@ -97,9 +99,14 @@ class DaskBlocks:
                    persisted=bool(persist), has_weight=sample_weight is not None)
 
     # ------------------------------------------------------------------------------ use
-    def objective(self, classes, class_weight=None, *, alpha=0.0, l1_ratio=0.0, fit_intercept=True):
+    def objective(self, classes, class_weight=None, *, alpha=0.0, l1_ratio=0.0, fit_intercept=True,
+                  coef_node=True):
         """The :class:`DaskLinearSoftmaxObjective` of these blocks for ``classes`` (sorted, a superset of
-        :attr:`labels`) and per-class weights ``class_weight`` (``(K,)`` or None)."""
+        :attr:`labels`) and per-class weights ``class_weight`` (``(K,)`` or None); ``coef_node``: see
+        :meth:`DaskLinearSoftmaxObjective._node`."""
+        if self._raw is None:
+            raise RuntimeError("DaskBlocks.objective was already called on these persisted blocks (they now "
+                               "belong to that objective); build new DaskBlocks for another objective")
         classes = np.asarray(classes)
         cw = None if class_weight is None else np.asarray(class_weight, dtype=np.float64)
         client = self.client
@@ -120,11 +127,7 @@ class DaskBlocks:
         return DaskLinearSoftmaxObjective(client, prepared, n_classes=len(classes), n_features=self.n_features,
                                           dtype=self.dtype, weight_sum=weight_sum, alpha=alpha, l1_ratio=l1_ratio,
                                           fit_intercept=fit_intercept, persisted=self.persisted,
-                                          n_rows=self.n_rows, chunks=self.chunks)
-
-    def raw_blocks(self):
-        """The raw blocks as futures or delayed objects (for streaming them to ``partial_fit``)."""
-        return list(self._raw)
+                                          n_rows=self.n_rows, chunks=self.chunks, coef_node=coef_node)
 
 
 class DaskLinearSoftmaxObjective:
@@ -137,7 +140,7 @@ class DaskLinearSoftmaxObjective:
     """
 
     def __init__(self, client, blocks, *, n_classes, n_features, dtype, weight_sum, alpha, l1_ratio,
-                 fit_intercept, persisted, n_rows, chunks):
+                 fit_intercept, persisted, n_rows, chunks, coef_node=True):
         self.client = client
         self.blocks = list(blocks)
         self.persisted = persisted
@@ -151,8 +154,12 @@ class DaskLinearSoftmaxObjective:
                                               fit_intercept=fit_intercept, weight_sum=weight_sum)
         self.spec = {"n_classes": int(n_classes), "alpha": float(alpha), "l1_ratio": float(l1_ratio),
                      "fit_intercept": bool(fit_intercept)}
+        self.coef_node = bool(coef_node)
+        self.regroup_every = 32
         self.n_evaluations = 0
-        self._hess_cache = None      # (w, w's graph node, per-block futures of the softmax at w)
+        self._groups = None if persisted else tuple((i,) for i in range(len(self.blocks)))
+        self._group_workers, self._grouped_at = None, 0
+        self._hess_cache = None      # (w, groups, w's graph node, per-group futures of the softmax at w)
         self._lipschitz = None
 
     # ------------------------------------------------------------------ LinearSoftmaxObjective's attributes
@@ -181,35 +188,61 @@ class DaskLinearSoftmaxObjective:
 
     # ------------------------------------------------------------------ the map-reduce
     def _node(self, value):
-        """``value`` (a small array) as ONE node that every block task of an evaluation depends on.
+        """``value`` (a small float64 array) as it goes into an evaluation's graph.
 
-        Persisted blocks: a task that returns ``value`` (the value travels once, inside the task; block
-        tasks on other workers fetch it from the worker that ran it; the scheduler can rerun it if that
-        worker is lost).  Streamed blocks: a delayed literal in the evaluation's graph.
+        ``coef_node=True``: ONE node that every group task of the evaluation depends on -- persisted: a
+        task returning ``value`` (the scheduler can rerun it if its worker is lost); streamed: a delayed
+        literal.  ``coef_node=False``: the array itself, inlined into each group task (one task per
+        worker, so ``value`` still reaches each worker once; it saves the hop that materialises the node
+        before the group tasks can start).
         """
+        value = np.ascontiguousarray(value, dtype=np.float64)
+        if not self.coef_node:
+            return value
         if self.persisted:
             return self.client.submit(_blocks.coefficients, value, pure=False)
         import dask
 
         return dask.delayed(value, pure=True)
 
-    def _map(self, func, *args, per_block=None):
-        """``[func(block_b, *args, per_block[b]) for each block b]`` on the cluster: futures, in block order.
+    def _current_groups(self):
+        """Block indices grouped by the worker holding them (persisted), or one block per group (streamed).
 
-        Persisted: one ``client.submit`` per block (cheap on the client).  Streamed: one small graph that
-        recomputes each block from the source.
-        """
+        Scheduling costs per task, so an evaluation runs ONE task per worker over that worker's blocks.
+        The grouping is asked of the scheduler when the set of workers changes (the client's view of it
+        is refreshed in the background) and every ``regroup_every`` map-reduces (blocks recomputed after
+        a loss may land elsewhere)."""
+        if not self.persisted:
+            return self._groups
+        workers = frozenset(_workers_info(self.client))
+        if (self._groups is None or workers != self._group_workers
+                or self.n_evaluations - self._grouped_at >= self.regroup_every):
+            who_has = self.client.who_has(self.blocks)
+            by_worker = {}
+            for i, b in enumerate(self.blocks):
+                holders = sorted(who_has.get(b.key, ()))
+                by_worker.setdefault(holders[0] if holders else None, []).append(i)
+            groups = tuple(tuple(g) for _, g in sorted(by_worker.items(), key=lambda kv: kv[1][0]))
+            if groups != self._groups:
+                self._hess_cache = None  # cached probabilities follow the grouping
+            self._groups, self._group_workers, self._grouped_at = groups, workers, self.n_evaluations
+        return self._groups
+
+    def _map(self, func, *args, groups=None, per_group=None):
+        """``func(*args, [per_group[g],] *blocks of group g)`` for each group ``g``: futures, in group order."""
+        groups = self._current_groups() if groups is None else groups
         self.n_evaluations += 1
-        extra = [()] * len(self.blocks) if per_block is None else [(p,) for p in per_block]
+        extra = [()] * len(groups) if per_group is None else [(p,) for p in per_group]
         if self.persisted:
-            return [self.client.submit(func, b, *args, *e, pure=False) for b, e in zip(self.blocks, extra)]
+            return [self.client.submit(func, *args, *e, *[self.blocks[i] for i in g], pure=False)
+                    for g, e in zip(groups, extra)]
         import dask
 
         f = dask.delayed(func, pure=True)
-        return self.client.compute([f(b, *args, *e) for b, e in zip(self.blocks, extra)])
+        return self.client.compute([f(*args, *e, *[self.blocks[i] for i in g]) for g, e in zip(groups, extra)])
 
     def _gather_sum(self, futures):
-        """Gather the blocks' arrays and add them in block order (the same sum on every run)."""
+        """Gather the groups' arrays and add them in group order."""
         parts = self.client.gather(futures)
         total = np.array(parts[0], dtype=np.float64, copy=True)
         for p in parts[1:]:
@@ -218,41 +251,43 @@ class DaskLinearSoftmaxObjective:
 
     def data_sums(self, w, need_grad: bool = True):
         """``(sum_i s_i CE_i, its gradient)`` over all blocks: one map-reduce (``need_grad=False``: loss only)."""
-        w = np.ascontiguousarray(w, dtype=np.float64)
-        parts = self.client.gather(self._map(_blocks.block_sums, self._node(w), self.spec, need_grad))
+        parts = self.client.gather(self._map(_blocks.group_sums, self.spec, self._node(w), need_grad))
         loss_sum = 0.0
-        for loss_b, _ in parts:
-            loss_sum += loss_b
+        for loss_g, _ in parts:
+            loss_sum += loss_g
         if not need_grad:
             return loss_sum, None
-        grad_sum = parts[0][1].copy()
-        for _, grad_b in parts[1:]:
-            grad_sum += grad_b
+        grad_sum = np.array(parts[0][1], dtype=np.float64, copy=True)
+        for _, grad_g in parts[1:]:
+            grad_sum += grad_g
         return loss_sum, grad_sum
 
     def _proba_at(self, w):
-        """``(w's graph node, per-block futures of h at w)``, cached: a Newton iteration asks for many
-        products at the same point.  The ``(n_b, K)`` probabilities stay on the workers next to their blocks
-        (as the in-memory objective caches them) until ``w`` changes."""
+        """``(groups, w's graph node, per-group futures of h at w)``, cached: a Newton iteration asks for
+        many products at the same point.  The probabilities stay on the workers next to their blocks (as
+        the in-memory objective caches them) until ``w`` or the grouping changes."""
         w = np.ascontiguousarray(w, dtype=np.float64)
+        groups = self._current_groups()
         cache = self._hess_cache
-        if cache is None or cache[0].shape != w.shape or not np.array_equal(cache[0], w):
+        if cache is None or cache[0].shape != w.shape or not np.array_equal(cache[0], w) or cache[1] != groups:
             self._hess_cache = None  # release the old probabilities before computing new ones
             w_node = self._node(w)
-            cache = self._hess_cache = (w.copy(), w_node, self._map(_blocks.block_proba, w_node, self.spec))
-        return cache[1], cache[2]
+            probas = self._map(_blocks.group_proba, self.spec, w_node, groups=groups)
+            cache = self._hess_cache = (w.copy(), groups, w_node, probas)
+        return cache[1], cache[2], cache[3]
 
     def data_hessp_sum(self, w, v, proba=None):
         """``sum_b`` of the blocks' ``data_hessp_sum(w, v)``: one map-reduce (``proba`` is not used: the
         probabilities at ``w`` live on the workers)."""
-        w_node, probas = self._proba_at(w)
-        v_node = self._node(np.ascontiguousarray(v, dtype=np.float64))
-        return self._gather_sum(self._map(_blocks.block_hessp_sum, w_node, v_node, self.spec, per_block=probas))
+        groups, w_node, probas = self._proba_at(w)
+        return self._gather_sum(self._map(_blocks.group_hessp_sum, self.spec, w_node, self._node(v),
+                                          groups=groups, per_group=probas))
 
     def data_hessian_diag_sum(self, w, proba=None):
         """``sum_b`` of the blocks' ``data_hessian_diag_sum(w)``: one map-reduce."""
-        w_node, probas = self._proba_at(w)
-        return self._gather_sum(self._map(_blocks.block_hessian_diag_sum, w_node, self.spec, per_block=probas))
+        groups, w_node, probas = self._proba_at(w)
+        return self._gather_sum(self._map(_blocks.group_hessian_diag_sum, self.spec, w_node, groups=groups,
+                                          per_group=probas))
 
     # ------------------------------------------------------------------ the objective
     def loss_gradient(self, w):
@@ -281,7 +316,7 @@ class DaskLinearSoftmaxObjective:
     def lipschitz_bound(self) -> float:
         """The largest of the blocks' :meth:`LinearSoftmaxObjective.lipschitz_bound` (a max over rows)."""
         if self._lipschitz is None:
-            self._lipschitz = float(max(self.client.gather(self._map(_blocks.block_lipschitz, self.spec))))
+            self._lipschitz = float(max(self.client.gather(self._map(_blocks.group_lipschitz, self.spec))))
         return self._lipschitz
 
     def objective(self, w) -> float:
@@ -290,7 +325,7 @@ class DaskLinearSoftmaxObjective:
 
     def block_nbytes(self) -> int:
         """Bytes the prepared blocks hold on the workers (a map-reduce)."""
-        return int(sum(self.client.gather(self._map(_blocks.block_nbytes))))
+        return int(sum(self.client.gather(self._map(_blocks.group_nbytes))))
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -389,14 +424,25 @@ def _merge_label_counts(stats):
     return labels, counts
 
 
+def _workers_info(client) -> dict:
+    """``{address: info}`` of all workers, from the client's cached view of the scheduler (no round trip)."""
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return info.get("workers", {})
+
+
+PERSIST_FRACTION = 0.3
+
+
 def _fits_in_memory(client, nbytes: int) -> bool:
-    """Whether ``nbytes`` take at most half of the workers' total memory limit (no limit: yes)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"] if _accepts_n_workers(client) \
-        else client.scheduler_info()["workers"]
+    """Whether ``nbytes`` take at most :data:`PERSIST_FRACTION` of the workers' total memory limit (no
+    limit: yes).  The rest is for each worker's own footprint (~0.25 GiB), the copies a block goes through
+    while it is read and prepared, and the probabilities Newton-CG keeps; at 0.5, 1 GiB workers holding
+    0.5 GiB each were killed by their nanny while persisting from Parquet."""
+    workers = _workers_info(client)
     limits = [w.get("memory_limit") or 0 for w in workers.values()]
     if not limits or any(lim == 0 for lim in limits):
         return True
-    return nbytes <= 0.5 * sum(limits)
+    return nbytes <= PERSIST_FRACTION * sum(limits)
 
 
 def _accepts_n_workers(client) -> bool:
