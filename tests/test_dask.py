@@ -221,8 +221,6 @@ def test_interrupted_fit_keeps_last_iterate(client):
         est.fit(Xd, yd)
     assert est.interrupted_ and len(est.loss_curve_) == 3
     np.testing.assert_array_equal(est.coef_, seen[-1])
-    with pytest.raises(ValueError, match="early_stopping=True is not available for dask input"):
-        SoftmaxRegression(solver="sgd", early_stopping=True).fit(Xd, yd)
 
 
 def test_fit_string_labels_float32(client):
@@ -280,6 +278,27 @@ def test_fit_sgd_streams_blocks(client):
         assert est.n_iter_ == 12 and len(est.loss_curve_) == 12
         assert est.loss_curve_[-1] < est.loss_curve_[0]
         assert est.objective_ == pytest.approx(in_memory.objective_, rel=0.05)
+
+
+def test_sgd_early_stopping_on_validation_rows(client):
+    """early_stopping holds out validation_fraction of each block (the same rows on the cluster and on the
+    client); the curve is the validation objective, and the fit stops when it stalls."""
+    from softxent.dask import _blocks
+
+    X, y, _ = _softmax_data(18)
+    Xd, yd = _dask(X, y)
+    est = SoftmaxRegression(solver="adam", learning_rate=0.05, alpha=1e-3, early_stopping=True,
+                            validation_fraction=0.2, n_iter_no_change=2, tol=1e-3, max_iter=50, random_state=3)
+    est.fit(Xd, yd)
+    assert 3 <= est.n_iter_ < 50
+    # the validation rows: the same split_block draw, evaluated in memory at the final coefficients
+    starts = np.cumsum((0,) + CHUNKS)
+    parts = [_blocks.split_block((X[a:b], y[a:b], None), 0.2, [3, 0], i, "validation")
+             for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
+    X_val, y_val = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    assert 0.15 * N < len(y_val) < 0.25 * N
+    val = LinearSoftmaxObjective(X_val, y_val, K, alpha=1e-3)
+    assert est.loss_curve_[-1] == pytest.approx(val.objective(val.pack(est.coef_, est.intercept_)), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------ partial_fit

@@ -75,6 +75,21 @@ def block_weight_sum(block) -> float:
     return _objective(block, {"n_classes": 1, "alpha": 0.0, "l1_ratio": 0.0, "fit_intercept": True}).weight_sum
 
 
+def split_block(block, fraction, seed, index, part):
+    """The validation (``part='validation'``) or training rows of a prepared block: each row is a
+    validation row with probability ``fraction``, drawn from ``default_rng([*seed, index])`` -- the same
+    rows on a worker and on the client, and after a block is recomputed."""
+    X, y_idx, s = block
+    val = np.random.default_rng([*seed, index]).random(X.shape[0]) < fraction
+    keep = val if part == "validation" else ~val
+    return X[keep], y_idx[keep], None if s is None else s[keep]
+
+
+def block_rows_and_weight(block):
+    """``(rows, sum_i s_i)`` of a prepared block."""
+    return block[0].shape[0], block_weight_sum(block)
+
+
 def _objective(block, spec, weight_sum=None) -> LinearSoftmaxObjective:
     X, y_idx, s = block
     return LinearSoftmaxObjective(X, y_idx, spec["n_classes"], s, alpha=spec["alpha"], l1_ratio=spec["l1_ratio"],

@@ -150,29 +150,37 @@ def _fit_minibatch(est, obj, w0, solver, monitor):
 
     A block's minibatches are normalised by ``S |B| / N`` as in memory (the block objective gets the
     weight sum ``S n_b / N``).  The epoch's objective is the row-weighted mean of the blocks' batch
-    objectives; the fit stops when it has not improved by ``tol`` for ``n_iter_no_change`` epochs.
+    objectives -- or, with ``early_stopping``, the objective of the validation rows (``validation_fraction``
+    of each block, drawn with the seed; one map-reduce per epoch) -- and the fit stops when it has not
+    improved by ``tol`` for ``n_iter_no_change`` epochs.
     """
     from ..estimator import _seed_sequence
 
-    if est.early_stopping:
-        raise ValueError(
-            "early_stopping=True is not available for dask input (it needs a validation split of the rows); "
-            "on dask data, sgd/adam stop on the training objective (tol, n_iter_no_change) -- pass "
-            "early_stopping=False")
     if not (est.warm_start and getattr(est, "_mb_state", None) is not None):
         est._mb_state = MinibatchState()
     state = est._mb_state
     if state.lr0 is None and solver == "sgd" and est.learning_rate == "auto":
         state.lr0 = 1.0 / obj.lipschitz_bound()  # the bound over all blocks, as in memory
-    rng = np.random.default_rng(_seed_sequence(est.random_state, 0))
+    seed = _seed_sequence(est.random_state, 0)
+    rng = np.random.default_rng(seed)
     spec, S, N = obj.spec, obj.weight_sum, obj.n_rows
+    validation = split_seed = None
+    if est.early_stopping:
+        split_seed = seed if seed is not None else [int(np.random.SeedSequence().entropy % 2**63)]
+        validation, N, S = obj.validation_split(est.validation_fraction, split_seed)
+        if N == 0 or validation.n_rows == 0:
+            raise ValueError(f"early_stopping: validation_fraction={est.validation_fraction} leaves "
+                             f"{validation.n_rows} validation and {N} training rows; both need rows")
     grad_norms = []  # each block's largest minibatch gradient (max-norm), as minibatch_epochs reports it
     quiet = Monitor(1, callback=lambda info: grad_norms.append(info.grad_norm) and False)
     w = w0
     for epoch in range(1, est.max_iter + 1):
         order = rng.permutation(len(obj.blocks))
         total, grad_norm = 0.0, 0.0
-        for (X_b, y_b, s_b), _ in _fetch_in_turn(obj.client, [obj.blocks[i] for i in order]):
+        for block, pos in _fetch_in_turn(obj.client, [obj.blocks[i] for i in order]):
+            if validation is not None:  # the same rows split_block held out on the cluster
+                block = _blocks.split_block(block, est.validation_fraction, split_seed, int(order[pos]), "train")
+            X_b, y_b, s_b = block
             if X_b.shape[0] == 0:
                 continue
             block_obj = LinearSoftmaxObjective(X_b, y_b, spec["n_classes"], s_b, alpha=spec["alpha"],
@@ -185,7 +193,7 @@ def _fit_minibatch(est, obj, w0, solver, monitor):
             total += quiet.curve[-1] * X_b.shape[0]
             grad_norm = max(grad_norm, grad_norms[-1])
         state.epoch += 1
-        score = total / N
+        score = validation.objective(w) if validation is not None else total / N
         stop = monitor.step(w, score, grad_norm)
         if score > state.best_loss - est.tol:
             state.no_improvement += 1

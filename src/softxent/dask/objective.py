@@ -323,6 +323,36 @@ class DaskLinearSoftmaxObjective:
         """The full objective ``E(w)``, L1 part included."""
         return self.loss(w) + self.l1_penalty(w)
 
+    def validation_split(self, fraction: float, seed):
+        """Hold out about ``fraction`` of the rows of every block (:func:`_blocks.split_block`).
+
+        Returns ``(validation objective, n_train, train_weight_sum)``: the validation rows as a
+        :class:`DaskLinearSoftmaxObjective` (normalised by their own weight, as in memory); the training
+        rows are taken from each block where it is used, with the same ``split_block``.
+        """
+        seed = list(seed)
+        client = self.client
+        if self.persisted:
+            val_blocks = [client.submit(_blocks.split_block, b, fraction, seed, i, "validation", pure=False)
+                          for i, b in enumerate(self.blocks)]
+            stats = client.gather([client.submit(_blocks.block_rows_and_weight, b, pure=False) for b in val_blocks])
+        else:
+            import dask
+
+            split = dask.delayed(_blocks.split_block, pure=True)
+            val_blocks = [split(b, fraction, seed, i, "validation") for i, b in enumerate(self.blocks)]
+            stats = client.gather(client.compute([dask.delayed(_blocks.block_rows_and_weight, pure=True)(b)
+                                                  for b in val_blocks]))
+        n_val = sum(n for n, _ in stats)
+        s_val = 0.0
+        for _, s in stats:
+            s_val += s
+        validation = DaskLinearSoftmaxObjective(
+            client, val_blocks, n_classes=self.n_classes, n_features=self.n_features, dtype=self.dtype,
+            weight_sum=s_val, alpha=self.alpha, l1_ratio=self.l1_ratio, fit_intercept=self.fit_intercept,
+            persisted=self.persisted, n_rows=n_val, chunks=tuple(n for n, _ in stats), coef_node=self.coef_node)
+        return validation, self.n_rows - n_val, self.weight_sum - s_val
+
     def block_nbytes(self) -> int:
         """Bytes the prepared blocks hold on the workers (a map-reduce)."""
         return int(sum(self.client.gather(self._map(_blocks.group_nbytes))))
