@@ -143,7 +143,7 @@ def test_workers_blas_single_threaded(client):
 @pytest.mark.parametrize("case", [
     dict(params=dict(solver="lbfgs", alpha=1e-3, tol=1e-9), weights=True, persist="auto"),
     dict(params=dict(solver="newton-cg", alpha=1e-3, tol=1e-9, class_weight="balanced"), weights=True,
-         persist=True),
+         persist=True, coef_node=True),
     dict(params=dict(solver="proximal", alpha=2e-2, l1_ratio=0.7, tol=1e-7, class_weight={0: 3.0, 2: 0.5}),
          weights=False, persist=True),
 ], ids=["lbfgs-weights", "newton-cg-balanced", "proximal-l1"])
@@ -155,7 +155,8 @@ def test_fit_equals_in_memory(client, case):
     ref = SoftmaxRegression(**case["params"]).fit(X, y, sample_weight=sw)
     Xd, yd, swd = _dask(X, y, sw)
     assert np.unique(y[:CHUNKS[0]]).size == 1
-    est = fit_dask(SoftmaxRegression(**case["params"]), Xd, yd, swd, persist=case["persist"])
+    est = fit_dask(SoftmaxRegression(**case["params"]), Xd, yd, swd, persist=case["persist"],
+                   coef_node=case.get("coef_node", False))
     assert abs(est.objective_ - ref.objective_) <= 1e-8 * abs(ref.objective_)
     np.testing.assert_allclose(est.coef_, ref.coef_, atol=1e-5)
     np.testing.assert_allclose(est.intercept_, ref.intercept_, atol=1e-5)

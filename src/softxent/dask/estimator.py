@@ -75,7 +75,7 @@ def _set_features(est, n_features, names):
 
 
 # ----------------------------------------------------------------------------------------------- fit
-def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef_node=True):
+def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef_node=False):
     """Fit the ``SoftmaxRegression`` ``est`` on dask ``X`` ``(N, D)`` and ``y`` ``(N,)``; returns ``est``.
 
     Full-batch solvers (lbfgs, newton-cg, gd, proximal) run on the client and evaluate the objective as
@@ -83,9 +83,10 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef
     at a time, for each epoch.  ``client``: a ``distributed.Client`` (default: the current one; with
     none, a LocalCluster on this machine that is shut down afterwards).  ``persist``: keep the blocks in
     the workers' memory (True), recompute them from the source at every evaluation (False, out of core),
-    or 'auto' (persist when they take at most 30% of the workers' memory limit).  ``coef_node``: the coefficients
-    enter each evaluation as one graph node (True) or inlined into its one-per-worker tasks (False, one
-    scheduling hop less per evaluation).
+    or 'auto' (persist when they take at most 30% of the workers' memory limit).  ``coef_node``: the
+    coefficients enter each evaluation inlined into its one-per-worker tasks (False, the default) or as
+    one graph node that those tasks depend on (True: one scheduling hop more per evaluation; see
+    :meth:`DaskLinearSoftmaxObjective._node`).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.utils.class_weight import compute_class_weight
