@@ -156,10 +156,10 @@ class DaskLinearSoftmaxObjective:
         self.spec = {"n_classes": int(n_classes), "alpha": float(alpha), "l1_ratio": float(l1_ratio),
                      "fit_intercept": bool(fit_intercept)}
         self.coef_node = bool(coef_node)
-        self.regroup_every = 32
+        self.regroup_every = 16
         self.n_evaluations = 0
         self._groups = None if persisted else tuple((i,) for i in range(len(self.blocks)))
-        self._group_workers, self._grouped_at = None, 0
+        self._grouped_at = 0
         self._hess_cache = None      # (w, groups, w's graph node, per-group futures of the softmax at w)
         self._lipschitz = None
 
@@ -214,14 +214,14 @@ class DaskLinearSoftmaxObjective:
         """Block indices grouped by the worker holding them (persisted), or one block per group (streamed).
 
         Scheduling costs per task, so an evaluation runs ONE task per worker over that worker's blocks.
-        The grouping is asked of the scheduler when the set of workers changes (the client's view of it
-        is refreshed in the background) and every ``regroup_every`` map-reduces (blocks recomputed after
-        a loss may land elsewhere)."""
+        The grouping is asked of the scheduler (one ``who_has`` round trip) at the first evaluation and
+        every ``regroup_every`` map-reduces after it: blocks recomputed after a worker was lost may land
+        elsewhere.  A stale grouping costs speed only (a task fetches the blocks it lacks), never
+        correctness, so it is not checked at every evaluation (``client.scheduler_info()`` would be a
+        round trip too)."""
         if not self.persisted:
             return self._groups
-        workers = frozenset(_workers_info(self.client))
-        if (self._groups is None or workers != self._group_workers
-                or self.n_evaluations - self._grouped_at >= self.regroup_every):
+        if self._groups is None or self.n_evaluations - self._grouped_at >= self.regroup_every:
             who_has = self.client.who_has(self.blocks)
             by_worker = {}
             for i, b in enumerate(self.blocks):
@@ -230,7 +230,7 @@ class DaskLinearSoftmaxObjective:
             groups = tuple(tuple(g) for _, g in sorted(by_worker.items(), key=lambda kv: kv[1][0]))
             if groups != self._groups:
                 self._hess_cache = None  # cached probabilities follow the grouping
-            self._groups, self._group_workers, self._grouped_at = groups, workers, self.n_evaluations
+            self._groups, self._grouped_at = groups, self.n_evaluations
         return self._groups
 
     def _map(self, func, *args, groups=None, per_group=None):
