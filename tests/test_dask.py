@@ -426,6 +426,8 @@ def test_read_table_and_fit_dataframe(client, tmp_path):
         read_table(str(tmp_path / "*.parquet"), target="nope")
     with pytest.raises(ValueError, match="no files match"):
         read_table(str(tmp_path / "*.feather"), target="label")
+    with pytest.raises(ValueError, match=r"feature columns must be numeric for a Dask fit; \['label'\]"):
+        read_table(str(tmp_path / "*.parquet"), target="f0")
     # a dask DataFrame goes straight into fit: feature names are kept
     ddf = dd.read_parquet(str(tmp_path / "*.parquet"))
     ref = SoftmaxRegression(alpha=1e-2, tol=1e-9).fit(frame[names], frame["label"])

@@ -33,6 +33,13 @@ def _format_of(paths, fmt):
     return kinds.pop()
 
 
+def _is_numeric(dtype) -> bool:
+    try:
+        return bool(np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_))
+    except TypeError:  # pandas extension dtypes (strings, categories) are not NumPy dtypes
+        return False
+
+
 def read_table(paths, target: str, *, fmt: str | None = None, features=None, blocksize="64MiB",
                dtype=np.float64):
     """Partitioned Parquet / CSV files -> ``(X, y, feature_names)``, lazily, for ``SoftmaxRegression.fit``.
@@ -84,11 +91,6 @@ def read_table(paths, target: str, *, fmt: str | None = None, features=None, blo
             raise ValueError(f"the target column {target!r} is also listed among the features")
     if not features:
         raise ValueError(f"the data has no feature columns besides the target {target!r}")
-    dtypes = df[features].dtypes
-    bad = [c for c in features if not (np.issubdtype(dtypes[c], np.number) or dtypes[c] == np.bool_)]
-    if bad:
-        raise ValueError(f"feature columns must be numeric for a Dask fit; {bad[:10]} are not "
-                         f"(dtypes {[str(dtypes[c]) for c in bad[:10]]}); encode them first")
     X, y, _ = frame_to_arrays(df[features + [target]], features, target, dtype=dtype)
     return X, y, [str(c) for c in features]
 
@@ -107,6 +109,11 @@ def frame_to_arrays(frame, features, target=None, weight=None, *, dtype=np.float
 
     from . import _blocks
 
+    dtypes = frame.dtypes
+    bad = [c for c in features if not _is_numeric(dtypes[c])]
+    if bad:
+        raise ValueError(f"feature columns must be numeric for a Dask fit; {bad[:10]} are not "
+                         f"(dtypes {[str(dtypes[c]) for c in bad[:10]]}); encode them first")
     parts = frame.to_delayed()
     lengths = [int(n) for n in dask.compute(*[dask.delayed(len)(p) for p in parts])]
     get = dask.delayed(_blocks.frame_column_values, pure=True)
