@@ -86,6 +86,12 @@ class SolverResult:
     message: str = ""
 
 
+def _rounding(obj, f: float) -> float:
+    """How much an objective value near ``f`` can be off by rounding: a few ulps of the data's dtype
+    (float32 data computes its logits and losses in float32)."""
+    return 8 * float(np.finfo(getattr(obj, "dtype", np.float64)).eps) * abs(f)
+
+
 def _inf_norm(g) -> float:
     return float(np.max(np.abs(g), initial=0.0))
 
@@ -184,7 +190,8 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
         elif rho > 0.75 and boundary:
             radius = 2.0 * radius
         # accept descent steps; near the optimum both reductions fall to rounding level, accept those too
-        if rho > 1e-4 or (predicted <= 8 * np.finfo(float).eps * abs(f) and f_new <= f + 8 * np.finfo(float).eps * abs(f)):
+        noise = _rounding(obj, f)
+        if rho > 1e-4 or (predicted <= noise and f_new <= f + noise):
             w, f, g = w + p, f_new, g_new
         if monitor.step(w, f, _inf_norm(g)):
             return SolverResult(w, it, True, "stopped by callback")
@@ -215,7 +222,7 @@ def _gd(obj, w0, *, max_iter, tol, monitor, learning_rate=None, **_):
             # Near the optimum the promised decrease falls below the rounding of f: there the search
             # allows that much slack and keeps the last accepted step instead of growing it, or it would
             # either shrink the step to nothing or accept ever longer steps that are not descent steps.
-            slack = 8 * np.finfo(float).eps * abs(f)
+            slack = _rounding(obj, f)
             if 0.5 * step * gg > 100 * slack:
                 step *= 1.5
             while True:
