@@ -80,12 +80,20 @@ def objective_of(X, y_idx, K, coef, intercept):
 
 
 # ------------------------------------------------------------------------------------ contenders
+TIME_LIMIT = [float("inf")]   # seconds per contender run (--time-limit); a run stopped by it reports so
+
+
+class _OutOfTime(Exception):
+    pass
+
+
 def run_softxent(solver, X, y, max_iter):
     traj = []
     t0 = time.perf_counter()
 
     def cb(info):
         traj.append((time.perf_counter() - t0, info.objective))
+        return traj[-1][0] > TIME_LIMIT[0]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,6 +112,8 @@ def run_sklearn_lbfgs(X, y, max_iter):
     def recording_minimize(*args, **kwargs):
         def cb(intermediate_result):
             traj.append((time.perf_counter() - t0, float(intermediate_result.fun)))
+            if traj[-1][0] > TIME_LIMIT[0]:
+                raise StopIteration
         kwargs["callback"] = cb
         return original(*args, **kwargs)
 
@@ -135,7 +145,7 @@ def run_sklearn_refits(solver, X, y, target_fn, max_iter):
         f = target_fn(m.coef_, m.intercept_)
         traj.append((dt, f))
         last = (m.coef_, m.intercept_)
-        if f <= target_fn.target:
+        if f <= target_fn.target or dt > TIME_LIMIT[0]:
             break
         it *= 2
     return traj, traj[-1][0], last
@@ -158,6 +168,8 @@ def run_torch_lbfgs(X, y, K, max_iter):
     t0 = time.perf_counter()
 
     def closure():
+        if traj and traj[-1][0] > TIME_LIMIT[0]:
+            raise _OutOfTime
         opt.zero_grad()
         z = Xt @ W.T + b
         loss = torch.nn.functional.cross_entropy(z, yt) + 0.5 * ALPHA * (W * W).sum()
@@ -165,7 +177,10 @@ def run_torch_lbfgs(X, y, K, max_iter):
         traj.append((time.perf_counter() - t0, float(loss)))
         return loss
 
-    opt.step(closure)
+    try:
+        opt.step(closure)
+    except _OutOfTime:
+        pass
     total = time.perf_counter() - t0
     return traj, total, (W.detach().numpy(), b.detach().numpy())
 
@@ -205,12 +220,15 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rel", type=float, default=1e-6)
     ap.add_argument("--max-iter", type=int, default=1000)
+    ap.add_argument("--time-limit", type=float, default=float("inf"),
+                    help="stop each contender run after this many seconds (reported as not reaching the target)")
     args = ap.parse_args()
 
     import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(args.threads)
+    TIME_LIMIT[0] = args.time_limit
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth (numpy sum): {bandwidth:.1f} GB/s; threads: {args.threads}")
     rows, evals = [], []
@@ -289,6 +307,12 @@ def main():
                 for r in rows:
                     if r["dataset"] == name and r["dtype"] == dtype:
                         r["speedup_vs_fastest_sklearn"] = sk_best / r["time_to_target_s"]
+                print_table([r for r in rows if r["dataset"] == name and r["dtype"] == dtype],
+                            ["contender", "time_to_target_s", "speedup_vs_fastest_sklearn", "final_rel_gap", "total_s"],
+                            title=f"{name} {dtype}")
+                write_json("fit_cpu" + ("_quick" if args.quick else ""),
+                           {"args": vars(args), "alpha": ALPHA, "bandwidth_gbs": bandwidth, "rows": rows,
+                            "evals": evals, "partial": True})
 
     cols = ["dataset", "dtype", "contender", "time_to_target_s", "speedup_vs_fastest_sklearn", "final_rel_gap",
             "total_s"]
