@@ -8,6 +8,20 @@ import shutil
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """PyTorch on one thread for a module of tiny shapes: OpenMP hand-offs (slow on shared, loaded cores)
+    would cost more than the arithmetic.  Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 try:
     from hypothesis import HealthCheck, settings
 

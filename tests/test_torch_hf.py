@@ -17,13 +17,7 @@ from softxent.torch.hf import (  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread, so that OpenMP hand-offs (slow on shared, loaded cores) cost nothing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_llama(seed=0, tie=False):

@@ -31,13 +31,7 @@ TOL32 = 2e-5
 TOL64 = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread, so that OpenMP hand-offs (slow on shared, loaded cores) cost nothing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def rel_err(got, want, scale=None) -> float:

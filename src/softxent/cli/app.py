@@ -277,6 +277,10 @@ def train(
                                                       "--out (0: none)"),
     report: bool = typer.Option(True, "--report/--no-report", help="write report.html and the PNGs"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    use_dask: bool = typer.Option(False, "--dask", help="fit on a Dask LocalCluster (127.0.0.1); DATA "
+                                  "(Parquet/CSV files or globs) is read lazily, block by block"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="fit on the existing Dask cluster at "
+                                            "ADDRESS (implies --dask)"),
     debug: bool = DebugOption,
 ) -> None:
     """Fit softmax regression on DATA (default: the bundled digits); write the model, report.html and plots.
@@ -288,10 +292,111 @@ def train(
         _train(**locals())
 
 
+def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_iter, tol, batch_size, learning_rate,
+                   class_weight, seed, standardize, out, force, quiet, scheduler):
+    """``train --dask``: read the files lazily, standardise with the data's mean/std, fit with the objective as
+    one map-reduce per evaluation (softxent.dask), save the same model files.  No held-out split: the files
+    are assumed too large to reshuffle; evaluate on separate files with ``softxent evaluate``."""
+    import numpy as np
+
+    from ..dask import client_for, fit_dask, read_table
+    from ..estimator import SoftmaxRegression
+    from .data import Preprocessing, detect_format, expand_paths
+    from .model_io import MODEL_JSON, SavedModel, save_model
+    from .report import compute_metrics
+
+    out = out if out is not None else _default_out()
+    if (out / MODEL_JSON).exists() and not force:
+        raise UserInputError(f"{str(out)!r} already holds a model; overwrite it with --force or choose another --out")
+    try:
+        X, y, names = read_table(list(data), target, fmt=fmt)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        raise DataError(str(exc).splitlines()[0]) from None
+    client = stack.enter_context(client_for(scheduler=scheduler))
+    t0 = time.perf_counter()
+    y_np = np.asarray(client.compute(y, sync=True))
+    classes_all = np.unique(y_np)
+    if len(classes_all) < 2:
+        raise DataError(f"the target {target!r} has only one class ({classes_all[0]!r}); a classifier needs at least 2")
+    do_std = True if standardize is None else standardize
+    if do_std:
+        mean, std = client.compute([X.mean(axis=0), X.std(axis=0)], sync=True)
+        scale = np.where(np.asarray(std) > 0, std, 1.0)
+        X_fit = (X - mean) / scale
+    else:
+        mean, scale, X_fit = np.zeros(X.shape[1]), np.ones(X.shape[1]), X
+    pre = Preprocessing(input_columns=list(names), feature_names=list(names), table=True, standardize=do_std,
+                        mean=np.asarray(mean, dtype=np.float64), scale=np.asarray(scale, dtype=np.float64))
+    load_s = time.perf_counter() - t0
+    sources = [str(p) for p in expand_paths(list(data))] or list(data)
+    kind = fmt or detect_format(Path(sources[0]))
+    console.print(f"[bold]softxent train --dask[/bold]: {len(sources)} {kind} file(s) — {len(y_np)} rows, "
+                  f"{len(names)} features, {len(classes_all)} classes, {X.numblocks[0]} row blocks on "
+                  f"{len(client.scheduler_info().get('workers', {}))} worker(s)")
+    cw = class_weight if class_weight not in (None, "none") else None
+    lr = learning_rate if learning_rate in (None, "auto") else float(learning_rate)
+    params = {k: v for k, v in {"alpha": alpha, "l1_ratio": l1_ratio, "solver": solver, "max_iter": max_iter,
+                                "tol": tol, "batch_size": batch_size, "learning_rate": lr, "class_weight": cw,
+                                "random_state": seed}.items() if v is not None}
+    est = SoftmaxRegression(**params)
+    progress = None if quiet else _progress()
+    task = progress.add_task(est.solver, total=est.max_iter, objective="-", grad="-") if progress else None
+    monitor = _FitMonitor(progress, task, 0.0, lambda last, curve: None, describe=lambda: f"{est.solver} iteration")
+    est.set_params(callback=monitor)
+    t_fit = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with progress if progress is not None else contextlib.nullcontext():
+            fit_dask(est, X_fit, y, client=client)
+    fit_s = time.perf_counter() - t_fit
+    est.set_params(callback=None)
+    logp = np.asarray(client.compute(est.predict_log_proba(X_fit), sync=True))
+    metrics = {"train": compute_metrics(np.searchsorted(est.classes_, y_np), logp)}
+    meta = {"training": {"data": sources, "format": kind, "n_rows": int(len(y_np)), "n_train": int(len(y_np)),
+                         "n_test": 0, "test_size": 0.0, "seed": seed, "dask": True,
+                         "command": _command_line()},
+            "estimator": {"class": "softxent.SoftmaxRegression", "params": _json_params(est), "solver": est.solver_,
+                          "n_iter": int(est.n_iter_), "objective": float(est.objective_), "fit_seconds": fit_s,
+                          "converged": not any(issubclass(w.category, Warning) and "converge" in str(w.message)
+                                               for w in caught)},
+            "metrics": {k: m.to_json() for k, m in metrics.items()}}
+    model = SavedModel(classes=est.classes_, coef=np.asarray(est.coef_, dtype=np.float64),
+                       intercept=np.asarray(est.intercept_, dtype=np.float64), preprocessing=pre,
+                       loss_curve=np.asarray(est.loss_curve_, dtype=np.float64), target=target, status="complete",
+                       meta=meta)
+    out.mkdir(parents=True, exist_ok=True)
+    with _sigint_deferred():
+        save_model(out, model)
+    for w in caught:
+        if "converge" in str(w.message):
+            console.print(f"[yellow]warning:[/yellow] {' '.join(str(w.message).split())}")
+    console.print(f"solver {est.solver_}: {est.n_iter_} iterations, objective {est.objective_:.8g}; "
+                  f"{fit_s:.2f} s fitting on Dask, {load_s:.2f} s scanning")
+    console.print(_metrics_table(metrics))
+    console.print(f"model  → {out / 'model.safetensors'} + {out / 'model.json'}")
+
+
 def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, tol, batch_size, learning_rate,
            class_weight, seed, standardize, categorical, impute, out, resume, force, checkpoint_every, report,
-           quiet, debug):
+           quiet, debug, use_dask=False, scheduler=None):
     import numpy as np
+
+    dask_mode = bool(use_dask or scheduler)
+    if dask_mode:
+        if not data:
+            raise UserInputError("--dask reads Parquet/CSV files: give DATA (files, folders or globs) and --target")
+        if target is None:
+            raise UserInputError("--dask needs --target (the label column)")
+        for flag, value in (("--resume", resume), ("--categorical", categorical),
+                            ("--impute", impute not in (None, "none"))):
+            if value:
+                raise UserInputError(f"{flag} is not supported with --dask; encode and impute the files first")
+        stack = contextlib.ExitStack()
+        with stack:
+            return _train_on_dask(stack, data=data, target=target, fmt=fmt, alpha=alpha, l1_ratio=l1_ratio,
+                                  solver=solver, max_iter=max_iter, tol=tol, batch_size=batch_size,
+                                  learning_rate=learning_rate, class_weight=class_weight, seed=seed,
+                                  standardize=standardize, out=out, force=force, quiet=quiet, scheduler=scheduler)
 
     from .data import Preprocessing, load_data, split_target, train_test_indices
     from .model_io import MODEL_JSON, SavedModel, load_model, save_model
