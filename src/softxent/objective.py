@@ -65,6 +65,7 @@ class LinearSoftmaxObjective:
                           else float(np.sum(self.sample_weight, dtype=np.float64)))
         self.weight_sum = float(weight_sum)
         self._hess_cache = None
+        self._xt_csr = None  # sparse X only: X^T in CSR, made on first use
 
     # ---------------------------------------------------------------- coefficient layout
     @property
@@ -148,7 +149,11 @@ class LinearSoftmaxObjective:
     def _backprop(self, dz) -> np.ndarray:
         """``dz (N, K)`` -> ``[dz^T X, sum_i dz_i]`` as a flat float64 vector."""
         if sp.issparse(self.X):
-            g_theta = (self.X.T @ dz).T
+            # X^T as its own CSR matrix, made once: the product then writes each output row in turn
+            # instead of scattering into it (3-4x faster than the CSC view X.T at 0.1% density).
+            if self._xt_csr is None:
+                self._xt_csr = self.X.T.tocsr()
+            g_theta = (self._xt_csr @ dz).T
         else:
             g_theta = dz.T @ self.X
         parts = [np.asarray(g_theta, dtype=np.float64).ravel()]
