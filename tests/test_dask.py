@@ -435,3 +435,26 @@ def test_read_table_and_fit_dataframe(client, tmp_path):
     assert list(est.feature_names_in_) == names
     assert abs(est.objective_ - ref.objective_) <= 1e-8 * ref.objective_
     np.testing.assert_array_equal(est.predict(ddf[names]).compute(), ref.predict(frame[names]))
+
+
+def test_aligned_copies_only_misaligned_blocks():
+    """A block received from another process can start at any byte; load_block copies it to a
+    cache-line boundary once (the values unchanged), and leaves an aligned block alone."""
+    from softxent.dask._blocks import ALIGNMENT, aligned, load_block
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((37, 5))
+    raw = np.empty(X.nbytes + 3, dtype=np.uint8)
+    odd = raw[3:3 + X.nbytes].view(np.float64).reshape(X.shape)  # starts 3 bytes past the buffer
+    odd[...] = X
+    if odd.ctypes.data % ALIGNMENT == 0:  # the buffer itself started 3 bytes before a boundary
+        odd = raw[:X.nbytes].view(np.float64).reshape(X.shape)
+        odd[...] = X
+    assert odd.ctypes.data % ALIGNMENT != 0
+    fixed = aligned(odd)
+    assert fixed.ctypes.data % ALIGNMENT == 0 and fixed.flags.c_contiguous
+    np.testing.assert_array_equal(fixed, X)
+    assert aligned(fixed) is fixed
+    Xb, yb, sb = load_block(odd, np.arange(37) % 3, None, np.float64)
+    assert Xb.ctypes.data % ALIGNMENT == 0
+    np.testing.assert_array_equal(Xb, X)

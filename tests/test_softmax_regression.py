@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from softxent import SoftmaxRegression, gradcheck  # noqa: E402
-from softxent.loss import cross_entropy  # noqa: E402
+from softxent.loss import cross_entropy, cross_entropy_with_grad  # noqa: E402
 from softxent.objective import LinearSoftmaxObjective  # noqa: E402
 
 FULL_BATCH = ["lbfgs", "newton-cg", "gd", "proximal"]
@@ -342,3 +342,19 @@ def test_objective_row_blocks_equal_one_block(dtype, fit_intercept):
     assert fb == pytest.approx(fw, rel=rtol)
     np.testing.assert_allclose(gb, gw, rtol=rtol, atol=rtol * np.abs(gw).max())
     assert blocked.loss(w) == pytest.approx(fw, rel=rtol)
+    # both against the formula written out in float64: E = sum s CE / S + penalty, grad = [delta^T X, sum delta]
+    theta = w[:6 * 30].reshape(6, 30)
+    b = w[6 * 30:] if fit_intercept else np.zeros(6)
+    z = X.astype(np.float64) @ theta.T + b
+    ce, dz = cross_entropy_with_grad(z, y, sample_weight=s, reduction="none")
+    f_ref = ce.sum() / s.sum() + 0.05 * np.sum(theta ** 2)
+    g_ref = np.concatenate([(dz.T @ X.astype(np.float64)).ravel() / s.sum() + 0.1 * theta.ravel()]
+                           + ([dz.sum(axis=0) / s.sum()] if fit_intercept else []))
+    for f, g in ((fb, gb), (fw, gw)):
+        assert f == pytest.approx(f_ref, rel=rtol)
+        np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=rtol * np.abs(g_ref).max())
+    v = rng.standard_normal(blocked.n_coef)
+    eps = 1e-6
+    hv_fd = (whole.loss_gradient(w + eps * v)[1] - whole.loss_gradient(w - eps * v)[1]) / (2 * eps)
+    if dtype == np.float64:
+        np.testing.assert_allclose(whole.hessp(w, v), hv_fd, rtol=1e-6, atol=1e-7 * np.abs(hv_fd).max())

@@ -89,13 +89,38 @@ class LinearSoftmaxObjective:
 
     # ---------------------------------------------------------------- data terms (sums over rows)
     def decision_function(self, w) -> np.ndarray:
-        """``z = X Theta^T + b``, ``(N, K)`` in the dtype of ``X``."""
+        """``z = X Theta^T + b``, ``(N, K)`` in the dtype of ``X`` (for float64 dense ``X``, F-ordered: see
+        :meth:`_x_theta_t`)."""
         theta, b = self.unpack(w)
-        z = self.X @ theta.T.astype(self.dtype, copy=False)
-        z = np.asarray(z)  # sparse @ dense is dense already; keep ndarray semantics
+        z = self._x_theta_t(self.X, np.ascontiguousarray(theta, dtype=self.dtype))
         if b is not None:
             z += b.astype(self.dtype, copy=False)
         return z
+
+    #: Dense float64 ``X``: the products are taken transposed (see :meth:`_x_theta_t`).
+    TRANSPOSED_DTYPES = (np.dtype(np.float64),)
+
+    def _x_theta_t(self, xb, theta, out=None) -> np.ndarray:
+        """``xb Theta^T`` for a block ``xb`` ``(n, D)`` and ``theta`` ``(K, D)`` C-contiguous in X's dtype.
+
+        For dense float64 the product is computed as ``(Theta xb^T)^T``: the same numbers, but OpenBLAS's
+        dgemm runs the ``K x n`` output ~1.5x faster than the ``n x K`` one when ``K`` is small (measured
+        on the 60000 x 784, K = 10 set: 62 vs 100 ms; float32's sgemm shows no such gap, so float32 keeps
+        the direct product).  The result is then an F-ordered ``(n, K)`` view, which every consumer
+        here accepts.  ``out``: a C-contiguous buffer of ``(K, n)`` (transposed) or ``(n, K)`` elements.
+        """
+        if sp.issparse(xb):
+            return np.asarray(xb @ theta.T)
+        if xb.dtype in self.TRANSPOSED_DTYPES:
+            zt = np.matmul(theta, xb.T, out=None if out is None else out.reshape(theta.shape[0], xb.shape[0]))
+            return zt.T
+        return np.matmul(xb, theta.T, out=None if out is None else out.reshape(xb.shape[0], theta.shape[0]))
+
+    @staticmethod
+    def _dz_t_x(dz, xb) -> np.ndarray:
+        """``dz^T xb`` ``(K, D)`` for dense ``xb``: with ``dz^T`` made C-contiguous first (a copy of ``n K``
+        elements), OpenBLAS takes its faster path for the skinny product (49 vs 54 ms at 60000 x 784)."""
+        return np.ascontiguousarray(dz.T) @ xb
 
     def data_sums(self, w, need_grad: bool = True):
         """``(sum_i s_i CE_i, d/dw of that sum)``: the unnormalised data term, no penalty.
@@ -111,27 +136,29 @@ class LinearSoftmaxObjective:
         if rows >= X.shape[0]:
             z = self.decision_function(w)
             row_loss, dz = cross_entropy_with_grad(z, self.y, sample_weight=self.sample_weight,
-                                                   reduction="none", out=z)
+                                                   reduction="none", out=z if z.flags.c_contiguous else None)
             loss_sum = float(np.sum(row_loss, dtype=np.float64))
             return loss_sum, (self._backprop(dz) if need_grad else None)
         theta, b = self.unpack(w)
-        theta_t = np.ascontiguousarray(theta.T, dtype=self.dtype)
+        theta = np.ascontiguousarray(theta, dtype=self.dtype)
         b = None if b is None else b.astype(self.dtype)
-        z_buf = np.empty((rows, K), dtype=self.dtype)
+        z_buf = np.empty(rows * K, dtype=self.dtype)
         g_theta = np.zeros((K, self.n_features)) if need_grad else None
         g_b = np.zeros(K)
         loss_sum = 0.0
         for start in range(0, X.shape[0], rows):
             xb = X[start:start + rows]
-            zb = np.matmul(xb, theta_t, out=z_buf[: xb.shape[0]])
+            zb = self._x_theta_t(xb, theta, out=z_buf[: xb.shape[0] * K])
             if b is not None:
                 zb += b
             sw = None if self.sample_weight is None else self.sample_weight[start:start + rows]
+            # out= only when zb is C-ordered (the loss writes its gradient C-ordered); the F-ordered
+            # float64 logits get a fresh (n, K) gradient, a small array next to xb
             row_loss, dz = cross_entropy_with_grad(zb, self.y[start:start + rows], sample_weight=sw,
-                                                   reduction="none", out=zb)
+                                                   reduction="none", out=zb if zb.flags.c_contiguous else None)
             loss_sum += float(np.sum(row_loss, dtype=np.float64))
             if need_grad:
-                g_theta += dz.T @ xb
+                g_theta += self._dz_t_x(dz, xb)
                 g_b += dz.sum(axis=0, dtype=np.float64)
         if not need_grad:
             return loss_sum, None
@@ -155,7 +182,7 @@ class LinearSoftmaxObjective:
                 self._xt_csr = self.X.T.tocsr()
             g_theta = (self._xt_csr @ dz).T
         else:
-            g_theta = dz.T @ self.X
+            g_theta = self._dz_t_x(dz, self.X)
         parts = [np.asarray(g_theta, dtype=np.float64).ravel()]
         if self.fit_intercept:
             parts.append(dz.sum(axis=0, dtype=np.float64))

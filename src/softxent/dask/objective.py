@@ -161,6 +161,7 @@ class DaskLinearSoftmaxObjective:
         self._groups = None if persisted else tuple((i,) for i in range(len(self.blocks)))
         self._grouped_at = 0
         self._hess_cache = None      # (w, groups, w's graph node, per-group futures of the softmax at w)
+        self._previous_futures = ()  # the last evaluation's futures: released after the next submit
         self._lipschitz = None
 
     # ------------------------------------------------------------------ LinearSoftmaxObjective's attributes
@@ -191,21 +192,14 @@ class DaskLinearSoftmaxObjective:
     def _node(self, value):
         """``value`` (a small float64 array) as it goes into an evaluation's graph.
 
-        ``coef_node=False`` (the default): the array itself, inlined into each group task -- one task per
-        worker, so ``value`` reaches each worker once, as a node would.  ``coef_node=True``: ONE node that
-        every group task of the evaluation depends on -- persisted: a task returning ``value`` (the
-        scheduler can rerun it if its worker is lost); streamed: a delayed literal.  The node costs a
-        scheduling hop (it must be materialised on a worker and fetched by the others before the group
-        tasks start) and a second message from the client, which distributed batches at 10 ms: measured
-        on 2 cores, a no-op map-reduce took 12 ms inlined vs 18 ms with the node, and a small fit's
-        evaluations 2-3x longer.  Streamed blocks always use the node: there each block is its own task,
-        and an evaluation takes seconds.
+        ``coef_node=False``: the array itself, inlined into each group task -- one task per worker, so
+        ``value`` reaches each worker once, as a node would.  ``coef_node=True``: ONE node of the same
+        graph that every group task depends on (a delayed literal).  Either way the evaluation is one
+        graph, sent to the scheduler in one message (see :meth:`_map`).
         """
         value = np.ascontiguousarray(value, dtype=np.float64)
-        if not self.coef_node and self.persisted:
+        if not self.coef_node:
             return value
-        if self.persisted:
-            return self.client.submit(_blocks.coefficients, value, pure=False)
         import dask
 
         return dask.delayed(value, pure=True)
@@ -234,17 +228,27 @@ class DaskLinearSoftmaxObjective:
         return self._groups
 
     def _map(self, func, *args, groups=None, per_group=None):
-        """``func(*args, [per_group[g],] *blocks of group g)`` for each group ``g``: futures, in group order."""
+        """``func(*args, [per_group[g],] *blocks of group g)`` for each group ``g``: futures, in group order.
+
+        Latency, not arithmetic, is what a small cluster pays per evaluation, so two things matter here:
+
+        * the whole evaluation is ONE graph submitted by ONE ``client.compute`` call.  The client sends its
+          messages to the scheduler in batches at most every 10 ms: a second message right after a first
+          (a ``submit`` per worker, or a node for ``w`` and then the tasks) waits for the next batch.
+        * the previous evaluation's futures are released only AFTER this one is submitted.  Releasing
+          them first would put a message on the wire just before the new graph, and the graph would wait
+          its 10 ms behind it (measured on 2 cores: a no-op map-reduce 12 ms -> see the benchmark).
+        """
+        import dask
+
         groups = self._current_groups() if groups is None else groups
         self.n_evaluations += 1
         extra = [()] * len(groups) if per_group is None else [(p,) for p in per_group]
-        if self.persisted:
-            return [self.client.submit(func, *args, *e, *[self.blocks[i] for i in g], pure=False)
-                    for g, e in zip(groups, extra)]
-        import dask
-
-        f = dask.delayed(func, pure=True)
-        return self.client.compute([f(*args, *e, *[self.blocks[i] for i in g]) for g, e in zip(groups, extra)])
+        f = dask.delayed(func, pure=False)
+        futures = self.client.compute([f(*args, *e, *[self.blocks[i] for i in g]) for g, e in zip(groups, extra)],
+                                      optimize_graph=False)
+        self._previous_futures = futures  # releases the previous evaluation's results, after the submit
+        return futures
 
     def _gather_sum(self, futures):
         """Gather the groups' arrays and add them in group order."""
