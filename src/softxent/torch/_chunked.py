@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -146,6 +147,92 @@ def _capped_logits(prod, xc, buf, tanh_buf, softcap):
             torch.mul(tanh_buf, softcap, out=buf)
 
 
+def _logit_chunks(prod, x, n_classes, softcap, keep_tanh, max_chunk_bytes):
+    """For each chunk of rows of ``x``: ``(i0, i1, xc, zb, tb)`` with ``xc`` the rows ``i0:i1`` in the
+    compute dtype, ``zb = zhat`` of those rows and, when ``keep_tanh``, ``tb = tanh(z / c)`` (else None).
+    ``zb`` and ``tb`` are views of buffers reused by every chunk (sized by :func:`chunk_rows`), so the
+    caller may overwrite them in place before asking for the next chunk."""
+    N = x.shape[0]
+    n_buf = 2 if keep_tanh else 1
+    R = chunk_rows(N, n_classes, torch.finfo(prod.cdt).bits // 8, n_buf, max_chunk_bytes)
+    buf = torch.empty(min(R, N), n_classes, dtype=prod.cdt, device=x.device)
+    tbuf = torch.empty_like(buf) if keep_tanh else None
+    for i0 in range(0, N, R):
+        i1 = min(N, i0 + R)
+        zb = buf[: i1 - i0]
+        tb = None if tbuf is None else tbuf[: i1 - i0]
+        xc = prod.x_chunk(x[i0:i1])
+        _capped_logits(prod, xc, zb, tb, softcap)
+        yield i0, i1, xc, zb, tb
+
+
+class _Gradients:
+    """The gradients being formed chunk by chunk: ``dx`` ``(N, D)`` in x's dtype, ``dW`` ``(V, D)`` and
+    ``db`` ``(V,)`` summed over the chunks in the compute dtype; None where not needed."""
+
+    def __init__(self, x, n_classes, cdt, need_dx, need_dw, need_db):
+        self.dx = torch.empty_like(x) if need_dx else None
+        self.dw = torch.zeros(n_classes, x.shape[1], dtype=cdt, device=x.device) if need_dw else None
+        self.db = torch.zeros(n_classes, dtype=cdt, device=x.device) if need_db else None
+
+    def add_chunk(self, prod, delta, xc, i0, i1):
+        """Rows ``i0:i1``: ``dx[i0:i1] = delta W``, ``dW += delta^T xc``, ``db += sum_i delta_i``."""
+        if self.dx is not None:
+            prod.dx(delta, out=self.dx[i0:i1])
+        if self.dw is not None:
+            prod.dw_accumulate(self.dw, delta, xc)
+        if self.db is not None:
+            self.db += delta.sum(dim=0)
+
+    def in_input_dtypes(self, weight, bias):
+        """``(dx, dW, db)`` cast once to the dtypes of x, weight and bias."""
+        return (self.dx, None if self.dw is None else self.dw.to(weight.dtype),
+                None if self.db is None else self.db.to(bias.dtype))
+
+
+def finish_forward(ctx, terms, lse, z_t, z_ws, factor, reduction, z_loss, cdt, recompute_inputs=None):
+    """The end of a fused forward: the loss (in ``cdt``) from the row terms, ``lse`` ``(N,)`` and the
+    target and weighted logit sums ``z_t``, ``z_ws``; ``lse`` marked non-differentiable.  With
+    ``recompute_inputs = (x, weight, bias, target, class_weight)`` also saves what a backward that
+    recomputes the logits needs (read back by :func:`recompute_state`).  Returns ``(loss, lse)``."""
+    row_loss = rt.index_row_loss(terms, lse, z_t, z_ws, z_loss)
+    loss = rt.reduce_loss(row_loss, reduction, factor, cdt)
+    if recompute_inputs is not None:
+        a = rt.softmax_coefficient(terms.b_sum, terms.omega, lse, z_loss)
+        ctx.save_for_backward(*recompute_inputs, lse, a, terms.coef_y, terms.coef_u, factor)
+    ctx.mark_non_differentiable(lse)
+    return loss, lse
+
+
+class RecomputeState(NamedTuple):
+    """What :func:`finish_forward` saved, with the row coefficients scaled by ``grad_output``: ``alpha = r a``,
+    ``beta = r coef_y``, ``gamma = r coef_u`` (None without label smoothing), all ``(N,)`` and contiguous,
+    ``r_i = grad_output_i`` for ``'none'``, else ``grad_output`` times the reduction's factor
+    (softxent.torch._row_terms)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor
+    class_weight: torch.Tensor | None
+    lse: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    gamma: torch.Tensor | None
+
+
+def recompute_state(ctx, grad_loss, reduction) -> RecomputeState:
+    """Read back :func:`finish_forward`'s saved tensors and scale them by ``grad_loss`` (in the compute
+    dtype; the product with the float64 factor is rounded once)."""
+    x, weight, bias, target, cw, lse, a, coef_y, coef_u, factor = ctx.saved_tensors
+    N = x.shape[0]
+    cdt = val.compute_dtype(x.dtype)
+    r = grad_loss.to(cdt)
+    r = r.reshape(N) if reduction == "none" else (r * factor).to(cdt).expand(N)
+    return RecomputeState(x, weight, bias, target, cw, lse, (a * r).contiguous(), (coef_y * r).contiguous(),
+                          None if coef_u is None else (coef_u * r).contiguous())
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Inputs: x ``(N, D)``, weight ``(V, D)``, bias ``(V,)`` or None, target ``(N,)`` int64, sample weights
     ``(N,)`` or None, class weights ``(V,)`` or None, normalizer 0-d or None, :class:`ChunkConfig`.
@@ -153,7 +240,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, sample_weight, class_weight, normalizer, cfg):
-        N, D = x.shape
+        N = x.shape[0]
         V = weight.shape[0]
         cdt = val.compute_dtype(x.dtype)
         dev = x.device
@@ -164,30 +251,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         factor = rt.reduction_factor(cfg.reduction, terms.omega, normalizer)
         need_db = cfg.need_db and bias is not None
         grads_now = cfg.reduction != "none" and (cfg.need_dx or cfg.need_dw or need_db)
-        softcap = cfg.softcap
-        n_buf = 2 if (softcap is not None and grads_now) else 1
-        itemsize = torch.finfo(cdt).bits // 8
-        R = chunk_rows(N, V, itemsize, n_buf, cfg.max_chunk_bytes)
         prod = _Products(x, weight, bias, cdt)
 
         lse = torch.empty(N, dtype=cdt, device=dev)
         z_t = torch.empty(N, dtype=cdt, device=dev)
         z_ws = None if terms.coef_u is None else torch.empty(N, dtype=cdt, device=dev)
-        dx = dw = db = None
+        grads = f = None
         if grads_now:
             f = factor.to(cdt)
-            dx = torch.empty_like(x) if cfg.need_dx else None
-            dw = torch.zeros(V, D, dtype=cdt, device=dev) if cfg.need_dw else None
-            db = torch.zeros(V, dtype=cdt, device=dev) if need_db else None
-        buf = torch.empty(min(R, N), V, dtype=cdt, device=dev)
-        tbuf = torch.empty_like(buf) if n_buf == 2 else None
-        for i0 in range(0, N, R):
-            i1 = min(N, i0 + R)
-            n = i1 - i0
-            zb = buf[:n]
-            tb = None if tbuf is None else tbuf[:n]
-            xc = prod.x_chunk(x[i0:i1])
-            _capped_logits(prod, xc, zb, tb, softcap)
+            grads = _Gradients(x, V, cdt, cfg.need_dx, cfg.need_dw, need_db)
+        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, V, cfg.softcap, grads_now and cfg.softcap is not None,
+                                                cfg.max_chunk_bytes):
             tc = terms[i0:i1]
             z_t[i0:i1] = zb.gather(1, tc.idx[:, None])[:, 0]
             if z_ws is not None:
@@ -197,31 +271,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             s = zb.sum(dim=1)
             lse_c = torch.log(s).add_(m)
             lse[i0:i1] = lse_c
-            if not grads_now:
+            if grads is None:
                 continue
             a = rt.softmax_coefficient(tc.b_sum, tc.omega, lse_c, cfg.z_loss)
             _finish_delta(zb, a * f / s, tc.coef_y * f, None if tc.coef_u is None else tc.coef_u * f,
                           tc.idx, cw, tb)
-            if dx is not None:
-                prod.dx(zb, out=dx[i0:i1])
-            if dw is not None:
-                prod.dw_accumulate(dw, zb, xc)
-            if db is not None:
-                db += zb.sum(dim=0)
-        del buf, tbuf
-        row_loss = rt.index_row_loss(terms, lse, z_t, z_ws, cfg.z_loss)
-        loss = rt.reduce_loss(row_loss, cfg.reduction, factor, cdt)
+            grads.add_chunk(prod, zb, xc, i0, i1)
         ctx.cfg = cfg
         ctx.grads_now = grads_now
+        recompute_inputs = None
         if grads_now:
-            ctx.save_for_backward(dx, None if dw is None else dw.to(weight.dtype),
-                                  None if db is None else db.to(bias.dtype))
+            ctx.save_for_backward(*grads.in_input_dtypes(weight, bias))
         elif cfg.need_dx or cfg.need_dw or need_db:
-            a = rt.softmax_coefficient(terms.b_sum, terms.omega, lse, cfg.z_loss)
-            ctx.save_for_backward(x, weight, bias, terms.idx, terms.coef_y, terms.coef_u, a, lse, cw,
-                                  factor)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+            recompute_inputs = (x, weight, bias, terms.idx, cw)
+        return finish_forward(ctx, terms, lse, z_t, z_ws, factor, cfg.reduction, cfg.z_loss, cdt,
+                              recompute_inputs)
 
     @staticmethod
     @once_differentiable
@@ -239,39 +303,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             g = grad_loss
             return (None if dx is None else dx * g, None if dw is None else dw * g,
                     None if db is None else db * g, None, None, None, None, None)
-        x, weight, bias, idx, coef_y, coef_u, a, lse, cw, factor = ctx.saved_tensors
-        N, D = x.shape
-        V = weight.shape[0]
+        st = recompute_state(ctx, grad_loss, cfg.reduction)
+        x, weight, bias = st.x, st.weight, st.bias
         cdt = val.compute_dtype(x.dtype)
-        dev = x.device
-        r = grad_loss.to(cdt)
-        r = r.reshape(N) if cfg.reduction == "none" else r * factor.to(cdt)
-        alpha, beta = a * r, coef_y * r
-        gamma = None if coef_u is None else coef_u * r
         need_db = cfg.need_db and bias is not None
-        softcap = cfg.softcap
-        n_buf = 2 if softcap is not None else 1
-        R = chunk_rows(N, V, torch.finfo(cdt).bits // 8, n_buf, cfg.max_chunk_bytes)
         prod = _Products(x, weight, bias, cdt)
-        dx = torch.empty_like(x) if cfg.need_dx else None
-        dw = torch.zeros(V, D, dtype=cdt, device=dev) if cfg.need_dw else None
-        db = torch.zeros(V, dtype=cdt, device=dev) if need_db else None
-        buf = torch.empty(min(R, N), V, dtype=cdt, device=dev)
-        tbuf = torch.empty_like(buf) if n_buf == 2 else None
-        for i0 in range(0, N, R):
-            i1 = min(N, i0 + R)
-            zb = buf[: i1 - i0]
-            tb = None if tbuf is None else tbuf[: i1 - i0]
-            xc = prod.x_chunk(x[i0:i1])
-            _capped_logits(prod, xc, zb, tb, softcap)
-            zb.sub_(lse[i0:i1, None]).exp_()
-            _finish_delta(zb, alpha[i0:i1], beta[i0:i1], None if gamma is None else gamma[i0:i1],
-                          idx[i0:i1], cw, tb)
-            if dx is not None:
-                prod.dx(zb, out=dx[i0:i1])
-            if dw is not None:
-                prod.dw_accumulate(dw, zb, xc)
-            if db is not None:
-                db += zb.sum(dim=0)
-        return (dx, None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype), None, None, None, None, None)
+        grads = _Gradients(x, weight.shape[0], cdt, cfg.need_dx, cfg.need_dw, need_db)
+        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, weight.shape[0], cfg.softcap,
+                                                cfg.softcap is not None, cfg.max_chunk_bytes):
+            zb.sub_(st.lse[i0:i1, None]).exp_()
+            _finish_delta(zb, st.alpha[i0:i1], st.beta[i0:i1],
+                          None if st.gamma is None else st.gamma[i0:i1], st.target[i0:i1],
+                          st.class_weight, tb)
+            grads.add_chunk(prod, zb, xc, i0, i1)
+        return (*grads.in_input_dtypes(weight, bias), None, None, None, None, None)

@@ -49,7 +49,8 @@ from torch.autograd.function import once_differentiable
 
 from . import _row_terms as rt
 from . import _validation as val
-from ._chunked import DEFAULT_MAX_CHUNK_BYTES, ChunkConfig, ChunkedLinearCrossEntropy, autocast_off
+from ._chunked import (DEFAULT_MAX_CHUNK_BYTES, ChunkConfig, ChunkedLinearCrossEntropy, autocast_off,
+                       finish_forward, recompute_state)
 from ._cross_entropy import _cross_entropy
 
 _TRITON_STATE: dict = {}
@@ -93,27 +94,18 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
                 x, weight, bias, target, ignore_index=cfg["ignore_index"], softcap=cfg["softcap"],
                 class_weight=cw, need_weighted_sum=terms.coef_u is not None)
         factor = rt.reduction_factor(cfg["reduction"], terms.omega, normalizer)
-        row_loss = rt.index_row_loss(terms, lse, z_t, z_ws, cfg["z_loss"])
-        loss = rt.reduce_loss(row_loss, cfg["reduction"], factor, cdt)
         ctx.cfg = cfg
-        if cfg["need_dx"] or cfg["need_dw"] or (cfg["need_db"] and bias is not None):
-            a = rt.softmax_coefficient(terms.b_sum, terms.omega, lse, cfg["z_loss"])
-            ctx.save_for_backward(x, weight, bias, target, cw, lse, a, terms.coef_y, terms.coef_u,
-                                  factor)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        need_grad = cfg["need_dx"] or cfg["need_dw"] or (cfg["need_db"] and bias is not None)
+        return finish_forward(ctx, terms, lse, z_t, z_ws, factor, cfg["reduction"], cfg["z_loss"], cdt,
+                              (x, weight, bias, target, cw) if need_grad else None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_lse):
         cfg = ctx.cfg
-        x, weight, bias, target, cw, lse, a, coef_y, coef_u, factor = ctx.saved_tensors
+        x, weight, bias, target, cw, lse, alpha, beta, gamma = recompute_state(ctx, grad_loss,
+                                                                              cfg["reduction"])
         N = x.shape[0]
-        r = grad_loss.to(torch.float32)
-        r = r.reshape(N) if cfg["reduction"] == "none" else (r * factor).to(torch.float32).expand(N)
-        alpha = (a * r).contiguous()
-        beta = (coef_y * r).contiguous()
-        gamma = None if coef_u is None else (coef_u * r).contiguous()
         skip = cfg["skip_threshold"]
         if skip is not None:
             # The kernels skip a tile when every |alpha_i p_ij| < t; relative to the largest row weight,
