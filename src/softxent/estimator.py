@@ -256,17 +256,12 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         self.solver_ = solver
         obj = self._make_objective(X, y_idx, sw)
         w0 = self._initial_w(obj)
-        monitor = self._monitor(obj, self.max_iter, X.dtype)
-        self.interrupted_ = False
-        try:
+
+        def run(monitor):
             with _blas_threads(X, len(classes)):
-                w, n_iter, converged = self._run(obj, w0, solver, monitor, X, y_idx, sw)
-        except KeyboardInterrupt:
-            self.interrupted_ = True
-            w = monitor.last_w if monitor.last_w is not None else w0
-            self._finish(obj, w, len(monitor.curve), monitor, X.dtype)
-            raise
-        self._finish(obj, w, n_iter, monitor, X.dtype)
+                return self._run(obj, w0, solver, monitor, X, y_idx, sw)
+
+        converged = self._run_and_finish(obj, w0, X.dtype, run)
         if not converged:
             warnings.warn(
                 f"SoftmaxRegression(solver={solver!r}) did not converge within max_iter={self.max_iter} "
@@ -281,6 +276,22 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                              learning_rate=lr)
             return res.w, res.n_iter, res.converged
         return self._fit_minibatch(obj, w0, solver, monitor, X, y_idx, sw)
+
+    def _run_and_finish(self, obj, w0, dtype, run):
+        """Run the solver as ``run(monitor) -> (w, n_iter, converged)`` and store the fitted attributes
+        (coef_ and intercept_ in ``dtype``); returns ``converged``.  A KeyboardInterrupt keeps the last
+        iterate the monitor saw (``w0`` if none), sets ``interrupted_`` and stores it before re-raising."""
+        monitor = self._monitor(obj, self.max_iter, dtype)
+        self.interrupted_ = False
+        try:
+            w, n_iter, converged = run(monitor)
+        except KeyboardInterrupt:
+            self.interrupted_ = True
+            w = monitor.last_w if monitor.last_w is not None else w0
+            self._finish(obj, w, len(monitor.curve), monitor, dtype)
+            raise
+        self._finish(obj, w, n_iter, monitor, dtype)
+        return converged
 
     def _finish(self, obj, w, n_iter, monitor, dtype):
         self._store(obj, w, dtype)

@@ -121,22 +121,16 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef
         solver = est._resolve_solver()
         est.solver_ = solver
         w0 = est._initial_w(obj)
-        monitor = est._monitor(obj, est.max_iter, blocks.dtype)
-        est.interrupted_ = False
-        try:
+
+        def run(monitor):
             if solver in FULL_BATCH_SOLVERS:
                 lr = None if est.learning_rate == "auto" else est.learning_rate
                 res = run_solver(solver, obj, w0, max_iter=est.max_iter, tol=est.tol, monitor=monitor,
                                  learning_rate=lr)
-                w, n_iter, converged = res.w, res.n_iter, res.converged
-            else:
-                w, n_iter, converged = _fit_minibatch(est, obj, w0, solver, monitor)
-        except KeyboardInterrupt:
-            est.interrupted_ = True
-            w = monitor.last_w if monitor.last_w is not None else w0
-            est._finish(obj, w, len(monitor.curve), monitor, blocks.dtype)
-            raise
-        est._finish(obj, w, n_iter, monitor, blocks.dtype)
+                return res.w, res.n_iter, res.converged
+            return _fit_minibatch(est, obj, w0, solver, monitor)
+
+        converged = est._run_and_finish(obj, w0, blocks.dtype, run)
         est.n_evaluations_ = obj.n_evaluations
     if not converged:
         warnings.warn(
