@@ -82,6 +82,10 @@ def test_objective_matches_in_memory(client, persist, coef_node):
     assert obj.lipschitz_bound() == pytest.approx(ref.lipschitz_bound(), rel=1e-14)
     np.testing.assert_array_equal(obj.prox_l1(w, 0.5), ref.prox_l1(w, 0.5))
     assert obj.n_coef == ref.n_coef and obj.n_rows == N and obj.chunks == CHUNKS
+    gram, weight = obj.data_gram_sum()  # Newton-CG's preconditioner: all rows of all blocks
+    gram_ref, weight_ref = ref.data_gram_sum()
+    np.testing.assert_allclose(gram, gram_ref, rtol=1e-12, atol=1e-12)
+    assert weight == pytest.approx(weight_ref, rel=1e-13)
 
 
 def test_graph_does_not_grow(client):

@@ -5,8 +5,9 @@
 solver          when to use it
 ==============  ==================================================================================
 ``lbfgs``       the default for L2: quasi-Newton (scipy's L-BFGS-B); one objective+gradient per step.
-``newton-cg``   trust-region Newton with the exact Hessian-vector product and Jacobi-preconditioned
-                CG: ill-conditioned or unscaled problems, where L-BFGS needs many iterations.
+``newton-cg``   trust-region Newton with the exact Hessian-vector product and CG preconditioned by the
+                features' Gram (dense X) or the Hessian's diagonal: ill-conditioned, unscaled or
+                correlated features, where L-BFGS needs many iterations.
 ``gd``          the seed's plain full-batch gradient descent, with Armijo backtracking or a fixed
                 ``learning_rate``: for teaching and as a baseline; slow on ill-conditioned data.
 ``proximal``    accelerated proximal gradient (FISTA with backtracking and adaptive restart) for L1 /
@@ -32,7 +33,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 __all__ = ["IterationInfo", "Monitor", "SolverResult", "SOLVERS", "FULL_BATCH_SOLVERS",
-           "MINIBATCH_SOLVERS", "run_solver", "minibatch_epochs"]
+           "MINIBATCH_SOLVERS", "run_solver", "minibatch_epochs", "svrg_epochs"]
 
 FULL_BATCH_SOLVERS = ("lbfgs", "newton-cg", "gd", "proximal")
 MINIBATCH_SOLVERS = ("sgd", "adam")
@@ -122,14 +123,82 @@ def _lbfgs(obj, w0, *, max_iter, tol, monitor, **_):
 
 
 # --------------------------------------------------------------------------------------- newton-cg
-def _steihaug_cg(hessp, g, m, radius, tol, max_cg):
+class _DiagonalPreconditioner:
+    """``M = diag(m)``: Jacobi, from the Hessian's diagonal."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def solve(self, r):
+        return r / self.m
+
+    def apply(self, p):
+        return self.m * p
+
+
+class _GramPreconditioner:
+    """``M = blockdiag_k (c_k Gt + l2 I)``: the Hessian with each row's softmax curvature replaced by its
+    class average and the cross-class blocks dropped.
+
+    The data Hessian's ``(k, k)`` block is ``sum_i (s_i/S) a_ik xt_i xt_i^T`` with ``a_ik = h_ik (1 - h_ik)``
+    (``xt_i = [x_i, 1]``); with ``a_ik`` replaced by ``c_k`` it is ``c_k Gt``, ``Gt`` the weighted Gram of
+    ``xt``.  ``Gt = U diag(lam) U^T`` is factored once per fit, so ``M^-1`` costs two ``(K, Dt) x (Dt, Dt)``
+    products.  Unlike the diagonal it sees correlated and collinear features: on the 60000 x 784 set
+    (make_classification, which adds exactly collinear "redundant" features) Newton-CG reached 1e-6 of
+    the optimum in 27 Hessian products instead of 154.  ``c_k`` comes from the Hessian diagonal ``m``:
+    ``c_k = (sum_j m_kj - l2 D) / trace(Gt)``, the ``xt``-norm-weighted mean of ``a_ik``.
+    """
+
+    def __init__(self, eig, m, l2: float, n_classes: int, n_features: int, fit_intercept: bool):
+        lam, U, trace = eig
+        K, D = n_classes, n_features
+        self.K, self.D, self.fit_intercept, self.U = K, D, fit_intercept, U
+        data_diag = m[: K * D].reshape(K, D).sum(axis=1) - l2 * D
+        if fit_intercept:
+            data_diag = data_diag + m[K * D:]
+        c = np.maximum(data_diag / trace, 1e-12)
+        # the intercept is not penalised; a floor keeps M positive definite along an all-zero column
+        self.den = np.maximum(c[:, None] * lam[None, :] + l2, 1e-12 * max(1.0, float(c.max() * lam.max())))
+
+    def _as_matrix(self, v):
+        K, D = self.K, self.D
+        theta = v[: K * D].reshape(K, D)
+        return np.concatenate([theta, v[K * D:, None]], axis=1) if self.fit_intercept else theta
+
+    def _as_vector(self, M):
+        D = self.D
+        return np.concatenate([M[:, :D].ravel(), M[:, D]]) if self.fit_intercept else M.ravel()
+
+    def solve(self, r):
+        return self._as_vector(((self._as_matrix(r) @ self.U) / self.den) @ self.U.T)
+
+    def apply(self, p):
+        return self._as_vector(((self._as_matrix(p) @ self.U) * self.den) @ self.U.T)
+
+
+def _gram_eig(obj):
+    """``(lam, U, trace)`` of ``Gt`` (see :class:`_GramPreconditioner`), or None when the objective has
+    no Gram to offer (sparse or very wide ``X``)."""
+    gram_sum = getattr(obj, "data_gram_sum", None)
+    out = None if gram_sum is None else gram_sum(getattr(obj, "GRAM_MAX_ROWS", None))
+    if out is None or out[1] <= 0:
+        return None
+    gram = out[0] / out[1]
+    lam, U = np.linalg.eigh(gram)
+    return np.maximum(lam, 0.0), U, float(np.trace(gram))
+
+
+def _steihaug_cg(hessp, g, precond, radius, tol, max_cg):
     """Approximately minimise ``g.p + 1/2 p.Hp`` subject to ``||p||_M <= radius`` (Steihaug-Toint CG,
-    preconditioned by the diagonal ``m``).  Returns ``(p, Hp, on_boundary)``."""
+    preconditioned by ``M``: ``precond.solve`` applies ``M^-1``, ``precond.apply`` ``M``).  Returns
+    ``(p, Hp, on_boundary)``."""
     p = np.zeros_like(g)
     hp = np.zeros_like(g)
+    mp = np.zeros_like(g)  # M p, kept alongside p for the trust-region norm
     r = g.copy()
-    y = r / m
+    y = precond.solve(r)
     d = -y
+    md = -r  # M d = -M M^-1 r
     ry = float(r @ y)
     for _ in range(max_cg):
         hd = hessp(d)
@@ -137,54 +206,64 @@ def _steihaug_cg(hessp, g, m, radius, tol, max_cg):
 
         def to_boundary():
             # tau >= 0 with ||p + tau d||_M = radius
-            a, b, c = float(d @ (m * d)), 2 * float(p @ (m * d)), float(p @ (m * p)) - radius**2
+            a, b, c = float(d @ md), 2 * float(p @ md), float(p @ mp) - radius**2
             tau = (-b + math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)
             return p + tau * d, hp + tau * hd, True
 
         if dhd <= 0:
             return to_boundary()
         step = ry / dhd
-        p_next = p + step * d
-        if float(p_next @ (m * p_next)) >= radius**2:
+        p_next, mp_next = p + step * d, mp + step * md
+        if float(p_next @ mp_next) >= radius**2:
             return to_boundary()
-        p, hp = p_next, hp + step * hd
+        p, mp, hp = p_next, mp_next, hp + step * hd
         r = r + step * hd
         if float(np.linalg.norm(r)) <= tol:
             break
-        y = r / m
+        y = precond.solve(r)
         ry_next = float(r @ y)
-        d = -y + (ry_next / ry) * d
+        beta = ry_next / ry
+        d = -y + beta * d
+        md = -r + beta * md  # M d = -M y + beta M d_old, and M y = r
         ry = ry_next
     return p, hp, False
 
 
 def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
-    """Trust-region Newton with the exact Hessian-vector product and a Jacobi-preconditioned Steihaug CG.
+    """Trust-region Newton with the exact Hessian-vector product and a preconditioned Steihaug CG.
 
-    The trust region is measured in the norm of the Hessian's diagonal ``||p||_M = sqrt(p.(M p))``, which
-    makes the method insensitive to the scale of the features (unscaled pixels, counts).  Inner CG stops
-    at ``min(0.5, sqrt(||g||)) ||g||`` (superlinear convergence); the radius follows the usual ratio test.
+    Preconditioner: :class:`_GramPreconditioner` when the objective offers its features' Gram (dense
+    ``X`` of at most ``GRAM_MAX_FEATURES`` columns), else the Hessian's diagonal.  The trust region is
+    measured in the preconditioner's norm ``||p||_M = sqrt(p.(M p))``, which makes the method insensitive
+    to the scale of the features (unscaled pixels, counts).  Inner CG stops at
+    ``min(0.5, sqrt(||g||)) ||g||`` (superlinear convergence); the radius follows the usual ratio test.
     """
     w = w0.copy()
     f, g = obj.loss_gradient(w)
     radius = None
+    eig = None
     for it in range(1, max_iter + 1):
         if _inf_norm(g) <= tol:
             return SolverResult(w, it - 1, True)
+        if it == 1:
+            eig = _gram_eig(obj)  # after the first gradient test: a fit that starts converged skips it
         m = np.maximum(obj.hessian_diag(w), 1e-12)
+        precond = (_DiagonalPreconditioner(m) if eig is None else
+                   _GramPreconditioner(eig, m, obj.alpha * (1.0 - obj.l1_ratio), obj.n_classes, obj.n_features,
+                                       obj.fit_intercept))
         gnorm = float(np.linalg.norm(g))
         if radius is None:
-            radius = max(1.0, math.sqrt(float(g @ (g / m))))
+            radius = max(1.0, math.sqrt(float(g @ precond.solve(g))))
         # Forcing term sqrt(|g|) gives superlinear convergence; solving past half the final tolerance
         # (the next gradient is about the CG residual) would only polish digits nobody asked for.
         cg_tol = max(min(0.5, math.sqrt(gnorm)) * gnorm, 0.5 * tol)
-        p, hp, boundary = _steihaug_cg(lambda v: obj.hessp(w, v), g, m, radius, cg_tol,
+        p, hp, boundary = _steihaug_cg(lambda v: obj.hessp(w, v), g, precond, radius, cg_tol,
                                        max_cg=max(10, min(obj.n_coef, 500)))
         predicted = -(float(g @ p) + 0.5 * float(p @ hp))
         f_new, g_new = obj.loss_gradient(w + p)
         actual = f - f_new
         rho = actual / predicted if predicted > 0 else -1.0
-        p_norm = math.sqrt(float(p @ (m * p)))
+        p_norm = math.sqrt(max(float(p @ precond.apply(p)), 0.0))
         if rho < 0.25:
             radius = 0.25 * p_norm
         elif rho > 0.75 and boundary:
@@ -288,7 +367,8 @@ def run_solver(name: str, obj, w0, *, max_iter: int, tol: float, monitor: Monito
 # ------------------------------------------------------------------------------------- minibatches
 @dataclass
 class MinibatchState:
-    """What persists between epochs and ``partial_fit`` calls: step counter, Adam moments, best loss."""
+    """What persists between epochs, ``partial_fit`` calls and warm-started fits: step counter, Adam
+    moments, best loss; for :func:`svrg_epochs` also the adapted ``step`` and whether its scale is found."""
 
     t: int = 0
     epoch: int = 0
@@ -297,28 +377,64 @@ class MinibatchState:
     lr0: float | None = None
     best_loss: float = np.inf
     no_improvement: int = 0
+    step: float | None = None
+    step_scale_found: bool = False
 
 
-def minibatch_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, batch_size: int,
-                     learning_rate, tol: float | None, n_iter_no_change: int, rng, monitor: Monitor,
-                     validation=None):
-    """Run up to ``n_epochs`` shuffled-minibatch epochs of ``method`` ('sgd' or 'adam') over ``obj``.
+_ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 
-    Each minibatch step uses the gradient of the batch's objective normalised by the batch's expected
-    weight ``S |B| / N`` (an unbiased estimate of the full gradient) plus the L2 penalty, then the L1
-    prox when ``l1_ratio > 0``.  The epoch's objective is the
-    mean of the batch objectives (or, with ``validation``, the validation objective, which drives
-    early stopping).  Returns ``(w, epochs_run, converged)``.
-    """
-    N = obj.X.shape[0]
+
+def _start_minibatches(obj, w, state: MinibatchState, method: str, learning_rate):
+    """Set the first step ``lr0`` ('auto': ``1 / L`` of a single row for sgd, Adam's ``1e-3``) and zero
+    Adam's moments, once per state."""
     if state.lr0 is None:
         if learning_rate is None or learning_rate == "auto":
             state.lr0 = 1.0 / _lipschitz_guess(obj) if method == "sgd" else 1e-3
         else:
             state.lr0 = float(learning_rate)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     if method == "adam" and state.m is None:
         state.m, state.v = np.zeros_like(w), np.zeros_like(w)
+
+
+def _adam_step(state: MinibatchState, g, lr: float):
+    """Update Adam's moments with the gradient estimate ``g``; returns ``(d, steps)``: the step is
+    ``w - d`` with ``d = steps * mhat`` and ``steps = lr / (sqrt(vhat) + eps)`` per coordinate, which is
+    also the scale of the L1 prox that follows (a diagonally scaled step needs a diagonally scaled prox,
+    or its fixed point is not the optimum)."""
+    state.t += 1
+    state.m = _ADAM_BETA1 * state.m + (1 - _ADAM_BETA1) * g
+    state.v = _ADAM_BETA2 * state.v + (1 - _ADAM_BETA2) * g * g
+    mhat = state.m / (1 - _ADAM_BETA1 ** state.t)
+    steps = lr / (np.sqrt(state.v / (1 - _ADAM_BETA2 ** state.t)) + _ADAM_EPS)
+    return steps * mhat, steps
+
+
+def _has_l1(obj) -> bool:
+    return bool(obj.l1_ratio and obj.alpha)
+
+
+def _batch(obj, rows, N):
+    """The minibatch objective on ``rows``, normalised by the batch's expected weight ``S |B| / N`` so
+    that its gradient is an unbiased estimate of the full gradient."""
+    return obj.subset(rows, weight_sum=obj.weight_sum * len(rows) / N)
+
+
+def minibatch_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, batch_size: int,
+                     learning_rate, tol: float | None, n_iter_no_change: int, rng, monitor: Monitor,
+                     validation=None):
+    """Run up to ``n_epochs`` plain shuffled-minibatch epochs of ``method`` ('sgd' or 'adam') over ``obj``:
+    the streaming solver of ``partial_fit`` (and of the Dask fit, which streams row blocks).
+
+    Each minibatch step uses the gradient of the batch's objective normalised by the batch's expected
+    weight ``S |B| / N`` (an unbiased estimate of the full gradient) plus the L2 penalty, then the L1
+    prox when ``l1_ratio > 0``.  sgd's step is ``lr0 / sqrt(1 + epoch)``.  The steps carry sampling
+    noise, so the iterates hover around the optimum at a distance set by the step (use
+    :func:`svrg_epochs` when all the data are at hand).  The epoch's objective is the
+    mean of the batch objectives (or, with ``validation``, the validation objective, which drives
+    early stopping).  Returns ``(w, epochs_run, converged)``.
+    """
+    N = obj.X.shape[0]
+    _start_minibatches(obj, w, state, method, learning_rate)
     bs = max(1, min(int(batch_size), N))
     for e in range(n_epochs):
         order = rng.permutation(N)
@@ -326,20 +442,14 @@ def minibatch_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: in
         grad_norm = 0.0
         for start in range(0, N, bs):
             rows = np.sort(order[start:start + bs])
-            batch = obj.subset(rows, weight_sum=obj.weight_sum * len(rows) / N)
-            f, g = batch.loss_gradient(w)
-            state.t += 1
+            f, g = _batch(obj, rows, N).loss_gradient(w)
             if method == "sgd":
                 lr = state.lr0 / math.sqrt(1.0 + state.epoch)
                 w = w - lr * g
             else:
-                state.m = beta1 * state.m + (1 - beta1) * g
-                state.v = beta2 * state.v + (1 - beta2) * g * g
-                mhat = state.m / (1 - beta1 ** state.t)
-                vhat = state.v / (1 - beta2 ** state.t)
-                lr = state.lr0
-                w = w - lr * mhat / (np.sqrt(vhat) + eps)
-            w = obj.prox_l1(w, lr) if obj.l1_ratio and obj.alpha else w
+                d, lr = _adam_step(state, g, state.lr0)
+                w = w - d
+            w = obj.prox_l1(w, lr) if _has_l1(obj) else w
             total += f * len(rows)
             weight += len(rows)
             grad_norm = max(grad_norm, _inf_norm(g))
@@ -351,14 +461,121 @@ def minibatch_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: in
         epoch_loss = total / weight if weight else 0.0
         score = validation.objective(w) if validation is not None else epoch_loss
         stop = monitor.step(w, score, grad_norm)
-        if tol is not None:
-            if score > state.best_loss - tol:
-                state.no_improvement += 1
-            else:
-                state.no_improvement = 0
-            state.best_loss = min(state.best_loss, score)
-            if state.no_improvement >= n_iter_no_change:
-                return w, e + 1, True
+        if tol is not None and _no_improvement(state, score, tol, n_iter_no_change):
+            return w, e + 1, True
         if stop:
             return w, e + 1, True
     return w, n_epochs, False
+
+
+def _no_improvement(state: MinibatchState, score: float, tol: float, n_iter_no_change: int) -> bool:
+    """Count the epochs whose ``score`` has not improved on the best by ``tol``; True after
+    ``n_iter_no_change`` of them in a row."""
+    if score > state.best_loss - tol:
+        state.no_improvement += 1
+    else:
+        state.no_improvement = 0
+    state.best_loss = min(state.best_loss, score)
+    return state.no_improvement >= n_iter_no_change
+
+
+#: sgd in fit: Polyak's heavy-ball momentum on the variance-reduced gradient.  On digits and a
+#: 10-class make_classification set it cut the epochs to 1e-6 of the optimum 2-3x (velocity 0 -> 0.9).
+SVRG_MOMENTUM = 0.9
+#: The epoch-level step control of :func:`svrg_epochs`: an accepted epoch multiplies the step by
+#: ``STEP_RAMP`` until the first rejected epoch (that finds the scale of the largest stable step in a few
+#: epochs from the safe ``1 / L`` of a single row), then by ``STEP_GROW``; a rejected epoch by ``STEP_SHRINK``.
+STEP_RAMP, STEP_GROW, STEP_SHRINK = 2.0, 1.1, 0.5
+
+
+def _optimality(obj, w, g, step: float) -> float:
+    """Max-norm of the gradient mapping ``(w - prox(w - step g, step)) / step``: the gradient itself
+    without L1 (the stopping test of the full-batch solvers)."""
+    if not _has_l1(obj):
+        return _inf_norm(g)
+    return _inf_norm(w - obj.prox_l1(w - step * g, step)) / step
+
+
+def svrg_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, batch_size: int,
+                learning_rate, tol: float, n_iter_no_change: int, rng, monitor: Monitor, validation=None):
+    """Shuffled-minibatch epochs of ``method`` ('sgd' or 'adam') on the SVRG gradient, with an epoch-level
+    step control: the minibatch solver of ``fit``, which reaches the optimum as the full-batch ones do.
+
+    SVRG (Johnson & Zhang 2013; proximal: Xiao & Zhang 2014).  Each epoch starts at a snapshot
+    ``w~`` with the full gradient ``G~ = grad E(w~)`` (one pass over the data), then steps through
+    shuffled minibatches ``B`` with ``v = grad E_B(w) - grad E_B(w~) + G~``: unbiased like the plain
+    minibatch gradient, but its variance vanishes as ``w`` and ``w~`` approach the optimum, so a constant
+    step converges linearly where plain SGD needs a decaying one and stalls at the sampling noise.
+    (At the first batch ``w = w~`` and ``v = G~``: no batch pass.)  Steps, then the L1 prox:
+
+    * sgd:  ``w+ = prox(w - step v + beta (w - w-), step)``, heavy-ball ``beta = SVRG_MOMENTUM``;
+    * adam: Adam's moments fed with ``v``, ``w+ = prox(w - steps * mhat, steps)`` (``steps`` per
+      coordinate, see :func:`_adam_step`).
+
+    Cost per epoch: about three passes over the data (two minibatch gradients per step, one full).
+
+    Step control: the full objective ``F`` at the end of an epoch (computed with the next snapshot's
+    gradient, so for free) decides.  ``F`` not above the snapshot's (up to rounding): the epoch is
+    accepted and the step grows (``STEP_RAMP``, then ``STEP_GROW``); else the epoch is undone (back to
+    ``w~``), the momentum or Adam's moments restart from zero and the step halves (``STEP_SHRINK``).
+    So ``F`` never rises from one epoch to the next, a too large ``learning_rate`` cannot diverge, and
+    the step settles just below the largest stable one.  The first step is ``learning_rate`` ('auto':
+    ``1 / L`` of a single row for sgd, ``1e-3`` for adam).
+
+    Convergence, as for the full-batch solvers: the max-norm of the full gradient at a snapshot (the
+    gradient mapping at step ``1 / L`` with L1) is at most ``tol``.  With ``validation``, also when the
+    validation objective has not improved by ``tol`` for ``n_iter_no_change`` epochs (early stopping).
+    Every epoch, accepted or undone, is one iteration for ``n_epochs`` and the monitor, which sees the
+    current snapshot, its objective (or the validation objective) and optimality.  Returns
+    ``(w, epochs_run, converged)``.
+    """
+    N = obj.X.shape[0]
+    _start_minibatches(obj, w, state, method, learning_rate)
+    if state.step is None:
+        state.step = state.lr0
+    bs = max(1, min(int(batch_size), N))
+    map_step = 1.0 / _lipschitz_guess(obj)
+    l1 = _has_l1(obj)
+    f, g = obj.loss_gradient(w)
+    F = f + obj.l1_penalty(w)
+    velocity = np.zeros_like(w)
+    optimality = _optimality(obj, w, g, map_step)
+    for e in range(n_epochs):
+        if optimality <= tol:
+            return w, e, True
+        w_snap, g_snap = w, g
+        order = rng.permutation(N)
+        for start in range(0, N, bs):
+            if start == 0:
+                v = g_snap
+            else:
+                batch = _batch(obj, np.sort(order[start:start + bs]), N)
+                v = batch.loss_gradient(w)[1] - batch.loss_gradient(w_snap)[1] + g_snap
+            if method == "sgd":
+                steps = state.step
+                w_next = w - steps * v + SVRG_MOMENTUM * velocity
+            else:
+                d, steps = _adam_step(state, v, state.step)
+                w_next = w - d
+            w_next = obj.prox_l1(w_next, steps) if l1 else w_next
+            velocity, w = w_next - w, w_next
+        state.epoch += 1
+        f, g_new = obj.loss_gradient(w)
+        F_new = f + obj.l1_penalty(w)
+        if np.isfinite(F_new) and F_new <= F + _rounding(obj, F):
+            F, g = F_new, g_new
+            state.step *= STEP_GROW if state.step_scale_found else STEP_RAMP
+        else:  # undo the epoch, restart the momentum / moments, halve the step
+            w = w_snap
+            velocity = np.zeros_like(w)
+            if method == "adam":
+                state.m, state.v, state.t = np.zeros_like(w), np.zeros_like(w), 0
+            state.step *= STEP_SHRINK
+            state.step_scale_found = True
+        optimality = _optimality(obj, w, g, map_step)
+        score = validation.objective(w) if validation is not None else F
+        if monitor.step(w, score, optimality):
+            return w, e + 1, True
+        if validation is not None and _no_improvement(state, score, tol, n_iter_no_change):
+            return w, e + 1, True
+    return w, n_epochs, optimality <= tol

@@ -187,6 +187,19 @@ def group_hessian_diag_sum(spec, w, probas, *blocks):
     return total
 
 
+def group_gram_sum(spec, max_rows, *blocks):
+    """``sum`` over ``blocks`` of ``LinearSoftmaxObjective.data_gram_sum``: ``(gram_sum, weight_sum)`` or
+    None (sparse / too wide).  ``max_rows``: the rows each block may use, in block order."""
+    total, weight = None, 0.0
+    for b, rows in zip(blocks, max_rows):
+        out = _objective(b, spec).data_gram_sum(rows)
+        if out is None:
+            return None
+        total = _add(total, out[0])
+        weight += out[1]
+    return total, weight
+
+
 def group_lipschitz(spec, *blocks) -> float:
     """The largest :func:`block_lipschitz` over ``blocks``."""
     return max(block_lipschitz(b, spec) for b in blocks)

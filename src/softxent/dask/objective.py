@@ -322,6 +322,25 @@ class DaskLinearSoftmaxObjective:
         # all-ones vector: finish(0, d_sum, ones) adds it without writing the penalty a second time.
         return self.finish(0.0, d_sum, np.ones(self.n_coef))[1]
 
+    GRAM_MAX_ROWS = LinearSoftmaxObjective.GRAM_MAX_ROWS
+
+    def data_gram_sum(self, max_rows=None):
+        """``sum_b`` of the blocks' ``data_gram_sum`` (Newton-CG's preconditioner): one map-reduce, each
+        block using its share of ``max_rows`` (all its rows when None).  None when a block has none."""
+        groups = self._current_groups()
+        share = [None if max_rows is None else max(1, -(-int(max_rows) * n // max(1, self.n_rows)))
+                 for n in self.chunks]
+        parts = self.client.gather(self._map(_blocks.group_gram_sum, self.spec, groups=groups,
+                                             per_group=[[share[i] for i in g] for g in groups]))
+        if any(p is None for p in parts):
+            return None
+        gram = np.array(parts[0][0], dtype=np.float64, copy=True)
+        weight = parts[0][1]
+        for g, w in parts[1:]:
+            gram += g
+            weight += w
+        return gram, weight
+
     def lipschitz_bound(self) -> float:
         """The largest of the blocks' :meth:`LinearSoftmaxObjective.lipschitz_bound` (a max over rows)."""
         if self._lipschitz is None:
