@@ -102,6 +102,18 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
+def time_to_target(trajectory, target: float) -> float:
+    """Seconds until the objective first reaches ``target`` (``<=``) along ``trajectory``, a list of
+    ``(seconds, objective)``; NaN when it never does."""
+    return next((t for t, f in trajectory if f <= target), float("nan"))
+
+
+def median_time_to_target(trajectories, target: float) -> float:
+    """The median over repeats of :func:`time_to_target`; NaN unless every repeat reached ``target``."""
+    times = [time_to_target(tr, target) for tr in trajectories]
+    return median(times) if all(t == t for t in times) else float("nan")
+
+
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
     """A GitHub-markdown table of ``rows`` (dicts) restricted to ``columns``; printed and returned."""
     def fmt(v):

@@ -34,7 +34,7 @@ import scipy.optimize
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import machine_info, print_table, write_json  # noqa: E402
+from _harness import machine_info, median_time_to_target, print_table, write_json  # noqa: E402
 
 from softxent import SoftmaxRegression  # noqa: E402
 from softxent.objective import LinearSoftmaxObjective  # noqa: E402
@@ -285,18 +285,10 @@ def main():
                         print(f"  {cname:20s} total {total:8.2f} s  final objective {results[cname][-1][2]:.12g}",
                               flush=True)
 
-                def time_to(traj):
-                    for t, f in traj:
-                        if f <= target:
-                            return t
-                    return float("nan")
-
                 for cname, rs in results.items():
-                    ttt = [time_to(r[0]) for r in rs]
-                    reached = [t for t in ttt if t == t]
                     rows.append({
                         "dataset": name, "dtype": dtype, "contender": cname,
-                        "time_to_target_s": float(np.median(reached)) if len(reached) == len(ttt) else float("nan"),
+                        "time_to_target_s": float(median_time_to_target([r[0] for r in rs], target)),
                         "final_objective": float(np.median([r[2] for r in rs])),
                         "final_rel_gap": float(np.median([r[2] for r in rs]) / best - 1),
                         "total_s": float(np.median([r[1] for r in rs])),

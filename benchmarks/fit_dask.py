@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import print_table, write_json  # noqa: E402
+from _harness import median_time_to_target, print_table, write_json  # noqa: E402
 
 ALPHA = 1e-4
 
@@ -259,18 +259,12 @@ def part1(args, rows, workdir):
     best = min(finals)
     target = best * (1 + args.rel)
 
-    def time_to(traj):
-        for t, f in traj:
-            if f <= target:
-                return t
-        return float("nan")
-
     for cname, rs in results.items():
-        ttt = [time_to(r[0]) for r in rs]
-        rows.append({"contender": cname, "time_to_target_s": float(np.median(ttt)),
+        ttt = float(median_time_to_target([r[0] for r in rs], target))
+        rows.append({"contender": cname, "time_to_target_s": ttt,
                      "total_s": float(np.median([r[1] for r in rs])), "iterations": int(np.median([r[3] for r in rs])),
                      "final_rel_gap": float(np.median([r[2] for r in rs]) / best - 1),
-                     "reached": all(t == t for t in ttt)})
+                     "reached": ttt == ttt})
     spark_row = None
     if spark is not None:
         hist = spark_first["history"]
