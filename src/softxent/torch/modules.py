@@ -11,7 +11,24 @@ from ._linear_cross_entropy import linear_cross_entropy
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
-class CrossEntropyLoss(nn.Module):
+class _CrossEntropyOptions(nn.Module):
+    """The options both loss modules take, kept as attributes and shown by ``repr``."""
+
+    def __init__(self, *, ignore_index: int, label_smoothing: float, reduction: str, z_loss: float,
+                 softcap: float | None):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, z_loss={self.z_loss}, softcap={self.softcap}")
+
+
+class CrossEntropyLoss(_CrossEntropyOptions):
     """:func:`softxent.torch.cross_entropy` as a module: ``loss = module(logits, target)``.
 
     ``weight`` (class weights ``(K,)``) is kept as a buffer, so it moves with ``.to(device)``.
@@ -20,25 +37,17 @@ class CrossEntropyLoss(nn.Module):
     def __init__(self, weight: torch.Tensor | None = None, *, ignore_index: int = -100,
                  label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0,
                  softcap: float | None = None):
-        super().__init__()
+        super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                         z_loss=z_loss, softcap=softcap)
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.reduction = reduction
-        self.z_loss = z_loss
-        self.softcap = softcap
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, sample_weight=None) -> torch.Tensor:
         return cross_entropy(logits, target, weight=self.weight, sample_weight=sample_weight,
                              ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                              reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap)
 
-    def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}, z_loss={self.z_loss}, softcap={self.softcap}")
 
-
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(_CrossEntropyOptions):
     """:func:`softxent.torch.linear_cross_entropy` as a module: ``loss = module(x, weight, target)``.
 
     The module holds the options, not the output layer: pass the layer's ``weight`` (and ``bias``) at
@@ -58,13 +67,9 @@ class LinearCrossEntropyLoss(nn.Module):
                  reduction: str = "mean", class_weight: torch.Tensor | None = None, z_loss: float = 0.0,
                  softcap: float | None = None, shift: bool | int = False, impl: str = "auto",
                  max_chunk_bytes: int | None = None, skip_threshold: float | None = None):
-        super().__init__()
+        super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                         z_loss=z_loss, softcap=softcap)
         self.register_buffer("class_weight", class_weight)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.reduction = reduction
-        self.z_loss = z_loss
-        self.softcap = softcap
         self.shift = shift
         self.impl = impl
         self.max_chunk_bytes = max_chunk_bytes
@@ -81,6 +86,4 @@ class LinearCrossEntropyLoss(nn.Module):
             impl=self.impl, max_chunk_bytes=self.max_chunk_bytes, skip_threshold=self.skip_threshold)
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"shift={self.shift}, impl={self.impl!r}")
+        return f"{super().extra_repr()}, shift={self.shift}, impl={self.impl!r}"
