@@ -75,7 +75,7 @@ def _set_features(est, n_features, names):
 
 
 # ----------------------------------------------------------------------------------------------- fit
-def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef_node=True):
+def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef_node=False):
     """Fit the ``SoftmaxRegression`` ``est`` on dask ``X`` ``(N, D)`` and ``y`` ``(N,)``; returns ``est``.
 
     Full-batch solvers (lbfgs, newton-cg, gd, proximal) run on the client and evaluate the objective as
@@ -84,9 +84,9 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef
     none, a LocalCluster on this machine that is shut down afterwards).  ``persist``: keep the blocks in
     the workers' memory (True), recompute them from the source at every evaluation (False, out of core),
     or 'auto' (persist when they take at most 30% of the workers' memory limit).  ``coef_node``: the
-    coefficients enter each evaluation as one graph node that the one-per-worker tasks depend on (True,
-    the default: in benchmarks/fit_dask.py's full run it was the faster of the two, 3.5 s vs 4.0 s to
-    the objective on 2 workers) or inlined into those tasks (False; see
+    coefficients are inlined into the one-per-worker tasks of each evaluation (False, the default: a
+    no-op map-reduce took 10.7 ms on 1 worker against 18.7 ms with a node, in benchmarks/fit_dask.py
+    --quick) or enter it as one graph node those tasks depend on (True; see
     :meth:`DaskLinearSoftmaxObjective._node`).
     """
     from sklearn.exceptions import ConvergenceWarning
