@@ -2,9 +2,10 @@
 
 No check is expected to fail.  Tolerances: the sample-weight equivalence checks compare the fits on
 weighted vs repeated data at rtol=1e-7, so each solver runs with a ``tol`` that converges that far (the
-two fits follow different paths, and coefficients differ by about gradient / curvature).  Plain SGD
-cannot reach such precision in the checks' budget (its two fits see different minibatches) and is
-listed as an expected failure for those two checks and the class-weight check, with the reason.
+two fits follow different paths, and coefficients differ by about gradient / curvature).  The checks'
+data sets are smaller than the default ``batch_size``, so sgd / adam run one batch per epoch there and the
+weighted and repeated fits take the same steps; with several batches they reach the same optimum too
+(tests/test_softmax_regression.py::test_minibatch_fit_with_weights_equals_repeated_rows).
 """
 
 import pytest
@@ -13,22 +14,6 @@ pytest.importorskip("sklearn")
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from softxent import SoftmaxRegression  # noqa: E402
-
-_WEIGHT_CHECKS = {"check_sample_weight_equivalence_on_dense_data",
-                  "check_sample_weight_equivalence_on_sparse_data"}
-
-
-def _expected_failures(est):
-    failures = {}
-    if est.solver == "sgd":
-        failures.update({c: "stochastic solver: the fits on weighted and on repeated rows see different "
-                            "minibatches, so they differ by the sampling noise, not by 1e-7"
-                         for c in _WEIGHT_CHECKS})
-        failures["check_class_weight_classifiers"] = (
-            "plain SGD on the check's unscaled blobs (std 20, class weights 1000 : 1e-4, unpenalised "
-            "intercept) is too ill-conditioned to pass the 0.87 accuracy bar in 1000 epochs; adam and the "
-            "full-batch solvers pass it")
-    return failures
 
 
 @parametrize_with_checks(
@@ -40,7 +25,6 @@ def _expected_failures(est):
         SoftmaxRegression(solver="sgd", max_iter=50, random_state=0),
         SoftmaxRegression(solver="adam", max_iter=50, random_state=0),
     ],
-    expected_failed_checks=_expected_failures,
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)

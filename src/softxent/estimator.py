@@ -37,6 +37,7 @@ from .solvers import (
     Monitor,
     minibatch_epochs,
     run_solver,
+    svrg_epochs,
 )
 
 __all__ = ["SoftmaxRegression"]
@@ -95,14 +96,22 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             :mod:`softxent.solvers` for when to use which).  'auto' picks 'proximal' when
             ``l1_ratio > 0``, else 'lbfgs'.
         max_iter: iterations of a full-batch solver, epochs of a minibatch one.
-        tol: stop when the gradient's max-norm is at most ``tol`` (full batch), or when the epoch loss
-            has not improved by ``tol`` for ``n_iter_no_change`` epochs (minibatch).
+        tol: stop when the gradient's max-norm (with L1: the gradient mapping's) is at most ``tol``.
+            'sgd' / 'adam' in ``fit`` test it at each epoch's snapshot, where they compute the full
+            gradient anyway (:func:`softxent.solvers.svrg_epochs`), so they stop where the full-batch
+            solvers do.  With ``early_stopping``, they also stop when the validation objective has not
+            improved by ``tol`` for ``n_iter_no_change`` epochs.  (The Dask fit's streamed minibatches
+            stop when the epoch loss has not improved by ``tol`` for ``n_iter_no_change`` epochs;
+            ``partial_fit`` runs one epoch and never tests ``tol``.)
         class_weight: None, 'balanced' or a dict ``{label: weight}``; multiplies the sample weights.
         warm_start: start from the previous ``coef_`` / ``intercept_`` (and keep minibatch state).
         batch_size: minibatch size for 'sgd' / 'adam'.
-        learning_rate: 'auto' or a float step: the fixed step of 'gd' ('auto' = Armijo backtracking),
-            the initial step of 'sgd' ('auto' = 1 / L from the largest row norm), Adam's step
-            ('auto' = 1e-3).
+        learning_rate: 'auto' or a float step: the fixed step of 'gd' ('auto' = Armijo backtracking);
+            the initial step of 'sgd' ('auto' = 1 / L from the largest row norm) and of Adam ('auto' =
+            1e-3).  In ``fit`` the minibatch solvers then adapt it once per epoch (an epoch that raises
+            the objective is undone and halves the step; accepted epochs grow it), so a too large
+            value costs a few epochs instead of diverging; ``partial_fit`` decays sgd's step as
+            ``lr0 / sqrt(1 + epoch)`` and keeps Adam's.
         early_stopping: minibatch solvers hold out ``validation_fraction`` of the data and stop when the
             validation objective stops improving.
         validation_fraction, n_iter_no_change: see ``early_stopping`` / ``tol``.
@@ -111,6 +120,15 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         callback: ``callback(info)`` after every iteration; ``info`` has ``iteration``, ``max_iter``,
             ``objective``, ``grad_norm``, ``elapsed``, ``coef`` and ``intercept`` (the current iterate).
             Returning True stops the fit.
+
+    Minibatch solvers: ``fit`` (all data at hand) runs SVRG, shuffled minibatches with a
+    variance-reduced gradient (one full gradient per epoch; heavy-ball momentum for 'sgd', Adam's moments
+    for 'adam'), which converges to the optimum like the full-batch solvers; ``partial_fit`` (one batch
+    of a stream at a time) runs plain minibatch steps, whose sampling noise keeps them near but not at
+    the optimum.  For data that fit in memory 'lbfgs' / 'newton-cg' are usually faster: to 1e-6 of the
+    optimum on a standardised 50000 x 50, 10-class set (one thread) 'sgd' took 0.26-0.34 s, 'adam' 0.8 s,
+    'lbfgs' 0.16 s; on digits (pixels / 16, alpha=1e-2), fits with tol=1e-6 took 0.2 s ('sgd'),
+    0.55 s ('adam'), 0.06 s ('lbfgs'), 0.02 s ('newton-cg').
 
     Attributes:
         classes_, coef_ (K, D), intercept_ (K,), n_features_in_, feature_names_in_, n_iter_,
@@ -310,7 +328,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             validation, obj = obj.subset(val_rows), obj.subset(train_rows)
         if not (self.warm_start and getattr(self, "_mb_state", None) is not None):
             self._mb_state = MinibatchState()
-        w, n, converged = minibatch_epochs(
+        # all the data are at hand: variance-reduced (SVRG) minibatches, which reach the optimum
+        w, n, converged = svrg_epochs(
             obj, w0, self._mb_state, method=solver, n_epochs=self.max_iter, batch_size=self.batch_size,
             learning_rate=self.learning_rate, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
             rng=rng, monitor=monitor, validation=validation)

@@ -315,13 +315,17 @@ class LinearSoftmaxObjective:
     def lipschitz_bound(self) -> float:
         """A bound on the Lipschitz constant of a single row's gradient, for first step sizes.
 
-        The softmax Hessian has eigenvalues <= 1/2, so ``L <= 1/2 max_i (||x_i||^2 + 1) + alpha``.
+        The softmax Hessian has eigenvalues <= 1/2, so ``L <= 1/2 max_i (||x_i||^2 + 1) + alpha``, the max
+        over the rows with ``s_i > 0`` (a row of weight zero is no part of ``E``, and the bound is then the
+        same for weighted rows as for the same rows repeated).
         """
         X = self.X
         if sp.issparse(X):
             sq = np.asarray(X.multiply(X).sum(axis=1)).ravel()
         else:
             sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+        if self.sample_weight is not None:
+            sq = sq[self.sample_weight > 0]
         return 0.5 * (float(np.max(sq, initial=0.0)) + 1.0) + self.alpha
 
     def l1_penalty(self, w) -> float:
