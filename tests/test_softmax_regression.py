@@ -94,6 +94,22 @@ def test_minibatch_solvers_reach_sklearn_optimum(name, solver):
 
 
 @pytest.mark.parametrize("solver", MINIBATCH)
+def test_minibatch_float32_converges(solver):
+    """float32 data: the objective's rounding (~1e-6 relative) neither stalls the step control nor lets
+    it grow the step past stability; the default tol is reached and the float64 objective of the float32
+    fit is within 1e-6 of the optimum."""
+    X, y, alpha = _generated()
+    ref = _sklearn_optimum("generated")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        m = SoftmaxRegression(alpha=alpha, solver=solver, random_state=0).fit(X.astype(np.float32), y)
+    assert m.coef_.dtype == np.float32
+    f64 = _objective_of(X, y, m.classes_, m.coef_, m.intercept_, alpha)
+    assert abs(f64 - ref) <= 1e-6 * ref, (f64, ref)
+    assert _no_rise(m.loss_curve_, np.float32)
+
+
+@pytest.mark.parametrize("solver", MINIBATCH)
 def test_minibatch_l1_reaches_the_proximal_optimum(solver):
     """With L1 (proximal SVRG steps; Adam's prox scaled per coordinate like its steps) the minibatch fit
     finds the proximal solver's optimum and the same exact zeros."""

@@ -374,6 +374,7 @@ class MinibatchState:
     moments, best loss; for :func:`svrg_epochs` also the adapted ``step`` and whether its scale is found."""
 
     t: int = 0
+    t_m: int = 0  # steps since Adam's first moment m was (re)started from zero: its bias correction
     epoch: int = 0
     m: np.ndarray | None = None
     v: np.ndarray | None = None
@@ -407,9 +408,10 @@ def _adam_step(state: MinibatchState, g, lr: float, g_scale=None):
     optimum)."""
     g_scale = g if g_scale is None else g_scale
     state.t += 1
+    state.t_m += 1
     state.m = _ADAM_BETA1 * state.m + (1 - _ADAM_BETA1) * g
     state.v = _ADAM_BETA2 * state.v + (1 - _ADAM_BETA2) * g_scale * g_scale
-    mhat = state.m / (1 - _ADAM_BETA1 ** state.t)
+    mhat = state.m / (1 - _ADAM_BETA1 ** state.t_m)
     steps = lr / (np.sqrt(state.v / (1 - _ADAM_BETA2 ** state.t)) + _ADAM_EPS)
     return steps * mhat, steps
 
@@ -524,12 +526,15 @@ def svrg_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, ba
     Cost per epoch: about three passes over the data (two minibatch gradients per step, one full).
 
     Step control: the full objective ``F`` at the end of an epoch (computed with the next snapshot's
-    gradient, so for free) decides.  ``F`` not above the snapshot's (up to rounding): the epoch is
-    accepted and the step grows (``STEP_RAMP``, then ``STEP_GROW``); else the epoch is undone (back to
-    ``w~``), the momentum (heavy-ball velocity, Adam's first moment) restarts from zero and the step
-    halves (``STEP_SHRINK``).
-    So ``F`` never rises from one epoch to the next, a too large ``learning_rate`` cannot diverge, and
-    the step settles just below the largest stable one.  The first step is ``learning_rate`` ('auto':
+    gradient, so for free) decides.  ``F`` not above the lowest accepted so far (up to the rounding of
+    the data's dtype): the epoch is accepted, and if ``F`` fell by more than that rounding the step
+    grows (``STEP_RAMP``, then ``STEP_GROW``); else the epoch is undone (back to ``w~``), the momentum
+    (heavy-ball velocity, Adam's first moment) restarts from zero and the step halves (``STEP_SHRINK``).
+    Within the rounding the objective cannot tell a good epoch from a bad one, so it neither grows the
+    step nor raises the reference: with float32 data (rounding ~1e-6 relative) growing there took sgd's
+    step past stability and left it wandering at 1e-6 of the optimum instead of converging.
+    So ``F`` never rises above its lowest by more than rounding, a too large ``learning_rate`` cannot
+    diverge, and the step settles just below the largest stable one.  The first step is ``learning_rate`` ('auto':
     ``1 / L`` of a single row for sgd, ``1e-3`` for adam).
 
     Convergence, as for the full-batch solvers: the max-norm of the full gradient at a snapshot (the
@@ -547,7 +552,7 @@ def svrg_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, ba
     map_step = 1.0 / _lipschitz_guess(obj)
     l1 = _has_l1(obj)
     f, g = obj.loss_gradient(w)
-    F = f + obj.l1_penalty(w)
+    F = F_low = f + obj.l1_penalty(w)
     velocity = np.zeros_like(w)
     optimality = _optimality(obj, w, g, map_step)
     for e in range(n_epochs):
@@ -571,17 +576,19 @@ def svrg_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, ba
         state.epoch += 1
         f, g_new = obj.loss_gradient(w)
         F_new = f + obj.l1_penalty(w)
-        if np.isfinite(F_new) and F_new <= F + _rounding(obj, F):
-            F, g = F_new, g_new
-            state.step *= STEP_GROW if state.step_scale_found else STEP_RAMP
+        slack = _rounding(obj, F_low)
+        if np.isfinite(F_new) and F_new <= F_low + slack:
+            if F_new < F_low - slack:
+                state.step *= STEP_GROW if state.step_scale_found else STEP_RAMP
+            F, g, F_low = F_new, g_new, min(F_low, F_new)
+            optimality = _optimality(obj, w, g, map_step)
         else:  # undo the epoch, restart the momentum, halve the step
             w = w_snap
             velocity = np.zeros_like(w)
-            if method == "adam":
-                state.m = np.zeros_like(w)
+            if method == "adam":  # with its bias correction, or mhat would start at 0.1 v while the
+                state.m, state.t_m = np.zeros_like(w), 0  # L1 prox takes full steps: an ascent direction
             state.step *= STEP_SHRINK
             state.step_scale_found = True
-        optimality = _optimality(obj, w, g, map_step)
         score = validation.objective(w) if validation is not None else F
         if monitor.step(w, score, optimality):
             return w, e + 1, True
