@@ -462,3 +462,20 @@ def test_objective_row_blocks_equal_one_block(dtype, fit_intercept):
     hv_fd = (whole.loss_gradient(w + eps * v)[1] - whole.loss_gradient(w - eps * v)[1]) / (2 * eps)
     if dtype == np.float64:
         np.testing.assert_allclose(whole.hessp(w, v), hv_fd, rtol=1e-6, atol=1e-7 * np.abs(hv_fd).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sparse_objective_equals_dense(dtype):
+    """Sparse X (products through the cached X^T, forward as its CSC view) gives the dense numbers."""
+    rng = np.random.default_rng(11)
+    X = (rng.standard_normal((300, 50)) * (rng.random((300, 50)) < 0.1)).astype(dtype)
+    y, s = rng.integers(0, 5, 300), rng.random(300)
+    dense = LinearSoftmaxObjective(X, y, 5, s, alpha=0.1)
+    sparse = LinearSoftmaxObjective(sp.csr_matrix(X), y, 5, s, alpha=0.1)
+    w, v = rng.standard_normal(dense.n_coef), rng.standard_normal(dense.n_coef)
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(sparse.decision_function(w), dense.decision_function(w), rtol=rtol, atol=rtol)
+    (fs, gs), (fd, gd) = sparse.loss_gradient(w), dense.loss_gradient(w)
+    assert fs == pytest.approx(fd, rel=rtol)
+    np.testing.assert_allclose(gs, gd, rtol=rtol, atol=rtol * np.abs(gd).max())
+    np.testing.assert_allclose(sparse.hessp(w, v), dense.hessp(w, v), rtol=rtol, atol=rtol * 10)

@@ -110,6 +110,12 @@ class LinearSoftmaxObjective:
         here accepts.  ``out``: a C-contiguous buffer of ``(K, n)`` (transposed) or ``(n, K)`` elements.
         """
         if sp.issparse(xb):
+            if xb is self.X:
+                # X as the CSC view of the cached X^T (CSR): the product then reads Theta^T's rows in
+                # order and scatters into the (N, K) result, which is smaller than Theta^T and stays in
+                # cache -- 19.6 vs 27-33 ms at 20000 x 100000, 0.1% density, K = 20 (CSR reads Theta^T's
+                # rows at random)
+                return np.asarray(self._x_transposed().T @ theta.T)
             return np.asarray(xb @ theta.T)
         if xb.dtype in self.TRANSPOSED_DTYPES:
             zt = np.matmul(theta, xb.T, out=None if out is None else out.reshape(theta.shape[0], xb.shape[0]))
@@ -173,14 +179,18 @@ class LinearSoftmaxObjective:
             return self.X.shape[0]
         return max(64, self.BLOCK_BYTES // max(1, self.n_features * self.X.dtype.itemsize))
 
+    def _x_transposed(self):
+        """Sparse ``X^T`` as its own CSR matrix, made on first use and kept (one copy of ``X``)."""
+        if self._xt_csr is None:
+            self._xt_csr = self.X.T.tocsr()
+        return self._xt_csr
+
     def _backprop(self, dz) -> np.ndarray:
         """``dz (N, K)`` -> ``[dz^T X, sum_i dz_i]`` as a flat float64 vector."""
         if sp.issparse(self.X):
             # X^T as its own CSR matrix, made once: the product then writes each output row in turn
             # instead of scattering into it (3-4x faster than the CSC view X.T at 0.1% density).
-            if self._xt_csr is None:
-                self._xt_csr = self.X.T.tocsr()
-            g_theta = (self._xt_csr @ dz).T
+            g_theta = (self._x_transposed() @ dz).T
         else:
             g_theta = self._dz_t_x(dz, self.X)
         parts = [np.asarray(g_theta, dtype=np.float64).ravel()]
