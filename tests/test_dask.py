@@ -447,8 +447,8 @@ def test_read_table_and_fit_dataframe(client, tmp_path):
 
 
 def test_aligned_copies_only_misaligned_blocks():
-    """A block received from another process can start at any byte; load_block copies it to a
-    cache-line boundary once (the values unchanged), and leaves an aligned block alone."""
+    """A block received from another process can start at any byte; load_block copies it to an
+    aligned address once (the values unchanged), and leaves an aligned block alone."""
     from softxent.dask._blocks import ALIGNMENT, aligned, load_block
 
     rng = np.random.default_rng(3)

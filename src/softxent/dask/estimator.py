@@ -15,7 +15,8 @@ import warnings
 import numpy as np
 
 from ..objective import LinearSoftmaxObjective
-from ..solvers import FULL_BATCH_SOLVERS, MINIBATCH_SOLVERS, MinibatchState, Monitor, minibatch_epochs, run_solver
+from ..solvers import (FULL_BATCH_SOLVERS, MINIBATCH_SOLVERS, MinibatchState, Monitor, _no_improvement,
+                       minibatch_epochs, run_solver)
 from . import _blocks
 from ._cluster import client_for, current_client
 from .objective import DaskBlocks, check_dask_arrays
@@ -191,12 +192,7 @@ def _fit_minibatch(est, obj, w0, solver, monitor):
         state.epoch += 1
         score = validation.objective(w) if validation is not None else total / N
         stop = monitor.step(w, score, grad_norm)
-        if score > state.best_loss - est.tol:
-            state.no_improvement += 1
-        else:
-            state.no_improvement = 0
-        state.best_loss = min(state.best_loss, score)
-        if state.no_improvement >= est.n_iter_no_change or stop:
+        if _no_improvement(state, score, est.tol, est.n_iter_no_change) or stop:
             return w, epoch, True
     return w, est.max_iter, False
 
