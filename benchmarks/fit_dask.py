@@ -19,8 +19,10 @@ Reported: the time until each engine's objective is first within ``--rel`` (1e-9
 any engine reached (softxent: from the fit's callback; Spark: a warm refit with ``maxIter`` = the first
 iteration whose objective is within ``--rel``, whose recomputed objective must be within too), total
 time and iterations.  Per evaluation: one objective+gradient in memory vs as a Dask map-reduce on 1 and 2
-workers, and a map-reduce of a no-op block function (scheduling and communication alone); Dask's
-overhead per evaluation = (Dask, 1 worker) - (in memory, 1 thread).
+workers, the same group sums timed inside the worker task, and a map-reduce of a no-op block function
+(scheduling and communication alone); Dask's overhead per evaluation = (Dask, 1 worker) - (in memory,
+1 thread), each Dask evaluation after a pause as long as an in-memory evaluation (the solver's step in
+a fit; back to back, the client's 10 ms message batching adds a wait no fit pays).
 
 Part 2 (out of core): Parquet files ``--ooc-factor`` (3) times the workers' total ``memory_limit``
 (``--ooc-workers`` 2 x ``--ooc-memory-limit`` 640 MiB -> 3.75 GiB of float64), read with
@@ -175,24 +177,42 @@ def noop_group(w, *blocks):
     return 0.0
 
 
-def eval_times(obj, n=7):
+def eval_times(obj, n=7, pause=0.0):
     w = np.random.default_rng(0).standard_normal(obj.n_coef) * 0.01
     obj.loss_gradient(w)
     ts = []
     for i in range(n):
         w[0] += 1e-3
+        time.sleep(pause)
         t0 = time.perf_counter()
         obj.loss_gradient(w)
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
 
 
-def noop_map_reduce_time(dobj, n=15):
+def timed_group_sums(spec, w, need_grad, *blocks):
+    """The group task of an evaluation, timed inside the worker: ``(seconds, loss_sum)``."""
+    from softxent.dask import _blocks
+
+    t0 = time.perf_counter()
+    loss_sum, _ = _blocks.group_sums(spec, w, need_grad, *blocks)
+    return time.perf_counter() - t0, loss_sum
+
+
+def inside_task_time(dobj, pause=0.0):
+    """The slowest worker's time for its group sums, measured inside its task."""
+    w = np.random.default_rng(0).standard_normal(dobj.n_coef) * 0.01
+    time.sleep(pause)
+    return max(t for t, _ in dobj.client.gather(dobj._map(timed_group_sums, dobj.spec, dobj._node(w), True)))
+
+
+def noop_map_reduce_time(dobj, n=15, pause=0.0):
     """One map-reduce of a no-op over the persisted blocks (w passed as in an evaluation)."""
     w = np.zeros(dobj.n_coef)
     ts = []
     for i in range(n + 1):
         w[0] = i
+        time.sleep(pause)
         t0 = time.perf_counter()
         dobj.client.gather(dobj._map(noop_group, dobj._node(w)))
         ts.append(time.perf_counter() - t0)
@@ -289,7 +309,12 @@ def part1(args, rows, workdir):
 
     # ---- one evaluation: in memory vs a Dask map-reduce, alternated (A B C ... A B C), medians.
     # This machine's timings drift by 20-40% between minutes, so only an alternated comparison means
-    # anything: one round times each contender for a few evaluations, then the next round starts.
+    # anything: one round times each contender for a couple of evaluations, then the next round starts.
+    # For the Dask contenders each round also times the same group sums INSIDE the worker task (so the
+    # overhead splits into "the worker computes slower" and "messages and scheduling") and a no-op
+    # map-reduce.  Each Dask evaluation follows a pause as long as an in-memory one, as in a fit where
+    # the client's solver step separates evaluations (back to back, the client's 10 ms message batching
+    # would add a wait that no fit pays).
     obj = LinearSoftmaxObjective(X, y, K, alpha=ALPHA)
     contenders = {"in memory, 1 thread": (obj, None)}
     for n_workers, (cluster, client, Xd, yd) in clusters.items():
@@ -301,22 +326,29 @@ def part1(args, rows, workdir):
             contenders[what] = (dobj, n_workers)
     samples = {what: [] for what in contenders}
     noop = {what: [] for what in contenders}
+    inside = {what: [] for what in contenders}
+    pause = 0.0
     for _ in range(args.eval_rounds):
         for what, (o, n_workers) in contenders.items():
             if n_workers is None:
                 with threadpool_limits(limits=1):
-                    samples[what].append(eval_times(o, n=3))
+                    samples[what].append(eval_times(o, n=2))
+                pause = samples[what][-1]
             else:
-                samples[what].append(eval_times(o, n=3))
-                noop[what].append(noop_map_reduce_time(o, n=3))
+                samples[what].append(eval_times(o, n=2, pause=pause))
+                inside[what].append(inside_task_time(o, pause=pause))
+                noop[what].append(noop_map_reduce_time(o, n=2, pause=pause))
     t_mem = float(np.median(samples["in memory, 1 thread"]))
     evals = []
     for what, (o, n_workers) in contenders.items():
         t = float(np.median(samples[what]))
         row = {"what": what, "eval_s": t, "samples_s": samples[what]}
         if n_workers is not None:
+            t_in = float(np.median(inside[what]))
             row.update({"noop_map_reduce_s": float(np.median(noop[what])), "blocks": len(o.blocks),
-                        "tasks": len(o._current_groups()), "overhead_vs_ideal": (t - t_mem / n_workers) / (t_mem / n_workers)})
+                        "tasks": len(o._current_groups()), "worker_compute_s": t_in,
+                        "worker_compute/in_memory": t_in / (t_mem / n_workers),
+                        "overhead_vs_ideal": (t - t_mem / n_workers) / (t_mem / n_workers)})
         evals.append(row)
     del contenders, o
     for cluster, client, *_ in clusters.values():
@@ -444,7 +476,7 @@ def main():
     ap.add_argument("--block-rows", type=int, default=25_000, help="rows per Dask block")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--eval-rounds", type=int, default=7, help="alternated rounds of the one-evaluation timing")
+    ap.add_argument("--eval-rounds", type=int, default=15, help="alternated rounds of the one-evaluation timing")
     ap.add_argument("--tol", type=float, default=1e-10, help="softxent's gradient tolerance")
     ap.add_argument("--rel", type=float, default=1e-9, help="'same objective': within this of the best")
     ap.add_argument("--max-iter", type=int, default=1000)
@@ -495,7 +527,8 @@ def _print_part1(args, rows, p1):
                        "total_s"],
                 title=f"{args.n} x {args.d}, {args.k} classes: time to within {args.rel:g} of the best objective "
                       f"(alpha = regParam = {ALPHA})")
-    print_table(p1["evals"], ["what", "eval_s", "noop_map_reduce_s", "blocks", "tasks", "overhead_vs_ideal"],
+    print_table(p1["evals"], ["what", "eval_s", "worker_compute_s", "worker_compute/in_memory", "noop_map_reduce_s",
+                              "blocks", "tasks", "overhead_vs_ideal"],
                 title="one objective+gradient evaluation")
 
 

@@ -143,6 +143,53 @@ def test_workers_blas_single_threaded(client):
     assert addresses and all(a.startswith("tcp://127.0.0.1:") for a in addresses)
 
 
+# Minor page faults while 20 arrays of 1 MiB are allocated, filled and freed in turn: 0 when the freed heap
+# is reused, ~256 per array when each one is a fresh mmap.  Source text, to run in a fresh process too.
+_PAGE_FAULTS_SOURCE = """
+def _page_faults_of_fresh_arrays():
+    import resource
+    import numpy as np
+
+    np.ones(1 << 17).sum()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        np.ones(1 << 17).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+"""
+exec(_PAGE_FAULTS_SOURCE)
+
+
+def test_tune_malloc_reuses_freed_heap():
+    """In a process started as distributed's Nanny starts workers (MALLOC_TRIM_THRESHOLD_=65536), every
+    1 MiB temporary is a fresh mmap; after tune_malloc the freed heap is reused."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = _PAGE_FAULTS_SOURCE + textwrap.dedent("""
+        from softxent.dask.worker_setup import tune_malloc
+        before = _page_faults_of_fresh_arrays()
+        tuned = tune_malloc()
+        print(before, tuned, _page_faults_of_fresh_arrays())
+    """)
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    before, tuned, after = out.stdout.split()
+    if tuned != "True":
+        pytest.skip("not glibc: tune_malloc does nothing")
+    assert int(before) > 20 * 200 and int(after) < 200, out.stdout
+
+
+def test_workers_preload_malloc_tuning(client):
+    """start_local_cluster's workers run softxent.dask.worker_setup: fresh temporaries reuse the heap."""
+    from softxent.dask.worker_setup import tune_malloc
+
+    if not tune_malloc():  # not glibc (tuning this test process too is harmless)
+        pytest.skip("not glibc")
+    faults = client.run(_page_faults_of_fresh_arrays)
+    assert len(faults) == 2 and all(f < 200 for f in faults.values()), faults
+
+
 # ------------------------------------------------------------------------------ fits
 @pytest.mark.parametrize("case", [
     dict(params=dict(solver="lbfgs", alpha=1e-3, tol=1e-9), weights=True, persist="auto"),
@@ -267,6 +314,8 @@ def test_worker_killed_mid_fit(client):
     assert abs(est.objective_ - ref.objective_) <= 1e-8 * abs(ref.objective_)
     np.testing.assert_allclose(est.coef_, ref.coef_, atol=1e-6)
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it for the next tests
+    faults = client.run(_page_faults_of_fresh_arrays)  # the restarted worker ran the preload too
+    assert all(f < 200 for f in faults.values()), faults
 
 
 def test_fit_sgd_streams_blocks(client):

@@ -12,6 +12,8 @@ The fitted model is an ordinary ``SoftmaxRegression``; its ``predict*`` methods 
 * :class:`DaskLinearSoftmaxObjective`, :class:`DaskBlocks` -- the objective over row blocks on a cluster.
 * :func:`read_table` -- partitioned Parquet / CSV -> lazy ``X``, ``y``.
 * :func:`client_for`, :func:`start_local_cluster` -- the current client, or a LocalCluster on 127.0.0.1.
+* :mod:`softxent.dask.worker_setup` -- a Dask preload for the workers (glibc malloc thresholds; our
+  LocalCluster preloads it, a cluster of your own should: ``dask worker --preload softxent.dask.worker_setup``).
 
 The fit uses the current ``distributed.Client``; with none it starts a LocalCluster sized to this
 machine (one single-threaded worker per core, bound to 127.0.0.1, no dashboard) and shuts it down after.

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 
+# Every worker of our own cluster preloads this (glibc malloc thresholds; the module says why).
+WORKER_PRELOAD = "softxent.dask.worker_setup"
+
 # Workers run BLAS on one thread: a cluster already runs one task per core, and a BLAS pool per task on
 # top would oversubscribe the cores (distributed's Nanny sets these by default too; we say so explicitly).
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -22,16 +25,23 @@ def start_local_cluster(n_workers: int | None = None, *, memory_limit="auto", **
     """A ``LocalCluster`` of worker processes bound to 127.0.0.1, one single-threaded worker per core.
 
     No dashboard; every port (scheduler, workers, nannies, the scheduler's HTTP routes) on 127.0.0.1;
-    BLAS single-threaded in every worker.  ``kwargs`` go to ``LocalCluster``.
+    BLAS single-threaded in every worker; each worker preloads :mod:`softxent.dask.worker_setup`
+    (glibc's malloc thresholds, which distributed's Nanny otherwise leaves at a setting that made
+    evaluations 13-25 % slower).  ``kwargs`` go to ``LocalCluster`` (a ``preload`` list given there is
+    kept, ours added).
     """
     from distributed import LocalCluster
 
     # dashboard_address=None turns the dashboard off, but the scheduler still serves its HTTP routes
     # (health, metrics) on port 8787 by default: on 127.0.0.1 and a free port instead.
     scheduler_kwargs = {"dashboard_address": "127.0.0.1:0", **kwargs.pop("scheduler_kwargs", {})}
+    preload = kwargs.pop("preload", None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    if WORKER_PRELOAD not in preload:
+        preload.append(WORKER_PRELOAD)
     options = dict(n_workers=n_workers or usable_cores(), threads_per_worker=1, processes=True,
                    host="127.0.0.1", dashboard_address=None, memory_limit=memory_limit,
-                   env=dict(SINGLE_THREAD_ENV), scheduler_kwargs=scheduler_kwargs)
+                   env=dict(SINGLE_THREAD_ENV), preload=preload, scheduler_kwargs=scheduler_kwargs)
     options.update(kwargs)
     return LocalCluster(**options)
 
