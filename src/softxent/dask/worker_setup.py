@@ -9,11 +9,14 @@ zeroes, and ``munmap``-ed again after.  Measured on this project's 2-core machin
 ran 15-40 % slower in a process started that way, and a worker computed the same block sums 13-25 %
 slower than the client process did -- most of Dask's per-evaluation overhead in ``benchmarks/fit_dask.py``.
 
-:func:`tune_malloc` sets glibc's thresholds to the values its own dynamic rule settles on in a plain
-NumPy process (allocations below 32 MiB from the heap; the heap top trimmed past 64 MiB free), so a
-worker keeps at most ~64 MiB of freed heap and reuses it instead of faulting it in again.  Larger
-allocations (data blocks) are still ``mmap``-ed and returned to the OS when freed, which keeps the
-out-of-core fit's memory bounded.
+:func:`tune_malloc` lets allocations below 8 MiB come from the heap, and trims the heap's top only
+past 16 MiB free, so the temporaries are reused instead of faulted in again, and a worker keeps at most
+~16 MiB of freed heap beyond them.  The objective works in row blocks of 4 MiB of ``X``, so its
+temporaries (rows x K) stay below 8 MiB while K <= 2 D.  Data blocks (tens of MiB) are still
+``mmap``-ed and handed back to the OS when freed, as Dask intends: the out-of-core fit, which reads
+every block afresh at every evaluation, keeps its memory bounded.  (glibc's own dynamic rule, which
+setting ``MALLOC_TRIM_THRESHOLD_`` switches off, would raise the mmap threshold to the largest block
+freed, up to 32 MiB, and keep data blocks on the heap.)
 
 :func:`~softxent.dask.start_local_cluster` preloads this module into its workers.  For a cluster of your
 own, start the workers with ``--preload softxent.dask.worker_setup`` (or set the Dask config key
@@ -25,10 +28,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+from ..objective import LinearSoftmaxObjective
+
 __all__ = ["tune_malloc", "dask_setup", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES"]
 
-MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the dynamic rule's ceiling
-TRIM_THRESHOLD_BYTES = 64 << 20  # twice the mmap threshold: glibc's dynamic rule
+MMAP_THRESHOLD_BYTES = 2 * LinearSoftmaxObjective.BLOCK_BYTES  # 8 MiB
+TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES  # as glibc's dynamic rule sets it
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from <malloc.h>
 _M_MMAP_THRESHOLD = -3
 
