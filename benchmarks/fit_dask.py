@@ -169,7 +169,20 @@ class Spark:
         return dt, m.coefficientMatrix.toArray(), m.interceptVector.toArray(), list(m.summary.objectiveHistory)
 
     def stop(self):
+        """Stop Spark AND its JVM: a JVM left running (pyspark keeps its gateway) shares the 2 cores with
+        the evaluation timing that follows."""
+        from pyspark import SparkContext
+
+        gateway = SparkContext._gateway
         self.spark.stop()
+        if gateway is None:
+            return
+        gateway.shutdown()
+        proc = getattr(gateway, "proc", None)
+        if proc is not None:  # pyspark's JVM exits when its stdin closes
+            proc.stdin.close()
+            proc.wait(timeout=60)
+        SparkContext._gateway = SparkContext._jvm = None
 
 
 # ------------------------------------------------------------------------------------ evaluations
