@@ -6,7 +6,7 @@ import scipy.sparse as sp
 
 from softxent import SoftmaxRegression
 from softxent.objective import LinearSoftmaxObjective
-from softxent.solvers import _DiagonalPreconditioner, _gram_eig, _GramPreconditioner
+from softxent.solvers import _DiagonalPreconditioner, _gram_eig, _GramPreconditioner, _steihaug_cg
 
 
 def _explicit_gram(X, s, fit_intercept):
@@ -93,3 +93,30 @@ def test_gram_preconditioner_needs_fewer_hessian_products_on_correlated_features
     assert runs["gram"][0] == pytest.approx(runs["diagonal"][0], rel=1e-8)
     to_target = {name: next(n for f, n in traj if f <= best * (1 + 1e-6)) for name, (_, traj) in runs.items()}
     assert to_target["gram"] < 0.5 * to_target["diagonal"], to_target
+
+
+@pytest.mark.parametrize("case", ["interior", "boundary", "negative curvature"])
+def test_steihaug_cg_against_dense_linear_algebra(case):
+    """The in-place CG: inside the region it returns the Newton step -H^-1 g; on the boundary a step of
+    M-norm = radius that lowers the model; always r = g + H p (from which the solver reads q(p))."""
+    rng = np.random.default_rng({"interior": 0, "boundary": 1, "negative curvature": 2}[case])
+    n = 40
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    eig = rng.uniform(0.1, 10.0, n)
+    if case == "negative curvature":
+        eig[:3] = -rng.uniform(0.5, 2.0, 3)
+    H = (Q * eig) @ Q.T
+    g = rng.standard_normal(n)
+    m = rng.uniform(0.5, 2.0, n)  # a diagonal M
+    newton = -np.linalg.solve(H, g)
+    newton_norm = np.sqrt(newton @ (m * newton))
+    radius = 10 * newton_norm if case == "interior" else 0.3 * newton_norm
+    p, r, boundary = _steihaug_cg(lambda v: H @ v, g, _DiagonalPreconditioner(m), radius, 1e-12, 10 * n)
+    np.testing.assert_allclose(r, g + H @ p, atol=1e-9)
+    if case == "interior":
+        assert not boundary
+        np.testing.assert_allclose(p, newton, rtol=1e-8, atol=1e-10)
+    else:
+        assert boundary
+        assert np.sqrt(p @ (m * p)) == pytest.approx(radius, rel=1e-9)
+        assert g @ p + 0.5 * p @ H @ p < 0

@@ -479,3 +479,35 @@ def test_sparse_objective_equals_dense(dtype):
     assert fs == pytest.approx(fd, rel=rtol)
     np.testing.assert_allclose(gs, gd, rtol=rtol, atol=rtol * np.abs(gd).max())
     np.testing.assert_allclose(sparse.hessp(w, v), dense.hessp(w, v), rtol=rtol, atol=rtol * 10)
+    # the Hessian diagonal (sparse: from the cached, squared X^T), twice at two points (the cache must not
+    # go stale), against sum_i (s_i/S) h_ik (1 - h_ik) x_ij^2 + alpha written out in float64
+    for point in (w, v):
+        h = dense.decision_function(point).astype(np.float64)
+        h = np.exp(h - h.max(axis=1, keepdims=True))
+        h /= h.sum(axis=1, keepdims=True)
+        a = h * (1 - h) * (s / s.sum())[:, None]
+        Xd = X.astype(np.float64)
+        expected = np.concatenate([(a.T @ (Xd * Xd)).ravel() + 0.1, a.sum(axis=0)])
+        np.testing.assert_allclose(sparse.hessian_diag(point), expected, rtol=rtol * 10, atol=1e-12)
+        np.testing.assert_allclose(dense.hessian_diag(point), expected, rtol=rtol * 10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_pack_lays_out_any_theta_in_one_vector(fit_intercept):
+    """pack takes float32, transposed views and flat input alike; unpack inverts it."""
+    rng = np.random.default_rng(5)
+    obj = LinearSoftmaxObjective(np.zeros((1, 7)), np.zeros(1, dtype=int), 3, fit_intercept=fit_intercept)
+    theta, b = rng.standard_normal((3, 7)), rng.standard_normal(3)
+    w = obj.pack(theta, b)
+    assert w.dtype == np.float64 and w.shape == (obj.n_coef,)
+    t2, b2 = obj.unpack(w)
+    np.testing.assert_array_equal(t2, theta)
+    if fit_intercept:
+        np.testing.assert_array_equal(b2, b)
+        np.testing.assert_array_equal(obj.pack(theta)[-3:], 0.0)
+    else:
+        assert b2 is None
+    np.testing.assert_array_equal(obj.pack(np.asfortranarray(theta), b), w)  # a transposed layout
+    np.testing.assert_array_equal(obj.pack(theta.ravel(), b), w)
+    np.testing.assert_array_equal(obj.pack(theta.astype(np.float32), b), obj.pack(theta.astype(np.float32)
+                                                                                  .astype(np.float64), b))
