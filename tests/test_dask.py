@@ -275,6 +275,16 @@ def test_interrupted_fit_keeps_last_iterate(client):
     np.testing.assert_array_equal(est.coef_, seen[-1])
 
 
+def test_not_converged_warns_at_the_callers_line(client):
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y, _ = _softmax_data(7)
+    Xd, yd = _dask(X, y)
+    with pytest.warns(ConvergenceWarning, match="did not converge within max_iter=2") as record:
+        SoftmaxRegression(alpha=1e-4, max_iter=2, tol=1e-12).fit(Xd, yd)
+    assert record[0].filename == __file__
+
+
 def test_fit_string_labels_float32(client):
     X, y, _ = _softmax_data(5)
     labels = np.array(["cat", "dog", "eel", "fox"], dtype=object)[y]

@@ -376,8 +376,9 @@ def test_partial_fit_streams_and_checks_labels():
 
 def test_convergence_warning_says_what_to_try():
     X, y, _ = _digits()
-    with pytest.warns(ConvergenceWarning, match=r"scaling the features.*max_iter.*newton-cg"):
+    with pytest.warns(ConvergenceWarning, match=r"scaling the features.*max_iter.*newton-cg") as record:
         SoftmaxRegression(alpha=1e-6, max_iter=3).fit(X * 16, y)
+    assert record[0].filename == __file__  # the warning points at the caller's fit(), not inside softxent
 
 
 def test_unscaled_separable_data_gives_finite_probabilities():

@@ -279,21 +279,27 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             with _blas_threads(X, len(classes)):
                 return self._run(obj, w0, solver, monitor, X, y_idx, sw)
 
-        converged = self._run_and_finish(obj, w0, X.dtype, run)
-        if not converged:
-            warnings.warn(
-                f"SoftmaxRegression(solver={solver!r}) did not converge within max_iter={self.max_iter} "
-                f"{'epochs' if solver in MINIBATCH_SOLVERS else 'iterations'} (tol={self.tol}). "
-                + _CONVERGENCE_ADVICE, ConvergenceWarning, stacklevel=2)
+        if not self._run_and_finish(obj, w0, X.dtype, run):
+            self._warn_not_converged(solver, stacklevel=2)
         return self
 
     def _run(self, obj, w0, solver, monitor, X, y_idx, sw):
         if solver in FULL_BATCH_SOLVERS:
-            lr = None if self.learning_rate == "auto" else self.learning_rate
-            res = run_solver(solver, obj, w0, max_iter=self.max_iter, tol=self.tol, monitor=monitor,
-                             learning_rate=lr)
-            return res.w, res.n_iter, res.converged
+            return self._run_full_batch(obj, w0, solver, monitor)
         return self._fit_minibatch(obj, w0, solver, monitor, X, y_idx, sw)
+
+    def _run_full_batch(self, obj, w0, solver, monitor):
+        """One of the full-batch solvers on ``obj`` (in memory or on Dask): ``(w, n_iter, converged)``."""
+        lr = None if self.learning_rate == "auto" else self.learning_rate
+        res = run_solver(solver, obj, w0, max_iter=self.max_iter, tol=self.tol, monitor=monitor, learning_rate=lr)
+        return res.w, res.n_iter, res.converged
+
+    def _warn_not_converged(self, solver, stacklevel):
+        """The ConvergenceWarning of a fit that ran out of ``max_iter``, with what to try."""
+        warnings.warn(
+            f"SoftmaxRegression(solver={solver!r}) did not converge within max_iter={self.max_iter} "
+            f"{'epochs' if solver in MINIBATCH_SOLVERS else 'iterations'} (tol={self.tol}). "
+            + _CONVERGENCE_ADVICE, ConvergenceWarning, stacklevel=stacklevel + 1)
 
     def _run_and_finish(self, obj, w0, dtype, run):
         """Run the solver as ``run(monitor) -> (w, n_iter, converged)`` and store the fitted attributes

@@ -10,13 +10,12 @@ The fitted model is an ordinary ``SoftmaxRegression`` (NumPy ``coef_`` / ``inter
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 
 from ..objective import LinearSoftmaxObjective
-from ..solvers import (FULL_BATCH_SOLVERS, MINIBATCH_SOLVERS, MinibatchState, Monitor, _no_improvement,
-                       minibatch_epochs, run_solver)
+from ..solvers import (FULL_BATCH_SOLVERS, MinibatchState, Monitor, _no_improvement,
+                       minibatch_epochs)
 from . import _blocks
 from ._cluster import client_for, current_client
 from .objective import DaskBlocks, check_dask_arrays
@@ -90,11 +89,8 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef
     --quick) or enter it as one graph node those tasks depend on (True; see
     :meth:`DaskLinearSoftmaxObjective._node`).
     """
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.utils.class_weight import compute_class_weight
     from sklearn.utils.multiclass import check_classification_targets
-
-    from ..estimator import _CONVERGENCE_ADVICE
 
     est._validate_params()
     X, y, sample_weight, names = _as_arrays(X, y, sample_weight)
@@ -125,19 +121,13 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef
 
         def run(monitor):
             if solver in FULL_BATCH_SOLVERS:
-                lr = None if est.learning_rate == "auto" else est.learning_rate
-                res = run_solver(solver, obj, w0, max_iter=est.max_iter, tol=est.tol, monitor=monitor,
-                                 learning_rate=lr)
-                return res.w, res.n_iter, res.converged
+                return est._run_full_batch(obj, w0, solver, monitor)
             return _fit_minibatch(est, obj, w0, solver, monitor)
 
         converged = est._run_and_finish(obj, w0, blocks.dtype, run)
         est.n_evaluations_ = obj.n_evaluations
     if not converged:
-        warnings.warn(
-            f"SoftmaxRegression(solver={solver!r}) did not converge within max_iter={est.max_iter} "
-            f"{'epochs' if solver in MINIBATCH_SOLVERS else 'iterations'} (tol={est.tol}). " + _CONVERGENCE_ADVICE,
-            ConvergenceWarning, stacklevel=3)
+        est._warn_not_converged(solver, stacklevel=3)
     return est
 
 
