@@ -95,10 +95,12 @@ def test_gram_preconditioner_needs_fewer_hessian_products_on_correlated_features
     assert to_target["gram"] < 0.5 * to_target["diagonal"], to_target
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", ["interior", "boundary", "negative curvature"])
-def test_steihaug_cg_against_dense_linear_algebra(case):
+def test_steihaug_cg_against_dense_linear_algebra(case, dtype):
     """The in-place CG: inside the region it returns the Newton step -H^-1 g; on the boundary a step of
-    M-norm = radius that lowers the model; always r = g + H p (from which the solver reads q(p))."""
+    M-norm = radius that lowers the model; always r = g + H p (from which the solver reads q(p)).  A
+    float32 g runs the whole CG in float32 (a float64 H v is cast), to float32's accuracy."""
     rng = np.random.default_rng({"interior": 0, "boundary": 1, "negative curvature": 2}[case])
     n = 40
     Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
@@ -111,12 +113,17 @@ def test_steihaug_cg_against_dense_linear_algebra(case):
     newton = -np.linalg.solve(H, g)
     newton_norm = np.sqrt(newton @ (m * newton))
     radius = 10 * newton_norm if case == "interior" else 0.3 * newton_norm
-    p, r, boundary = _steihaug_cg(lambda v: H @ v, g, _DiagonalPreconditioner(m), radius, 1e-12, 10 * n)
-    np.testing.assert_allclose(r, g + H @ p, atol=1e-9)
+    single = dtype == np.float32
+    tol = 1e-5 if single else 1e-12
+    p, r, boundary = _steihaug_cg(lambda v: H @ v, g.astype(dtype), _DiagonalPreconditioner(m.astype(dtype)),
+                                  radius, tol, 10 * n)
+    assert p.dtype == dtype and r.dtype == dtype
+    p64 = p.astype(np.float64)
+    np.testing.assert_allclose(r, g + H @ p64, atol=1e-4 if single else 1e-9)
     if case == "interior":
         assert not boundary
-        np.testing.assert_allclose(p, newton, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(p64, newton, rtol=1e-4 if single else 1e-8, atol=1e-5 if single else 1e-10)
     else:
         assert boundary
-        assert np.sqrt(p @ (m * p)) == pytest.approx(radius, rel=1e-9)
-        assert g @ p + 0.5 * p @ H @ p < 0
+        assert np.sqrt(p64 @ (m * p64)) == pytest.approx(radius, rel=1e-5 if single else 1e-9)
+        assert g @ p64 + 0.5 * p64 @ H @ p64 < 0

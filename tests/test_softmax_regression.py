@@ -201,9 +201,13 @@ def test_csr_equals_dense(solver):
     np.testing.assert_allclose(sparse.predict_proba(sp.csr_matrix(X)), dense.predict_proba(X), atol=1e-9)
 
 
-@pytest.mark.parametrize("solver", ["lbfgs", "newton-cg"])
-def test_float32_close_to_float64(solver):
+@pytest.mark.parametrize("solver, sparse", [("lbfgs", False), ("newton-cg", False), ("newton-cg", True)])
+def test_float32_close_to_float64(solver, sparse):
+    """float32 data: float32 products (and, in newton-cg, a float32 CG: with the Gram preconditioner on
+    dense X, the diagonal one on sparse X) reach the float64 optimum to float32's accuracy."""
     X, y, alpha = _generated()
+    if sparse:
+        X = sp.csr_matrix(X * (np.random.default_rng(3).random(X.shape) < 0.3))
     m64 = SoftmaxRegression(alpha=alpha, solver=solver, tol=1e-8).fit(X, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # float32 may stop at its rounding floor
@@ -480,6 +484,12 @@ def test_sparse_objective_equals_dense(dtype):
     assert fs == pytest.approx(fd, rel=rtol)
     np.testing.assert_allclose(gs, gd, rtol=rtol, atol=rtol * np.abs(gd).max())
     np.testing.assert_allclose(sparse.hessp(w, v), dense.hessp(w, v), rtol=rtol, atol=rtol * 10)
+    # a float32 direction gets a float32 product (Newton-CG's CG on float32 data), the same numbers
+    hv64 = dense.hessp(w, v)
+    for obj in (sparse, dense):
+        hv32 = obj.hessp(w, v.astype(np.float32))
+        assert hv32.dtype == np.float32
+        np.testing.assert_allclose(hv32, hv64, rtol=2e-5, atol=2e-5 * np.abs(hv64).max())
     # the Hessian diagonal (sparse: from the cached, squared X^T), twice at two points (the cache must not
     # go stale), against sum_i (s_i/S) h_ik (1 - h_ik) x_ij^2 + alpha written out in float64
     for point in (w, v):

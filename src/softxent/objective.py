@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg.blas import daxpy as _daxpy
+from scipy.linalg.blas import get_blas_funcs
 
 from .loss import cross_entropy_with_grad, softmax, softmax_jvp
 
@@ -36,9 +36,11 @@ __all__ = ["LinearSoftmaxObjective"]
 
 
 def _axpy(a: float, x, y):
-    """``y += a x`` in place for float64 ``y``, in one pass with no temporary (BLAS ``daxpy``)."""
-    if y.dtype == np.float64 and x.dtype == np.float64 and y.flags.c_contiguous and x.flags.c_contiguous:
-        _daxpy(x, y, a=a)
+    """``y += a x`` in place, in one pass with no temporary (BLAS ``saxpy`` / ``daxpy``) when ``x`` and
+    ``y`` are contiguous and of the same float dtype; NumPy otherwise."""
+    if (x.dtype == y.dtype and y.dtype in (np.float32, np.float64) and y.flags.c_contiguous
+            and x.flags.c_contiguous):
+        get_blas_funcs("axpy", (y,))(x, y, a=a)
     else:
         y += a * x
 
@@ -89,15 +91,15 @@ class LinearSoftmaxObjective:
         theta = w[: K * D].reshape(K, D)
         return theta, (w[K * D:] if self.fit_intercept else None)
 
-    def pack(self, theta, intercept=None) -> np.ndarray:
-        """``(Theta, b)`` -> the flat float64 vector ``w`` (``b`` None: zeros).
+    def pack(self, theta, intercept=None, dtype=np.float64) -> np.ndarray:
+        """``(Theta, b)`` -> the flat vector ``w`` (float64 unless ``dtype`` says; ``b`` None: zeros).
 
         ``theta`` may be any ``(K, D)`` array (float32, a transposed view): it is cast and laid out in one
         copy straight into ``w`` -- for a sparse ``X`` the gradient arrives as a transposed view, and
         a ravel then a concatenate would copy its 2M entries twice at 20 x 100000.
         """
         K, D = self.n_classes, self.n_features
-        w = np.empty(self.n_coef)
+        w = np.empty(self.n_coef, dtype=dtype)
         w[: K * D].reshape(K, D)[...] = np.reshape(theta, (K, D))
         if self.fit_intercept:
             w[K * D:] = 0.0 if intercept is None else np.ravel(intercept)
@@ -208,27 +210,28 @@ class LinearSoftmaxObjective:
             self._xt_sq_csr = sp.csr_matrix((xt.data * xt.data, xt.indices, xt.indptr), shape=xt.shape)
         return self._xt_sq_csr
 
-    def _backprop(self, dz) -> np.ndarray:
-        """``dz (N, K)`` -> ``[dz^T X, sum_i dz_i]`` as a flat float64 vector."""
+    def _backprop(self, dz, dtype=np.float64) -> np.ndarray:
+        """``dz (N, K)`` -> ``[dz^T X, sum_i dz_i]`` as a flat vector of ``dtype`` (sums in float64)."""
         if sp.issparse(self.X):
             # X^T as its own CSR matrix, made once: the product then writes each output row in turn
             # instead of scattering into it (3-4x faster than the CSC view X.T at 0.1% density).
             g_theta = (self._x_transposed() @ dz).T
         else:
             g_theta = self._dz_t_x(dz, self.X)
-        return self.pack(g_theta, dz.sum(axis=0, dtype=np.float64) if self.fit_intercept else None)
+        return self.pack(g_theta, dz.sum(axis=0, dtype=np.float64) if self.fit_intercept else None, dtype)
 
     def data_hessp_sum(self, w, v, proba=None) -> np.ndarray:
         """``sum_i J_i^T s_i (diag(h_i) - h_i h_i^T) J_i v``: the unnormalised data Hessian times ``v``.
 
-        ``proba`` (``h`` at ``w``, ``(N, K)``) may be passed to save one matrix product.
+        ``proba`` (``h`` at ``w``, ``(N, K)``) may be passed to save one matrix product.  A float32 ``v``
+        gets a float32 product (Newton-CG's CG on float32 data works in float32), anything else float64.
         """
         p = softmax(self.decision_function(w), out=None) if proba is None else proba
         vz = self.decision_function(v)
         r = softmax_jvp(p, vz)
         if self.sample_weight is not None:
             r *= self.sample_weight[:, None]
-        return self._backprop(r)
+        return self._backprop(r, np.float32 if v.dtype == np.float32 else np.float64)
 
     # ---------------------------------------------------------------- the objective
     def finish(self, loss_sum: float, grad_sum, w, weight_sum: float | None = None):
@@ -330,7 +333,8 @@ class LinearSoftmaxObjective:
         return gram, weight
 
     def hessp(self, w, v) -> np.ndarray:
-        """``H v`` of ``E_smooth`` at ``w`` (the softmax probabilities at ``w`` are cached between calls)."""
+        """``H v`` of ``E_smooth`` at ``w`` (the softmax probabilities at ``w`` are cached between calls);
+        float32 for a float32 ``v`` (see :meth:`data_hessp_sum`), float64 otherwise."""
         S = self.weight_sum
         hv = self.data_hessp_sum(w, v, proba=self._proba_at(w))
         hv *= 1.0 / S if S > 0 else 0.0

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg.blas import daxpy as _daxpy
+from scipy.linalg.blas import get_blas_funcs
 from scipy.optimize import minimize
 
 __all__ = ["IterationInfo", "Monitor", "SolverResult", "SOLVERS", "FULL_BATCH_SOLVERS",
@@ -197,23 +197,26 @@ def _steihaug_cg(hessp, g, precond, radius, tol, max_cg):
     CG, preconditioned by ``M``: ``precond.solve`` applies ``M^-1``, ``precond.apply`` ``M``).
 
     Returns ``(p, r, on_boundary)`` with ``r = g + H p`` the model's gradient at ``p`` (so that
-    ``q(p) = (g.p + r.p) / 2`` needs no ``H p`` of its own).  The vectors are updated in place
-    (``daxpy``, scaling): at 20 classes x 100000 features each is 16 MB, and a fresh array per operation
-    made the CG's own arithmetic cost as much as its Hessian products.  ``M p`` is kept alongside ``p``
-    for the trust-region norm, and ``||p + s d||_M^2`` is expanded instead of formed.
+    ``q(p) = (g.p + r.p) / 2`` needs no ``H p`` of its own).  Every vector has ``g``'s dtype (float32 on
+    float32 data: the CG's own traffic halves, and an inexact Newton step needs no more) and is updated
+    in place (BLAS ``axpy``, scaling): at 20 classes x 100000 features each is 16 MB, and a fresh array
+    per operation made the CG's own arithmetic cost as much as its Hessian products.  ``M p`` is kept
+    alongside ``p`` for the trust-region norm, and ``||p + s d||_M^2`` is expanded instead of formed.
     """
+    work = g.dtype
     n = g.shape[0]
-    p = np.zeros(n)
-    mp = np.zeros(n)  # M p
-    r = np.array(g, dtype=np.float64, copy=True)
-    y = precond.solve(r)
+    p = np.zeros(n, dtype=work)
+    mp = np.zeros(n, dtype=work)  # M p
+    r = g.copy()
+    axpy = get_blas_funcs("axpy", (p,))  # in place only while x and y share p's dtype
+    y = precond.solve(r).astype(work, copy=False)
     d = -y
     md = -r  # M d = -M M^-1 r
     ry = float(r @ y)
     p_mp = 0.0  # ||p||_M^2
     radius2 = radius * radius
     for _ in range(max_cg):
-        hd = hessp(d)
+        hd = np.asarray(hessp(d), dtype=work)
         dhd = float(d @ hd)
         d_mp, d_md = float(d @ mp), float(d @ md)  # M symmetric: p.(M d) = d.(M p)
         if dhd > 0:
@@ -223,16 +226,16 @@ def _steihaug_cg(hessp, g, precond, radius, tol, max_cg):
             # tau >= 0 with ||p + tau d||_M = radius
             b, c = 2.0 * d_mp, p_mp - radius2
             tau = (-b + math.sqrt(max(b * b - 4.0 * d_md * c, 0.0))) / (2.0 * d_md)
-            _daxpy(d, p, a=tau)
-            _daxpy(hd, r, a=tau)
+            axpy(d, p, a=tau)
+            axpy(hd, r, a=tau)
             return p, r, True
-        _daxpy(d, p, a=step)
-        _daxpy(md, mp, a=step)
-        _daxpy(hd, r, a=step)
+        axpy(d, p, a=step)
+        axpy(md, mp, a=step)
+        axpy(hd, r, a=step)
         p_mp = p_mp_next
         if float(np.linalg.norm(r)) <= tol:
             break
-        y = precond.solve(r)
+        y = precond.solve(r).astype(work, copy=False)
         ry_next = float(r @ y)
         beta = ry_next / ry
         d *= beta
@@ -251,7 +254,10 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
     measured in the preconditioner's norm ``||p||_M = sqrt(p.(M p))``, which makes the method insensitive
     to the scale of the features (unscaled pixels, counts).  Inner CG stops at
     ``min(0.5, sqrt(||g||)) ||g||`` (superlinear convergence); the radius follows the usual ratio test.
+    On float32 data the CG runs in float32 (as the data's own products do); the iterate, gradient and
+    objective stay float64.
     """
+    work = np.float32 if np.dtype(getattr(obj, "dtype", np.float64)) == np.float32 else np.float64
     w = w0.copy()
     f, g = obj.loss_gradient(w)
     radius = None
@@ -262,7 +268,7 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
         if it == 1:
             eig = _gram_eig(obj)  # after the first gradient test: a fit that starts converged skips it
         m = np.maximum(obj.hessian_diag(w), 1e-12)
-        precond = (_DiagonalPreconditioner(m) if eig is None else
+        precond = (_DiagonalPreconditioner(m.astype(work)) if eig is None else
                    _GramPreconditioner(eig, m, obj.alpha * (1.0 - obj.l1_ratio), obj.n_classes, obj.n_features,
                                        obj.fit_intercept))
         gnorm = float(np.linalg.norm(g))
@@ -271,9 +277,10 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
         # Forcing term sqrt(|g|) gives superlinear convergence; solving past half the final tolerance
         # (the next gradient is about the CG residual) would only polish digits nobody asked for.
         cg_tol = max(min(0.5, math.sqrt(gnorm)) * gnorm, 0.5 * tol)
-        p, r, boundary = _steihaug_cg(lambda v: obj.hessp(w, v), g, precond, radius, cg_tol,
+        g_work = g.astype(work, copy=False)
+        p, r, boundary = _steihaug_cg(lambda v: obj.hessp(w, v), g_work, precond, radius, cg_tol,
                                       max_cg=max(10, min(obj.n_coef, 500)))
-        predicted = -0.5 * (float(g @ p) + float(r @ p))  # -q(p), with r = g + H p
+        predicted = -0.5 * (float(g_work @ p) + float(r @ p))  # -q(p), with r = g + H p
         f_new, g_new = obj.loss_gradient(w + p)
         actual = f - f_new
         rho = actual / predicted if predicted > 0 else -1.0
