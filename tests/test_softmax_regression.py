@@ -501,6 +501,10 @@ def test_sparse_objective_equals_dense(dtype):
         expected = np.concatenate([(a.T @ (Xd * Xd)).ravel() + 0.1, a.sum(axis=0)])
         np.testing.assert_allclose(sparse.hessian_diag(point), expected, rtol=rtol * 10, atol=1e-12)
         np.testing.assert_allclose(dense.hessian_diag(point), expected, rtol=rtol * 10, atol=1e-12)
+    # the Lipschitz bound (sparse: row sums of the same cached squares) against 1/2 max ||x_i||^2 + 1/2 + alpha
+    bound = 0.5 * (float(np.max((X.astype(np.float64) ** 2).sum(axis=1))) + 1.0) + 0.1
+    assert sparse.lipschitz_bound() == pytest.approx(bound, rel=rtol * 10)
+    assert dense.lipschitz_bound() == pytest.approx(bound, rel=rtol * 10)
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])

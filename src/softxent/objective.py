@@ -352,8 +352,8 @@ class LinearSoftmaxObjective:
         same for weighted rows as for the same rows repeated).
         """
         X = self.X
-        if sp.issparse(X):
-            sq = np.asarray(X.multiply(X).sum(axis=1)).ravel()
+        if sp.issparse(X):  # row sums of X*X: column sums of the cached squared X^T
+            sq = np.asarray(self._x_squared_transposed().sum(axis=0)).ravel()
         else:
             sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
         if self.sample_weight is not None:
