@@ -127,3 +127,48 @@ def test_steihaug_cg_against_dense_linear_algebra(case, dtype):
         assert boundary
         assert np.sqrt(p64 @ (m * p64)) == pytest.approx(radius, rel=1e-5 if single else 1e-9)
         assert g @ p64 + 0.5 * p64 @ H @ p64 < 0
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kept_probabilities_serve_the_hessian_at_that_point_only(sparse, dtype, monkeypatch):
+    """``loss_gradient(w, keep_proba=True)`` keeps h(z) at w: the Hessian product and diagonal at w then
+    take no further ``X Theta^T``, and equal those of a fresh objective; at another point they do not
+    use it.  Newton-CG asks for it at every iterate."""
+    rng = np.random.default_rng()
+    N, D, K = 60, 9, 4
+    X = rng.standard_normal((N, D)).astype(dtype)
+    if sparse:
+        X[rng.random((N, D)) < 0.6] = 0
+        X = sp.csr_matrix(X)
+    y = rng.integers(0, K, N)
+    s = rng.uniform(0, 2, N)
+    s[:5] = 0  # rows of weight zero: their (arbitrary) probabilities must not matter
+    w, w2, v = (rng.standard_normal(K * D + K) for _ in range(3))
+
+    def objective():
+        return LinearSoftmaxObjective(X, y, K, s, alpha=0.1)
+
+    fresh = objective()
+    expected = fresh.hessp(w, v), fresh.hessian_diag(w)
+    obj = objective()
+    obj.loss_gradient(w2)  # without keep_proba nothing is kept
+    assert obj._hess_cache is None
+    obj.loss_gradient(w, keep_proba=True)
+    calls = {"n": 0}
+    decision = LinearSoftmaxObjective.decision_function
+
+    def counting(self, u):
+        calls["n"] += 1
+        return decision(self, u)
+
+    monkeypatch.setattr(LinearSoftmaxObjective, "decision_function", counting)
+    hv, hd = obj.hessp(w, v), obj.hessian_diag(w)
+    assert calls["n"] == 1  # the product X V^T of hessp; none for h(z) at w
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(hv, expected[0], rtol=rtol, atol=rtol * np.abs(expected[0]).max())
+    np.testing.assert_allclose(hd, expected[1], rtol=rtol)
+    expected2 = fresh.hessp(w2, v)
+    calls["n"] = 0
+    np.testing.assert_allclose(obj.hessp(w2, v), expected2, rtol=rtol, atol=rtol * np.abs(expected2).max())
+    assert calls["n"] == 2  # h at w2 had to be computed

@@ -145,7 +145,7 @@ class LinearSoftmaxObjective:
         elements), OpenBLAS takes its faster path for the skinny product (49 vs 54 ms at 60000 x 784)."""
         return np.ascontiguousarray(dz.T) @ xb
 
-    def data_sums(self, w, need_grad: bool = True):
+    def data_sums(self, w, need_grad: bool = True, keep_proba: bool = False):
         """``(sum_i s_i CE_i, d/dw of that sum)``: the unnormalised data term, no penalty.
 
         Per block of rows: one matrix product for ``z``, one pass of
@@ -153,11 +153,17 @@ class LinearSoftmaxObjective:
         one product for ``delta^T X``.  Dense ``X`` is taken in row blocks of about ``BLOCK_BYTES`` so
         that the second product reads the block from cache, not memory: X streams through memory once
         per evaluation, and the ``(N, K)`` logits never exist whole.
+
+        ``keep_proba``: when ``X`` is taken whole (sparse, or one block), keep ``h(z)`` at ``w`` for the
+        Hessian products that follow at the same point (Newton-CG asks for them at each accepted
+        iterate): one softmax pass instead of another product ``X Theta^T``.
         """
         X, K = self.X, self.n_classes
         rows = self._block_rows()
         if rows >= X.shape[0]:
             z = self.decision_function(w)
+            if keep_proba:
+                self._hess_cache = (np.array(w, copy=True), softmax(z))
             row_loss, dz = cross_entropy_with_grad(z, self.y, sample_weight=self.sample_weight,
                                                    reduction="none", out=z if z.flags.c_contiguous else None)
             loss_sum = float(np.sum(row_loss, dtype=np.float64))
@@ -252,9 +258,11 @@ class LinearSoftmaxObjective:
             g[: theta.size] += l2 * theta
         return value, g
 
-    def loss_gradient(self, w):
-        """``(E_smooth(w), grad E_smooth(w))``: the data term over ``S`` plus the L2 penalty."""
-        loss_sum, grad_sum = self.data_sums(w)
+    def loss_gradient(self, w, keep_proba: bool = False):
+        """``(E_smooth(w), grad E_smooth(w))``: the data term over ``S`` plus the L2 penalty.
+
+        ``keep_proba``: Hessian products at ``w`` will follow (see :meth:`data_sums`)."""
+        loss_sum, grad_sum = self.data_sums(w, keep_proba=keep_proba)
         return self.finish(loss_sum, grad_sum, w)
 
     def loss(self, w) -> float:

@@ -259,7 +259,7 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
     """
     work = np.float32 if np.dtype(getattr(obj, "dtype", np.float64)) == np.float32 else np.float64
     w = w0.copy()
-    f, g = obj.loss_gradient(w)
+    f, g = obj.loss_gradient(w, keep_proba=True)
     radius = None
     eig = None
     for it in range(1, max_iter + 1):
@@ -281,7 +281,8 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
         p, r, boundary = _steihaug_cg(lambda v: obj.hessp(w, v), g_work, precond, radius, cg_tol,
                                       max_cg=max(10, min(obj.n_coef, 500)))
         predicted = -0.5 * (float(g_work @ p) + float(r @ p))  # -q(p), with r = g + H p
-        f_new, g_new = obj.loss_gradient(w + p)
+        w_new = w + p
+        f_new, g_new = obj.loss_gradient(w_new, keep_proba=True)  # h(z) kept for the next Hessian
         actual = f - f_new
         rho = actual / predicted if predicted > 0 else -1.0
         p_norm = math.sqrt(max(float(p @ precond.apply(p)), 0.0))
@@ -292,7 +293,7 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
         # accept descent steps; near the optimum both reductions fall to rounding level, accept those too
         noise = _rounding(obj, f)
         if rho > 1e-4 or (predicted <= noise and f_new <= f + noise):
-            w, f, g = w + p, f_new, g_new
+            w, f, g = w_new, f_new, g_new
         if monitor.step(w, f, _inf_norm(g)):
             return SolverResult(w, it, True, "stopped by callback")
         if radius < 1e-14:

@@ -299,8 +299,10 @@ class DaskLinearSoftmaxObjective:
                                           per_group=probas))
 
     # ------------------------------------------------------------------ the objective
-    def loss_gradient(self, w):
-        """``(E_smooth(w), grad E_smooth(w))``: one map-reduce, then ``finish``."""
+    def loss_gradient(self, w, keep_proba: bool = False):
+        """``(E_smooth(w), grad E_smooth(w))``: one map-reduce, then ``finish``.  ``keep_proba`` is
+        accepted for the solvers' sake; the probabilities at ``w`` are made on the workers on the first
+        Hessian product (:meth:`_proba_at`)."""
         loss_sum, grad_sum = self.data_sums(w)
         return self.finish(loss_sum, grad_sum, w)
 
