@@ -35,7 +35,7 @@ atomics into both dx and dW -- ``2 N V D / BLOCK`` atomic adds (about 270 GB of 
 8192 x 4096 x 128256), affordable only when most tiles are skipped, and non-deterministic -- or (b)
 recomputing the logits once per D block (``D / BLOCK_D`` times the forward's work).  We instead take
 the rows in super-blocks of ``R`` and the vocabulary in chunks of ``C`` so that the chunk's delta
-(``R x C`` in the input dtype) fits a workspace of ``workspace_bytes`` (default: automatic, see
+(``R x C`` in the input dtype) fits a workspace of ``workspace_bytes`` (default 96 MiB, see
 :func:`plan_backward`):
 
 1. ``_lce_delta_kernel`` -- one program per ``BLOCK_M x BLOCK_V`` tile: recompute ``z``, form delta in
@@ -49,12 +49,18 @@ the rows in super-blocks of ``R`` and the vocabulary in chunks of ``C`` so that 
 No atomics anywhere: results are bitwise reproducible run to run.  Extra traffic over the four GEMMs is
 the delta chunk (written once, read twice) plus read-modify-writes of the ``dx`` accumulator across
 vocabulary chunks and of a float32 ``dW`` across row super-blocks; :func:`plan_backward` picks
-``(R, C)`` to minimise it for the budget.  Across vocabulary chunks a 16-bit ``dx`` accumulates as the pair ``dx + dx_lo`` (both
-16-bit: ~16 more bits than dx alone, half the memory of a float32 accumulator; float32 dx accumulates in
-place).  Peak extra memory = ``R C e + ceil(R / BLOCK_M) C 4 + [C < V] R D e`` bytes (e = element size;
-see :func:`plan_backward`) plus, as the interface requires by default, ``dW`` in float32 (``V D 4``
-bytes); ``dw_dtype=W.dtype`` makes the planner keep ``R = N`` so that dW is written once in the
-weight's dtype with no float32 copy.
+``(R, C)`` to minimise it for the budget (default 96 MiB: the extra memory stays under 0.1 GiB).
+Across vocabulary chunks a 16-bit ``dx`` accumulates as the pair ``dx + dx_lo`` (both 16-bit: ~16 more
+bits than dx alone, half the memory of a float32 accumulator; float32 dx accumulates in place).  With
+one row super-block the low half ``dx_lo`` (``N D e`` bytes: 64-72 MiB at the LLM shapes, most of a
+0.1 GiB budget) need not be scratch at all: it borrows the last rows of the ``dW`` output, which no
+chunk writes before ``dx`` is final -- the chunks holding those rows compute dx on the way, and after
+the last chunk their logits are recomputed once more for dW (fewer than ``N + C`` vocabulary rows,
+~7-8 % of one GEMM at the LLM shapes; ``BackwardPlan.lo_in_dw``).  Peak extra memory =
+``R C e + ceil(R / BLOCK_M) C 4 (+ R D e when dx_lo cannot be borrowed)`` bytes (e = element size; see
+:func:`plan_backward`) plus, when asked for ``dw_dtype=float32`` with a 16-bit weight, that float32
+``dW``; ``dw_dtype=W.dtype`` (what softxent.torch asks for) makes the planner keep ``R = N`` so that
+dW is written once in the weight's dtype with no float32 copy.
 
 Cost, honestly: the exact backward needs the complete ``lse`` before any ``delta``, so it recomputes the
 logits -- four ``2 N D V`` GEMMs in all against the three of a materialising implementation.  An exact
@@ -113,9 +119,7 @@ __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
 ]
 
-DEFAULT_WORKSPACE_BYTES = 96 * 2**20  # where the automatic workspace starts (~0.1 GiB)
-MAX_AUTO_WORKSPACE_BYTES = 2**30  # where it stops
-AUTO_TRAFFIC_PER_NDV = 2e-3  # automatic: extra bytes <= this * N D V (~5% of the four GEMMs' time)
+DEFAULT_WORKSPACE_BYTES = 96 * 2**20  # the backward's default budget: extra memory under 0.1 GiB
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -593,60 +597,75 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
 @dataclass(frozen=True)
 class BackwardPlan:
     """Rows per super-block ``rows``, vocabulary columns per chunk ``cols``, the workspace bytes and the
-    extra HBM traffic (read-modify-writes of the accumulators, bytes) of that plan."""
+    extra HBM traffic (read-modify-writes of the accumulators, bytes) of that plan.
+
+    ``lo_in_dw``: the low half of a 16-bit ``dx`` accumulator lives in the last ``lo_rows`` rows of the
+    ``dW`` output (not yet written while ``dx`` accumulates) instead of the workspace; the chunks that
+    hold those rows -- the last ``recompute_cols`` vocabulary rows -- are then done twice: once for
+    ``dx`` and, after ``dx`` is final, once more (logits recomputed) for ``dW``."""
 
     rows: int
     cols: int
     workspace_bytes: int
     traffic_bytes: int = 0
+    lo_in_dw: bool = False
+    lo_rows: int = 0
+    recompute_cols: int = 0
 
 
 _LAUNCH_BYTES = 32 * 2**20  # ~10 us of launch + tail per chunk, expressed as HBM traffic (~3 TB/s)
+_FLOP_PER_BYTE = 200  # GEMM throughput over bandwidth (H100/H200: ~750 TFLOP/s bf16 over 3-4.2 TB/s)
 
 
 def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need_dw: bool,
                   workspace_bytes: int | None = None, dw_in_float32: bool = True,
-                  block_m: int = 128, block_v: int = 128) -> BackwardPlan:
-    """Choose the row super-block ``R`` and vocabulary chunk ``C`` of the backward.
+                  block_m: int = 128, block_v: int = 128, lo_in_dw: bool | None = None) -> BackwardPlan:
+    """Choose the row super-block ``R``, the vocabulary chunk ``C`` and where ``dx``'s low half lives
+    (``lo_in_dw``: None to choose, True to prefer it wherever it applies, False never).
 
     Workspace (bytes, e = element size of x)::
 
         R C e                                  delta chunk (when dx or dW is needed)
       + ceil(R / block_m) C 4                  db partials
-      + [C < V, need_dx, e < 4] R D e          low half of the dx accumulator (16-bit x; the high half
+      + [C < V, need_dx, e < 4, not lo_in_dw] R D e
+                                               low half of the dx accumulator (16-bit x; the high half
                                                is dx itself, a float32 dx accumulates in place)
       + [R < N, need_dw, not dw_in_float32] V D 4   float32 dW accumulator before the cast
 
-    Extra HBM traffic, minimised over the plans that fit::
+    ``lo_in_dw`` (only with one row super-block, ``R = N``, and dW wanted, ``V >= lo_rows``): the low
+    half instead borrows the last ``lo_rows = ceil(N e / e_dW)`` rows of the dW output, and the chunks
+    overlapping them are done twice (dx pass, then dW pass once dx is final).  That costs
+    ``2 N D recompute_cols`` flops -- at the LLM shapes ~7-8 % of one GEMM -- and frees ``N D e`` bytes
+    (64-72 MiB at the Llama-3 / Gemma-2 shapes) for a wider delta chunk.
 
-        (ceil(V/C) - 1) N D 4e [need_dx]  +  (ceil(N/R) - 1) V D 8 [need_dw]   (+ launches, ~32 MB each)
+    Cost, minimised over the plans that fit (bytes; recomputation counted at ``_FLOP_PER_BYTE``)::
+
+        (ceil(V/C) - 1) N D 4e [need_dx]  +  (ceil(N/R) - 1) V D 8 [need_dw]
+      + 2 N D recompute_cols / 200  +  ~32 MB per launch
 
     R runs over ``N`` and ``block_m * 2^k``; C is the largest multiple of ``block_v`` that fits, then
-    balanced over the chunks.  When no plan fits an explicit ``workspace_bytes``, it is doubled until
-    one does.  ``workspace_bytes=None`` (automatic): the smallest budget from 96 MiB up (steps of
-    sqrt 2, at most 1 GiB) whose traffic is at most ``2e-3 N D V`` bytes -- about 5% of the time of the
-    four ``2 N D V`` GEMMs at 200 flop per byte of bandwidth (H100: ~750 TFLOP/s bf16, ~3 TB/s) --
-    or holds everything at once.  At (8192, 4096, 128256) and (16384, 2304, 256000) in bf16 with
-    dW written in bf16 this gives about 0.13 and 0.25 GiB; a strict 96 MiB costs ~2x and ~6x the
-    traffic budget there (the dx accumulator is re-read once per vocabulary chunk).
+    balanced over the chunks.  When no plan fits ``workspace_bytes``, it is doubled until one does.
+    ``workspace_bytes=None``: :data:`DEFAULT_WORKSPACE_BYTES` (96 MiB), so that the backward's extra
+    memory stays under 0.1 GiB.  At (8192, 4096, 128256) and (16384, 2304, 256000) in bf16 with dW in
+    bf16 that plan re-reads the dx accumulator about 21 and 86 times (~5.6 and ~26 GB, ~1.4 and ~6 ms at
+    4 TB/s, against ~46 and ~103 ms for the four GEMMs); a larger budget trades memory for that traffic.
     """
-    if workspace_bytes is not None:
-        return _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, int(workspace_bytes), dw_in_float32,
-                                block_m, block_v)
-    budget = float(DEFAULT_WORKSPACE_BYTES)
-    while True:
-        plan = _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, int(budget), dw_in_float32, block_m,
-                                block_v)
-        if (plan.traffic_bytes <= AUTO_TRAFFIC_PER_NDV * N * D * V or (plan.rows, plan.cols) == (N, V)
-                or budget >= MAX_AUTO_WORKSPACE_BYTES):
-            return plan
-        budget = min(budget * math.sqrt(2.0), MAX_AUTO_WORKSPACE_BYTES)
+    budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    return _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, int(budget), dw_in_float32, block_m,
+                            block_v, lo_in_dw)
+
+
+def _lo_rows(N, elem_size, dw_in_float32) -> int:
+    """Rows of the (V, D) dW output that hold an (N, D) 16-bit dx low half."""
+    return -(-N * elem_size // (4 if dw_in_float32 else elem_size))
 
 
 def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_in_float32, block_m,
-                     block_v) -> BackwardPlan:
+                     block_v, lo_in_dw=None) -> BackwardPlan:
     need_delta = need_dx or need_dw
     e = elem_size if need_delta else 0
+    split_lo = need_dx and elem_size < 4
+    lo_rows = _lo_rows(N, elem_size, dw_in_float32)
     cands = {N}
     r = block_m
     while r < N:
@@ -658,24 +677,31 @@ def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_i
         for R in sorted(cands):
             per_col = R * e + triton.cdiv(R, block_m) * 4
             fixed = V * D * 4 if (R < N and need_dw and not dw_in_float32) else 0
-            if fixed + per_col * V <= budget:
-                C, lo = V, 0
-            else:
-                lo = R * D * elem_size if (need_dx and elem_size < 4) else 0
-                C = (budget - fixed - lo) // per_col // block_v * block_v
-                if C < block_v:
-                    continue
-                C = min(V, triton.cdiv(triton.cdiv(V, triton.cdiv(V, C)), block_v) * block_v)
-                lo = lo if C < V else 0
-            n_v, n_r = triton.cdiv(V, C), triton.cdiv(N, R)
-            traffic = 0
-            if need_dx:
-                traffic += (n_v - 1) * N * D * 4 * elem_size
-            if need_dw:
-                traffic += (n_r - 1) * V * D * 8
-            cost = traffic + n_v * n_r * 3 * _LAUNCH_BYTES
-            if best_cost is None or cost < best_cost:
-                best, best_cost = BackwardPlan(R, C, fixed + per_col * C + lo, traffic), cost
+            can_borrow = split_lo and need_dw and R == N and V >= lo_rows and lo_in_dw is not False
+            for borrow in ((True,) if can_borrow and lo_in_dw else (False, True) if can_borrow else (False,)):
+                if fixed + per_col * V <= budget:  # one chunk: no dx accumulation across chunks
+                    C, lo, borrow = V, 0, False
+                else:
+                    lo = R * D * elem_size if (split_lo and not borrow) else 0
+                    C = (budget - fixed - lo) // per_col // block_v * block_v
+                    if C < block_v:
+                        continue
+                    C = min(V, triton.cdiv(triton.cdiv(V, triton.cdiv(V, C)), block_v) * block_v)
+                    if C == V:
+                        lo, borrow = 0, False
+                n_v, n_r = triton.cdiv(V, C), triton.cdiv(N, R)
+                traffic = 0
+                if need_dx:
+                    traffic += (n_v - 1) * N * D * 4 * elem_size
+                if need_dw:
+                    traffic += (n_r - 1) * V * D * 8
+                recompute = V - (V - lo_rows) // C * C if borrow else 0
+                cost = (traffic + (n_v * n_r * 3 + triton.cdiv(recompute, C) * 2) * _LAUNCH_BYTES
+                        + 2 * N * D * recompute // _FLOP_PER_BYTE)
+                if best_cost is None or cost < best_cost:
+                    best_cost = cost
+                    best = BackwardPlan(R, C, fixed + per_col * C + lo, traffic, borrow,
+                                        lo_rows if borrow else 0, recompute)
         if best is not None:
             return best
         budget *= 2
@@ -699,7 +725,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
                  softcap: float | None, class_weight, need_dx: bool, need_dw: bool, need_db: bool,
                  skip_threshold: float | None = None, workspace_bytes: int | None = None,
                  dw_dtype: torch.dtype = torch.float32, chunk_shape: tuple[int, int] | None = None,
-                 configs: dict[str, TileConfig] | None = None, stats: dict | None = None):
+                 lo_in_dw: bool | None = None, configs: dict[str, TileConfig] | None = None, stats: dict | None = None):
     """Gradients of ``sum_ij delta_ij z_ij`` (module docstring) for x, W and b, recomputing the logits.
 
     Args:
@@ -712,11 +738,15 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
             ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with ``beta != 0``
             and whose rows all have ``gamma = 0`` is treated as zero in dx, dW and db.  For CCE's rule
             "every probability below eps" pass ``t = eps * max_i |alpha_i|``.
-        workspace_bytes: budget of the backward's scratch memory, or None (default) for the automatic
-            choice of :func:`plan_backward` (>= 96 MiB, <= 1 GiB, extra traffic ~5% of the GEMMs').
+        workspace_bytes: budget of the backward's scratch memory (None: ``DEFAULT_WORKSPACE_BYTES``,
+            96 MiB; see :func:`plan_backward`).
         dw_dtype: float32 (default) or the weight's dtype: with one row super-block (``R = N``) the
             latter is written directly, rounded once; otherwise it is accumulated in float32 then cast.
         chunk_shape: force ``(R, C)`` (tests, tuning).
+        lo_in_dw: where a 16-bit dx accumulator's low half lives (:class:`BackwardPlan`): None (the
+            plan's choice; False with ``chunk_shape``), True (required: ValueError where the plan
+            cannot -- one row super-block, dx and dW wanted, 16-bit x, several vocabulary chunks,
+            ``V`` at least the borrowed rows), or False.
         configs: tile configurations (``'delta'`` and ``'matmul'``) for this call.
         stats: optional dict, filled with ``plan``, ``tiles`` and ``tiles_kept`` (synchronises).
 
@@ -761,18 +791,32 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
     else:
         plan = plan_backward(N, V, D, x.element_size(), need_dx=need_dx, need_dw=need_dw,
                              workspace_bytes=workspace_bytes,
-                             dw_in_float32=dw_dtype == torch.float32, block_m=BM, block_v=BV)
+                             dw_in_float32=dw_dtype == torch.float32, block_m=BM, block_v=BV,
+                             lo_in_dw=lo_in_dw)
         R, C = plan.rows, plan.cols
     n_rchunks, n_vchunks = triton.cdiv(N, R), triton.cdiv(V, C)
     n_rb, n_vb = triton.cdiv(R, BM), triton.cdiv(C, BV)
+    split_dx = need_dx and n_vchunks > 1 and x.dtype != torch.float32
+    lo_rows = _lo_rows(N, x.element_size(), dw_dtype == torch.float32)
+    can_borrow = split_dx and need_dw and n_rchunks == 1 and V >= lo_rows
+    if lo_in_dw is None:
+        lo_in_dw = plan.lo_in_dw and can_borrow
+    elif lo_in_dw and not can_borrow:
+        raise ValueError(f"lo_in_dw=True needs one row super-block, dx and dW, 16-bit x, several vocabulary "
+                         f"chunks and V >= {lo_rows}; got R={R}, C={C}, N={N}, V={V}, x {x.dtype}, "
+                         f"need_dx={need_dx}, need_dw={need_dw}")
+    # vocabulary chunks from first_late on hold the borrowed rows: their dW waits until dx is final
+    first_late = (V - lo_rows) // C if lo_in_dw else n_vchunks
 
     # outputs and workspace
     dw_direct = need_dw and (dw_dtype == torch.float32 or n_rchunks == 1)
     if need_dw:
         dw = torch.empty((V, D), dtype=dw_dtype if dw_direct else torch.float32, device=dev)
     delta = torch.empty((R, C), dtype=x.dtype, device=dev) if need_delta else None
-    split_dx = need_dx and n_vchunks > 1 and x.dtype != torch.float32
-    dx_lo = torch.empty((R, D), dtype=x.dtype, device=dev) if split_dx else None
+    if lo_in_dw:  # dW's last rows are not written before dx is final (module docstring)
+        dx_lo = dw[V - lo_rows:].reshape(-1).view(x.dtype)[: N * D].view(N, D)
+    else:
+        dx_lo = torch.empty((R, D), dtype=x.dtype, device=dev) if split_dx else None
     dbpart = torch.empty((n_rb, C), dtype=torch.float32, device=dev) if need_db else None
     has_skip = skip_threshold is not None
     flags = torch.empty((n_rb, n_vb), dtype=torch.int8, device=dev) if has_skip else None
@@ -792,22 +836,30 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
             PRECISION=precision, BLOCK_M=mcfg.block_m, BLOCK_N=mcfg.block_n, BLOCK_K=mcfg.block_k,
             GROUP_M=mcfg.group_m, num_warps=mcfg.num_warps, num_stages=mcfg.num_stages)
 
+    def delta_chunk(r0, nr, nrb, v0, nc, nvb, with_db):
+        _lce_delta_kernel[(nrb * nvb,)](
+            x, weight, bias, target, class_weight, lse, alpha, beta, gamma, scale,
+            delta, flags, dbpart,
+            r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C,
+            ignore_index, softcap_f, float(skip_threshold) if has_skip else 0.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_CW=class_weight is not None, HAS_BETA=beta is not None, HAS_GAMMA=gamma is not None,
+            WRITE_DELTA=need_delta, NEED_DB=with_db, HAS_SKIP=has_skip, EVEN_K=D % dcfg.block_k == 0,
+            DOT_F32=dot_f32, PRECISION=precision, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=dcfg.block_k,
+            GROUP_M=dcfg.group_m, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
+
+    def dw_chunk(r0, nr, v0, nc):
+        # dW[chunk] (+)= delta^T @ x[rows]: M = vocabulary, K = rows (flags [row tile, vocab tile])
+        matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw[v0:v0 + nc], None, (D, 1), nc, D, nr, r0 > 0,
+               (1, n_vb), BV, BM)
+
     for r0 in range(0, N, R):
         nr = min(R, N - r0)
         nrb = triton.cdiv(nr, BM)
         for ci, v0 in enumerate(range(0, V, C)):
             nc = min(C, V - v0)
             nvb = triton.cdiv(nc, BV)
-            _lce_delta_kernel[(nrb * nvb,)](
-                x, weight, bias, target, class_weight, lse, alpha, beta, gamma, scale,
-                delta, flags, dbpart,
-                r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C,
-                ignore_index, softcap_f, float(skip_threshold) if has_skip else 0.0,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                HAS_CW=class_weight is not None, HAS_BETA=beta is not None, HAS_GAMMA=gamma is not None,
-                WRITE_DELTA=need_delta, NEED_DB=need_db, HAS_SKIP=has_skip, EVEN_K=D % dcfg.block_k == 0,
-                DOT_F32=dot_f32, PRECISION=precision, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=dcfg.block_k,
-                GROUP_M=dcfg.group_m, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
+            delta_chunk(r0, nr, nrb, v0, nc, nvb, need_db)
             if kept is not None:
                 kept += flags[:nrb, :nvb].sum()
             if need_db:
@@ -817,14 +869,18 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
                 # across vocabulary chunks a 16-bit dx accumulates as the pair dx + dx_lo
                 matmul(delta, (C, 1), weight[v0:v0 + nc], (D, 1), dx[r0:r0 + nr], dx_lo, (D, 1), nr, D, nc,
                        ci > 0, (n_vb, 1), BM, BV)
-            if need_dw:
-                # dW[chunk] (+)= delta^T @ x[rows]: M = vocabulary, K = rows (flags [row tile, vocab tile])
-                matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw[v0:v0 + nc], None, (D, 1), nc, D, nr, r0 > 0,
-                       (1, n_vb), BV, BM)
+            if need_dw and ci < first_late:
+                dw_chunk(r0, nr, v0, nc)
+    # lo_in_dw: dx is final, so the borrowed rows are free; recompute the late chunks' delta for dW
+    for v0 in range(first_late * C, V if lo_in_dw else 0, C):
+        nc = min(C, V - v0)
+        delta_chunk(0, N, n_rb, v0, nc, triton.cdiv(nc, BV), False)
+        dw_chunk(0, N, v0, nc)
     if need_dw and not dw_direct:
         dw = dw.to(dw_dtype)
     if stats is not None:
-        stats["plan"] = BackwardPlan(R, C, plan.workspace_bytes, plan.traffic_bytes)
+        stats["plan"] = BackwardPlan(R, C, plan.workspace_bytes, plan.traffic_bytes, lo_in_dw,
+                                     lo_rows if lo_in_dw else 0, V - first_late * C if lo_in_dw else 0)
         stats["tiles"] = sum(triton.cdiv(min(R, N - r0), BM) for r0 in range(0, N, R)) * sum(
             triton.cdiv(min(C, V - v0), BV) for v0 in range(0, V, C))
         stats["tiles_kept"] = int(kept) if kept is not None else stats["tiles"]
