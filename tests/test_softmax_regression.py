@@ -385,15 +385,80 @@ def test_convergence_warning_says_what_to_try():
     assert record[0].filename == __file__  # the warning points at the caller's fit(), not inside softxent
 
 
-def test_unscaled_separable_data_gives_finite_probabilities():
-    rng = np.random.default_rng(5)
+@pytest.mark.parametrize("solver", FULL_BATCH + MINIBATCH)
+def test_every_solver_warns_when_it_runs_out_of_iterations(solver):
+    """No solver stops silently short of tol (sklearn #10866): the warning names the solver and
+    max_iter, says what to try, and points at the caller's line."""
+    X, y, _ = _digits()
+    kw = {"l1_ratio": 0.5} if solver == "proximal" else {}
+    with pytest.warns(ConvergenceWarning,
+                      match=rf"solver='{solver}'\) did not converge within max_iter=2 .*scaling the features"
+                      ) as record:
+        m = SoftmaxRegression(alpha=1e-6, solver=solver, max_iter=2, tol=1e-12, **kw).fit(X * 16, y)
+    assert record[0].filename == __file__
+    assert m.n_iter_ == 2
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "newton-cg"])
+def test_unscaled_separable_data_gives_finite_probabilities(solver):
+    """No penalty, separable, unscaled: the optimum is at infinity.  A fit either stops where the
+    gradient is below tol (the loss is then exponentially small: a legitimate stop, as scikit-learn's)
+    or warns with what to try; either way the probabilities are finite and sum to 1."""
+    rng = np.random.default_rng()
     X = rng.standard_normal((100, 3)) * 1e3
     y = (X[:, 0] > 0).astype(int)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        m = SoftmaxRegression(alpha=0.0, solver="newton-cg", max_iter=50).fit(X, y)
-    assert np.all(np.isfinite(m.predict_proba(X)))
+    for max_iter, tol in ((3, 1e-14), (50, 1e-4)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            m = SoftmaxRegression(alpha=0.0, solver=solver, max_iter=max_iter, tol=tol).fit(X, y)
+        warned = [w for w in record if issubclass(w.category, ConvergenceWarning)]
+        obj = LinearSoftmaxObjective(X, y, 2)
+        g = obj.loss_gradient(obj.pack(m.coef_, m.intercept_))[1]
+        if max_iter == 3:  # cannot reach 1e-14 in 3 iterations
+            assert warned and "scaling the features" in str(warned[0].message)
+        else:
+            assert warned or np.abs(g).max() <= 10 * tol, (np.abs(g).max(), m.n_iter_)
+        proba = m.predict_proba(X)
+        assert np.all(np.isfinite(proba)) and np.all(np.isfinite(m.coef_))
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
     assert m.score(X, y) == 1.0
+
+
+@pytest.mark.parametrize("solver", FULL_BATCH)
+def test_fit_intercept_false_reaches_sklearn_optimum(solver):
+    """fit_intercept=False: intercept_ is all zeros and the objective (no intercept) equals
+    scikit-learn's LogisticRegression(fit_intercept=False) optimum within 1e-6."""
+    X, y, alpha = _generated()
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sk = LogisticRegression(C=1.0 / (alpha * len(y)), fit_intercept=False, tol=1e-10, max_iter=20000).fit(X, y)
+    classes = sk.classes_
+    obj = LinearSoftmaxObjective(X, np.searchsorted(classes, y), len(classes), alpha=alpha, fit_intercept=False)
+    best = obj.objective(obj.pack(sk.coef_))
+    m = SoftmaxRegression(alpha=alpha, solver=solver, fit_intercept=False, tol=1e-8, max_iter=5000).fit(X, y)
+    np.testing.assert_array_equal(m.intercept_, np.zeros(len(classes)))
+    assert obj.objective(obj.pack(m.coef_)) <= best * (1 + 1e-6)
+    np.testing.assert_allclose(m.decision_function(X), X @ m.coef_.T, rtol=1e-12, atol=1e-12)
+
+
+def test_read_only_float32_csr_and_memmap_are_accepted(tmp_path):
+    """Read-only inputs (sklearn #15924: a float32 CSR whose upcast wrote into a read-only memmap):
+    fit and predict read them without writing, and give the same model as writable copies."""
+    rng = np.random.default_rng()
+    X, y, _ = _generated()
+    X = X.astype(np.float32)
+    X[rng.random(X.shape) < 0.7] = 0
+    Xs = sp.csr_matrix(X)
+    for a in (Xs.data, Xs.indices, Xs.indptr):
+        a.flags.writeable = False
+    path = tmp_path / "X.npy"
+    np.save(path, X)
+    Xm = np.load(path, mmap_mode="r")
+    ref = SoftmaxRegression(alpha=1e-3, solver="newton-cg", tol=1e-8).fit(sp.csr_matrix(X.copy()), y)
+    for X_ro in (Xs, Xm):
+        m = SoftmaxRegression(alpha=1e-3, solver="newton-cg", tol=1e-8).fit(X_ro, y)
+        np.testing.assert_allclose(m.coef_, ref.coef_, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(m.predict(X_ro), ref.predict(X))
 
 
 # ------------------------------------------------------------------------------- bad input
