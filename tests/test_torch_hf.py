@@ -125,6 +125,51 @@ def test_loss_function_hook():
     assert float(loss.detach()) == 0.0   # the default hook gives NaN here
 
 
+@pytest.mark.parametrize("num_items", [None, 29])
+def test_loss_function_hook_with_shift_labels(num_items):
+    """causal_lm_loss_function(shift_labels=...) with the labels pre-shifted equals passing ``labels``
+    (loss and logits gradient), equals transformers' ForCausalLMLoss and the float64 reference; and
+    through a model's hook, ``shift_labels`` wins over ``labels`` and gives the ``labels=`` loss and
+    parameter gradients."""
+    import numpy as np
+
+    import softxent.loss as ref_loss
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    V = 97
+    ids, labels = batch(seed=10)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    logits = torch.randn(3, 11, V, generator=torch.Generator().manual_seed(11)) * 3
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    results = []
+    for fn, args in ((causal_lm_loss_function, {"labels": labels}),
+                     (causal_lm_loss_function, {"labels": None, "shift_labels": shifted}),
+                     (ForCausalLMLoss, {"labels": None, "shift_labels": shifted.contiguous()})):
+        z = logits.clone().requires_grad_()
+        loss = fn(z, vocab_size=V, **args, **kw)
+        loss.backward()
+        results.append((loss.detach(), z.grad))
+    ref_kw = {"reduction": "mean"} if num_items is None else {"reduction": "sum",
+                                                              "grad_output": np.asarray(1.0 / num_items)}
+    want_loss, want_grad = ref_loss.cross_entropy_with_grad(logits.double().numpy(), shifted.numpy(),
+                                                            **ref_kw)
+    want_loss = want_loss if num_items is None else want_loss / num_items
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert abs(float(results[1][0]) - float(want_loss)) <= TOL * abs(float(want_loss))
+    assert float((results[1][1].double() - torch.from_numpy(want_grad)).abs().max()) <= (
+        TOL * np.abs(want_grad).max())
+    assert torch.allclose(results[1][0], results[2][0], rtol=TOL)
+    assert torch.allclose(results[1][1], results[2][1], rtol=0, atol=TOL * float(results[2][1].abs().max()))
+
+    model = tiny_llama(seed=12)
+    model.loss_function = causal_lm_loss_function
+    with_labels = loss_and_grads(model, lambda: model(input_ids=ids, labels=labels, **kw).loss)
+    decoy = torch.full_like(labels, -100)           # the model calls its hook only when labels is given
+    with_shifted = loss_and_grads(model, lambda: model(input_ids=ids, labels=decoy, shift_labels=shifted,
+                                                       **kw).loss)
+    assert_same(with_shifted, with_labels)
+
+
 def test_bad_models_and_arguments():
     model = tiny_llama()
     ids, labels = batch()

@@ -7,6 +7,7 @@ The truth for ``z = x W^T + b`` is ``softxent.loss.cross_entropy_with_grad`` on 
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import numpy as np
@@ -252,23 +253,37 @@ def test_non_contiguous_inputs(impl):
     assert torch.equal(x, x0) and torch.equal(w, w0)   # inputs are never modified
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def assert_zero_loss_and_gradients(result):
+    loss, *grads = result[:4]
+    assert float(loss) == 0.0 and not torch.isnan(loss).any()
+    for g in grads:
+        if g is not None:
+            assert not torch.isnan(g).any() and float(g.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL)
 def test_mean_over_nothing_is_zero_with_zero_gradient(impl):
+    """All targets ignored, an empty batch, zero total sample weight, zero total class weight (every
+    present class weighted 0, with smoothing and z-loss on) and a zero normalizer: loss 0, gradients 0
+    (PyTorch's 'mean' gives NaN here), as in the reference."""
     rng = np.random.default_rng(7)
+    one = torch.tensor(1.0)
     x, w, b, y = draw(rng, 8, 4, 5, ignore=range(8))
-    loss, dx, dw, db, _ = run(impl, x, w, b, y, torch.tensor(1.0))
-    loss = loss.detach()
-    assert float(loss) == 0.0 and not torch.isnan(loss)
-    assert float(dx.abs().max()) == 0.0 and float(dw.abs().max()) == 0.0 and float(db.abs().max()) == 0.0
+    assert_zero_loss_and_gradients(run(impl, x, w, b, y, one))
     x0, w0, b0, y0 = draw(rng, 0, 4, 5)                  # empty batch
-    loss, dx, dw, db, _ = run(impl, x0, w0, b0, y0, torch.tensor(1.0))
-    assert float(loss.detach()) == 0.0 and dx.shape == (0, 4) and float(dw.abs().max()) == 0.0
-    zero_w = torch.zeros(8)                               # zero total sample weight
+    loss, dx, dw, db, _ = run(impl, x0, w0, b0, y0, one)
+    assert dx.shape == (0, 4)
+    assert_zero_loss_and_gradients((loss, dx, dw, db))
     x, w, b, y = draw(rng, 8, 4, 5)
-    loss, dx, *_ = run(impl, x, w, b, y, torch.tensor(1.0), sample_weight=zero_w)
-    assert float(loss) == 0.0 and float(dx.abs().max()) == 0.0
-    loss, dx, *_ = run(impl, x, w, b, y, torch.tensor(1.0), reduction="sum", normalizer=0)
-    assert float(loss) == 0.0 and float(dx.abs().max()) == 0.0
+    assert_zero_loss_and_gradients(run(impl, x, w, b, y, one, sample_weight=torch.zeros(8)))
+    assert_zero_loss_and_gradients(run(impl, x, w, b, y, one, reduction="sum", normalizer=0))
+    y = torch.from_numpy(rng.integers(0, 3, 8))          # classes 0..2 present, weighted 0
+    y[0] = -100
+    cw = torch.tensor([0.0, 0.0, 0.0, 1.5, 0.7])
+    for kw in ({}, {"label_smoothing": 0.2, "z_loss": 0.1}):
+        want_loss, *want_grads = reference(x, w, b, y, class_weight=cw, **kw)[:4]
+        assert want_loss == 0.0 and all(np.abs(g).max() == 0.0 for g in want_grads)
+        assert_zero_loss_and_gradients(run(impl, x, w, b, y, one, class_weight=cw, **kw))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,14 +448,33 @@ def test_gradcheck_float64(impl, reduction):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-def test_double_backward_is_refused():
-    g = torch.Generator().manual_seed(15)
-    x = torch.randn(4, 3, generator=g, requires_grad=True)
-    w = torch.randn(5, 3, generator=g, requires_grad=True)
-    loss = linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3]), impl="chunked")
-    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+DOUBLE_BACKWARD = r"softxent.torch computes first derivatives only: .* \(double backward\)"
+
+
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")
+@pytest.mark.parametrize("impl", IMPLS_ALL)
+def test_double_backward_raises_a_clear_error(impl):
+    """A gradient taken with create_graph=True is still right, and differentiating it again (a gradient
+    penalty), with respect to x or W, raises instead of returning a silently wrong second derivative
+    (without the guard, impl='torch' treated dz as a constant and returned one)."""
+    rng = np.random.default_rng(15)
+    x, w, b, y = draw(rng, 6, 3, 5, ignore=(2,))
+    truth = reference(x, w, b, y)
+    for wrt in ("x", "weight", "backward"):
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        loss = linear_cross_entropy(xg, wg, y, bg, impl=impl)
+        if wrt == "backward":
+            loss.backward(create_graph=True)
+            gx = xg.grad
+        else:
+            (gx,) = torch.autograd.grad(loss, xg, create_graph=True)
+        assert rel_err(gx, truth[1]) <= TOL32
+        penalty = gx.square().sum()
+        with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
+            if wrt == "backward":
+                penalty.backward()
+            else:
+                torch.autograd.grad(penalty, xg if wrt == "x" else wg)
 
 
 def test_module_matches_function():
@@ -471,6 +505,144 @@ def test_torch_compile_traces_without_graph_breaks():
     loss.backward()
     truth = reference(x, w, None, y)
     assert rel_err(loss, truth[0]) <= TOL32 and rel_err(xg.grad, truth[1]) <= TOL32
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL)
+def test_module_reduction_none_gives_per_token_losses(impl):
+    """LinearCrossEntropyLoss(reduction='none') with shift: per-token losses shaped (B, T - 1), equal to
+    the function's, and loss and gradients for a random per-token grad_output equal the reference."""
+    rng = np.random.default_rng(24)
+    B, T, D, V = 2, 6, 8, 12
+    x, w, b, y = draw(rng, None, D, V, lead=(B, T), ignore=(3, 8))
+    cw = torch.from_numpy(rng.uniform(0.3, 2.0, V)).float()
+    sw = torch.from_numpy(rng.uniform(0.0, 2.0, (B, T))).float()
+    opts = dict(label_smoothing=0.1, z_loss=0.02, softcap=4.0)
+    mod = LinearCrossEntropyLoss(reduction="none", class_weight=cw, shift=True, impl=impl, **opts)
+    go = torch.from_numpy(rng.uniform(-2.0, 2.0, (B, T - 1)))
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    loss = mod(xg, wg, y, bg, sample_weight=sw)
+    func = linear_cross_entropy(x, w, y, b, reduction="none", class_weight=cw, sample_weight=sw,
+                                shift=True, impl=impl, **opts)
+    assert loss.shape == (B, T - 1) and torch.equal(loss.detach(), func)
+    assert float(func[0, 2]) == 0.0 and float(func[1, 1]) == 0.0     # targets y[0, 3], y[1, 2] ignored
+    loss.backward(go.float())
+    want_loss, dx, dw, db, _, scales = reference(x, w, b, y, shift=1, reduction="none", sample_weight=sw,
+                                                 class_weight=cw, grad_output=go.numpy(),
+                                                 with_scales=True, **opts)
+    assert rel_err(loss, want_loss) <= TOL32
+    for got, want, scale in zip((xg.grad, wg.grad, bg.grad), (dx, dw, db), scales):
+        assert rel_err(got, want, scale) <= TOL32
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL)
+def test_int32_targets_equal_int64(impl):
+    """int32 class indices (which F.cross_entropy refuses) give the int64 result, bit for bit."""
+    rng = np.random.default_rng(25)
+    x, w, b, y = draw(rng, None, 7, 13, lead=(2, 5), ignore=(3, 6))
+    kw = dict(shift=True, reduction="none", label_smoothing=0.1, z_loss=0.01)
+    go = torch.from_numpy(rng.uniform(-2.0, 2.0, (2, 4))).float()
+    want = run(impl, x, w, b, y, go, **kw)
+    got = run(impl, x, w, b, y.to(torch.int32), go, **kw)
+    for a, e in zip(got[:4], want[:4]):
+        assert torch.equal(a, e)
+    check(impl, x, w, b, y.to(torch.int32), rng=rng, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_sample_weight_equals_ignore_index(impl, reduction):
+    """A token weighted 0 is a token ignored: same loss (and 'mean' denominator) and gradients."""
+    rng = np.random.default_rng(26)
+    N, D, V = 12, 6, 9
+    x, w, b, y = draw(rng, N, D, V)
+    dropped = [1, 4, 5, 11]
+    sw = torch.from_numpy(rng.uniform(0.2, 2.0, N)).float()
+    sw_zero = sw.clone()
+    sw_zero[dropped] = 0.0
+    y_ignored = y.clone()
+    y_ignored[dropped] = -100
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.02,
+              class_weight=torch.from_numpy(rng.uniform(0.5, 2.0, V)).float())
+    go = (torch.tensor(float(rng.uniform(0.3, 2.0))) if reduction != "none"
+          else torch.from_numpy(rng.uniform(-2.0, 2.0, N)).float())
+    weighted = run(impl, x, w, b, y, go, sample_weight=sw_zero, **kw)
+    ignored = run(impl, x, w, b, y_ignored, go, sample_weight=sw, **kw)
+    for a, e in zip(weighted[:4], ignored[:4]):
+        assert rel_err(a, e.double().numpy()) <= 1e-6
+    if reduction == "none":
+        assert float(weighted[0][dropped].abs().sum()) == 0.0
+    check(impl, x, w, b, y, sample_weight=sw_zero, rng=rng, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_never_allocates_n_by_v(reduction):
+    """impl='chunked' with R = 4 rows per chunk (N = 64): no tensor of N x V or more elements is created
+    in forward and backward, with every option on; impl='torch' shows that the recorder sees one."""
+    N, D, V, R = 64, 5, 37, 4
+    rng = np.random.default_rng(27)
+    x, w, b, y = draw(rng, N, D, V, ignore=(0, 9))
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.01, softcap=3.0,
+              sample_weight=torch.from_numpy(rng.uniform(0, 2, N)).float(),
+              class_weight=torch.from_numpy(rng.uniform(0.5, 2, V)).float())
+    largest = {}
+    for impl in ("torch", "chunked"):
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        with _RecordShapes() as rec:
+            loss = linear_cross_entropy(xg, wg, y, bg, impl=impl, max_chunk_bytes=R * V * 4, **kw)
+            loss.backward(torch.ones_like(loss))
+        largest[impl] = max(int(np.prod(s)) for s in rec.shapes)
+    assert largest["torch"] >= N * V
+    assert largest["chunked"] <= max(R * V, N * D, V * D) < N * V, largest
+    check("chunked", x, w, b, y, rng=rng, max_chunk_bytes=R * V * 4, **kw)
+
+
+def _identity_head_inputs(rng, N, V, dtype):
+    """``x`` (N, V) that are the logits themselves under ``W = I`` (so ``dx`` is ``dlogits``): rows whose
+    target is ``gap`` above every other logit (1 - p_y between ~1e-5 and ~1e-2)."""
+    x = rng.normal(0.0, 2.0, (N, V))
+    y = rng.integers(0, V, N)
+    x[np.arange(N), y] = x.max(axis=1) + rng.uniform(5.0, 14.0, N)
+    return (torch.from_numpy(x).to(dtype), torch.eye(V, dtype=torch.float64).to(dtype),
+            torch.from_numpy(y))
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL)
+def test_large_confident_logits(impl):
+    """float32 logits of +-1e4 (a target at +1e4: p_y = 1; a rival at +1e4: loss ~1e4; a target at
+    -1e4) give finite losses and gradients that match the reference; in bf16 the target column of
+    dlogits (p_y - 1, tiny) is as accurate as one rounding of a float32 value, and no worse than
+    BF16_FACTOR times PyTorch's bf16 F.linear + F.cross_entropy."""
+    rng = np.random.default_rng(28)
+    N, V = 16, 12
+    kw = {"max_chunk_bytes": 3 * V * 4} if impl == "chunked" else {}
+    x, w, y = _identity_head_inputs(rng, N, V, torch.float32)
+    x[0, y[0]] = 1e4
+    x[1, (int(y[1]) + 1) % V] = 1e4
+    x[2, y[2]] = -1e4
+    x[3, ::2] = -1e4
+    loss, dx, dw, _, _ = run(impl, x, w, None, y, torch.ones(N), reduction="none", **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    assert float(loss[0]) == 0.0 and float(loss[1]) > 9e3 and float(loss[2]) > 9e3
+    check(impl, x, w, None, y, reduction="none", **kw)
+
+    n = 64
+    x, w, y = _identity_head_inputs(rng, n, 50, torch.bfloat16)
+    rows = torch.arange(n)
+    _, want, _, _, lse = reference(x, w, None, y)
+    want = want[rows, y]                                        # dlogits_y = (p_y - 1) / n
+    ours = run(impl, x, w, None, y, torch.tensor(1.0), **kw)[1][rows, y].double().numpy()
+    xg = x.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(xg, w), y).backward()
+    theirs = xg.grad[rows, y]
+    assert rel_err(torch.from_numpy(ours), want) <= BF16_FACTOR * rel_err(theirs, want)
+    if impl != "triton":
+        # one rounding to bf16 (2^-9 relative) of p_y - 1 formed in float32 (a few ulps of 1 = 2^-23)
+        bound = 2.0**-8 * np.abs(want) + 2.0**-22 / n
+    else:
+        # the kernels form p_y = exp(z_y - lse) (an absolute error of a few ulps of lse) and round delta
+        # to 16 bits for the dx product before the final rounding of dx (measured: 0.9 of this bound)
+        bound = 2.0**-7 * np.abs(want) + np.abs(lse) * 2.0**-23 / n
+    assert np.all(np.abs(ours - want) <= bound), np.max(np.abs(ours - want) / bound)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,6 +730,50 @@ def test_triton_skip_threshold_is_passed_and_bounded():
     # every dropped delta_ij is below thr * max_i alpha_i = thr / N: |ddx| <= thr / N * sum_j |W_j|
     bound = thr / N * w.abs().sum(0).max()
     assert 0 < diff <= bound, (float(diff), float(bound))
+
+
+@pytest.mark.parametrize("error", [AttributeError("module 'triton' has no attribute 'Config'"),
+                                   RuntimeError("Triton: unsupported driver"), ImportError("no triton")],
+                         ids=lambda e: type(e).__name__)
+def test_broken_triton_install_falls_back_to_chunked(monkeypatch, error):
+    """A Triton that fails at kernel import with any exception (an API change raises AttributeError or
+    RuntimeError while the kernels are decorated, not ImportError): triton_available() is False,
+    impl='auto' picks 'chunked' even for CUDA tensors, and impl='triton' names the cause."""
+    import softxent.torch._linear_cross_entropy as lce
+
+    def broken_import():
+        raise error
+
+    monkeypatch.setattr(lce, "_TRITON_STATE", {})
+    monkeypatch.setattr(lce, "_triton_kernels", broken_import)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert lce.triton_available() is False
+    assert lce._resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "chunked"
+    x, w, b, y = draw(np.random.default_rng(29), 10, 6, 9)
+    assert torch.equal(linear_cross_entropy(x, w, y, b), linear_cross_entropy(x, w, y, b, impl="chunked"))
+    cause = re.escape(f"{type(error).__name__}: {error}")
+    with pytest.raises(ValueError, match=r"impl='triton' needs the triton package and softxent's kernels "
+                                         rf".*failed to import \({cause}\)"):
+        linear_cross_entropy(x, w, y, b, impl="triton")
+
+
+def test_impl_choice_with_importable_kernels(monkeypatch):
+    """With kernels that import, 'auto' is 'triton' for 16/32-bit CUDA tensors only, and impl='triton'
+    refuses float64 with the remedy (checked before any kernel runs)."""
+    import softxent.torch._linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "_TRITON_STATE", {})
+    monkeypatch.setattr(lce, "_triton_kernels", lambda: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert lce.triton_available() is True
+    assert lce._resolve_impl("auto", cuda, torch.bfloat16) == "triton"
+    assert lce._resolve_impl("auto", cuda, torch.float64) == "chunked"
+    assert lce._resolve_impl("auto", cpu, torch.float32) == "chunked"
+    x, w, b, y = draw(np.random.default_rng(30), 5, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"impl='triton' takes float16, bfloat16 or float32 inputs; got "
+                                         r"float64 \(use impl='chunked'\)"):
+        linear_cross_entropy(x, w, y, b, impl="triton")
 
 
 def test_auto_is_chunked_off_cuda():

@@ -170,8 +170,9 @@ def _cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_in
     opt = dict(index=index, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                reduction=reduction, z_loss=float(z_loss),
                softcap=None if softcap is None else float(softcap))
+    flat_logits, flat_target = val.first_order_only(logits.reshape(-1, K), flat_target)
     loss, lse = _CrossEntropyFunction.apply(
-        logits.reshape(-1, K), flat_target, None if sw is None else sw.reshape(-1), cw, norm, opt)
+        flat_logits, flat_target, None if sw is None else sw.reshape(-1), cw, norm, opt)
     if reduction == "none":
         loss = loss.reshape(lead)
     return loss, lse.reshape(lead)
@@ -203,6 +204,7 @@ def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_ind
     Returns:
         the loss in float32 (float64 for float64 logits): a 0-d tensor, or ``(...)`` for 'none'.  Its
         gradient reaches the logits (in their dtype) and probability targets, for any grad_output.
+        First derivatives only: differentiating a ``create_graph=True`` gradient raises RuntimeError.
 
     >>> import torch
     >>> z = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)

@@ -64,14 +64,39 @@ def _triton_kernels():
 
 
 def triton_available() -> bool:
-    """Whether Triton and softxent's kernels import (cached)."""
+    """Whether Triton and softxent's kernels import (cached; the failure is kept for the error of
+    ``impl='triton'``)."""
     if "ok" not in _TRITON_STATE:
         try:
             _triton_kernels()
             _TRITON_STATE["ok"] = True
-        except ImportError:
+        # Not only ImportError: a Triton whose API moved fails while the kernels are decorated
+        # (AttributeError, RuntimeError, ...), and impl='auto' must then still run (on 'chunked').
+        except Exception as exc:
             _TRITON_STATE["ok"] = False
+            _TRITON_STATE["error"] = f"{type(exc).__name__}: {exc}"
     return _TRITON_STATE["ok"]
+
+
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation that runs: ``'auto'`` is ``'triton'`` for CUDA tensors of float16 / bfloat16 /
+    float32 when Triton and the kernels import, ``'chunked'`` otherwise; ``'triton'`` is checked (device,
+    an importable Triton, dtype) and refused with the reason."""
+    if impl == "auto":
+        return ("triton" if device.type == "cuda" and dtype != torch.float64 and triton_available()
+                else "chunked")
+    if impl == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's "
+                             f"CPU interpreter); got tensors on {device}. Use impl='chunked' or 'auto'")
+        if not triton_available():
+            raise ValueError(f"impl='triton' needs the triton package and softxent's kernels (pip "
+                             f"install 'softxent[triton]'), which failed to import "
+                             f"({_TRITON_STATE['error']}); use impl='chunked' or 'auto'")
+        if dtype == torch.float64:
+            raise ValueError("impl='triton' takes float16, bfloat16 or float32 inputs; got float64 "
+                             "(use impl='chunked')")
+    return impl
 
 
 class TritonLinearCrossEntropy(torch.autograd.Function):
@@ -181,7 +206,9 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
     Raises:
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options, class indices
         outside ``[0, V)`` (checked on the host in eager mode, skipped under torch.compile and CUDA-graph
-        capture) and sharded (DTensor) weights.
+        capture) and sharded (DTensor) weights; ``ValueError`` for ``impl='triton'`` without CUDA,
+        without an importable Triton (naming the import error) or with float64.  A gradient taken with
+        ``create_graph=True`` raises ``RuntimeError`` when differentiated again (no double backward).
 
     >>> import torch
     >>> x = torch.randn(2, 5, 8, requires_grad=True); W = torch.randn(11, 8, requires_grad=True)
@@ -250,9 +277,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
     val.check_values(target=t2, num_classes=V, ignore_index=ignore_index,
                      weights=[("sample_weight", sw2), ("class_weight", cw)], normalizer=norm)
 
-    if impl == "auto":
-        impl = ("triton" if dev.type == "cuda" and x.dtype != torch.float64 and triton_available()
-                else "chunked")
+    impl = _resolve_impl(impl, dev, x.dtype)
     if impl == "torch":
         z = F.linear(x2, weight, bias)
         loss, lse = _cross_entropy(z, t2, weight=cw, sample_weight=sw2, ignore_index=ignore_index,
@@ -264,19 +289,11 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                     need_db=grad_on and bias is not None and bias.requires_grad)
         sw2 = None if sw2 is None else sw2.detach()
         cw = None if cw is None else cw.detach()
+        x2, weight, bias = val.first_order_only(x2, weight, bias)   # a clear error on double backward
         common = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                       reduction=reduction, z_loss=float(z_loss),
                       softcap=None if softcap is None else float(softcap))
         if impl == "triton":
-            if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's "
-                                 f"CPU interpreter); got tensors on {dev}. Use impl='chunked' or 'auto'")
-            if not triton_available():
-                raise ValueError("impl='triton' needs the triton package and softxent's kernels "
-                                 "(pip install 'softxent[triton]'); use impl='chunked' or 'auto'")
-            if x.dtype == torch.float64:
-                raise ValueError("impl='triton' takes float16, bfloat16 or float32 inputs; got float64 "
-                                 "(use impl='chunked')")
             cfg = dict(common, skip_threshold=None if skip_threshold is None else float(skip_threshold),
                        max_chunk_bytes=None if max_chunk_bytes is None else int(max_chunk_bytes), **need)
             loss, lse = TritonLinearCrossEntropy.apply(

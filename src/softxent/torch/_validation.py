@@ -6,6 +6,9 @@ non-negative normalizer) run on the host in eager mode, all in one device-to-hos
 skipped while ``torch.compile`` traces the code and during CUDA-graph capture, where reading a value
 would break the graph: there an out-of-range class index is not diagnosed by softxent (PyTorch's own
 ``gather`` then raises on the CPU and fails a device-side assertion on CUDA).
+
+:func:`first_order_only` guards the inputs of the autograd Functions so that a double backward raises
+``DOUBLE_BACKWARD_MESSAGE`` instead of returning a silently wrong second derivative.
 """
 
 from __future__ import annotations
@@ -213,3 +216,54 @@ def check_values(*, target=None, num_classes=None, ignore_index=-100, weights=()
         wf = w.double()
         vals = wf[~((wf >= 0) & torch.isfinite(wf))].reshape(-1)[:3].tolist()
         raise ValueError(f"{name} must be finite and >= 0; got values such as {vals}")
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "softxent.torch computes first derivatives only: a gradient of its cross-entropy taken with "
+    "create_graph=True cannot be differentiated again (double backward). For second derivatives use "
+    "torch.nn.functional.cross_entropy on materialised logits")
+
+
+class _RefuseDifferentiation(torch.autograd.Function):
+    """``grad`` unchanged, tied to ``anchors`` (the inputs that require grad) by a node whose backward
+    raises, so that differentiating ``grad`` with respect to any of them fails loudly."""
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the differentiable inputs of a softxent Function.  The Functions' backwards run under
+    ``no_grad`` (once_differentiable), so with ``create_graph=True`` their gradients would come back as
+    constants: ``d(x @ W.T)`` would then carry a graph through ``W`` only and a second derivative
+    (e.g. a gradient penalty) would be silently wrong.  Under ``create_graph=True`` this backward ties
+    each gradient to a node that raises ``DOUBLE_BACKWARD_MESSAGE`` instead."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        ctx.save_for_backward(*tensors)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if not torch.is_grad_enabled():       # grad mode is on in backward only with create_graph=True
+            return grads
+        inputs = ctx.saved_tensors
+        return tuple(None if g is None else _RefuseDifferentiation.apply(g, *inputs) for g in grads)
+
+
+def first_order_only(*tensors):
+    """``tensors`` unchanged; those that require grad pass through :class:`_FirstOrderOnly` (a tuple)."""
+    idx = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not idx or not torch.is_grad_enabled():
+        return tensors
+    guarded = _FirstOrderOnly.apply(*(tensors[i] for i in idx))
+    out = list(tensors)
+    for i, g in zip(idx, guarded):
+        out[i] = g
+    return tuple(out)
