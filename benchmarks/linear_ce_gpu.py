@@ -433,23 +433,24 @@ class DirectKernels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, bias, y, softcap, skip_eps, workspace):
-        lse, zt, _ = KERNELS.lce_forward(x, W, bias, y, ignore_index=-100, softcap=softcap, class_weight=None,
-                                         need_weighted_sum=False)
+        lse, zt, _, q = KERNELS.lce_forward(x, W, bias, y, ignore_index=-100, softcap=softcap,
+                                            class_weight=None, need_weighted_sum=False,
+                                            need_target_complement=True)
         valid = (y != -100).float()
         n = valid.sum().clamp(min=1.0)
-        ctx.save_for_backward(x, W, bias, y, lse, valid, n)
+        ctx.save_for_backward(x, W, bias, y, lse, valid, n, q)
         ctx.opts = (softcap, skip_eps, workspace)
         return ((lse - zt) * valid).sum() / n
 
     @staticmethod
     def backward(ctx, g):
-        x, W, bias, y, lse, valid, n = ctx.saved_tensors
+        x, W, bias, y, lse, valid, n, q = ctx.saved_tensors
         softcap, skip_eps, workspace = ctx.opts
         coef = (valid * (g.float() / n)).contiguous()
         skip = None if skip_eps is None else skip_eps * float(coef.abs().max())
         dx, dw, db = KERNELS.lce_backward(
-            x, W, bias, y, lse, coef, coef, None, ignore_index=-100, softcap=softcap, class_weight=None,
-            need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+            x, W, bias, y, lse, coef, coef, None, target_complement=q, ignore_index=-100, softcap=softcap,
+            class_weight=None, need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
             need_db=bias is not None and ctx.needs_input_grad[2], skip_threshold=skip or None,
             workspace_bytes=workspace, dw_dtype=W.dtype)
         return dx, dw, (None if db is None else db.to(bias.dtype)), None, None, None, None

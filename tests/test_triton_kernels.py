@@ -88,9 +88,13 @@ def reference(x, W, b, y, *, ignore_index, softcap, cw, alpha=None, beta=None, g
     cw64 = np.ones(V) if cw is None else f64(cw)
     valid = y64 != ignore_index
     rows = np.arange(N)
+    p = ref_loss.softmax(zh)
+    not_target = np.ones_like(p, dtype=bool)
+    not_target[rows[valid], y64[valid]] = False
     out = dict(lse=ref_loss.logsumexp(zh),
                zt=np.where(valid, zh[rows, np.where(valid, y64, 0)], 0.0),
-               ws=(zh * cw64).sum(axis=1))
+               ws=(zh * cw64).sum(axis=1),
+               q=np.where(not_target, p, 0.0).sum(axis=1))  # 1 - p_y, summed without the target
     if alpha is not None:
         a = f64(alpha)
         delta = a[:, None] * ref_loss.softmax(zh)
@@ -128,6 +132,10 @@ def rounding_floor(delta, other, dtype, out_dtype):
 
 
 def check_forward(got, ref, need_ws):
+    if len(got) == 4:  # with the target complement q = 1 - p_y: to float32's relative precision
+        q = f64(got[3])
+        np.testing.assert_allclose(q, ref["q"], rtol=2e-5, atol=1e-30)
+        got = got[:3]
     lse, zt, ws = (f64(t) for t in got)
     np.testing.assert_allclose(lse, ref["lse"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(zt, ref["zt"], rtol=1e-5, atol=1e-5)
@@ -182,10 +190,65 @@ def test_forward_matches_float64(N, D, V, dtype, bias, softcap, cw, ignore_index
     rng = np.random.default_rng()
     x, W, b, y, cwt = make_problem(rng, N, D, V, dtype=dtype, bias=bias, class_weight=cw,
                                    ignore_index=ignore_index, n_ignored=N // 5)
-    got = K.lce_forward(x, W, b, y, ignore_index=ignore_index, softcap=softcap, class_weight=cwt,
-                        need_weighted_sum=need_ws, config=config)
-    assert all(t is None or (t.dtype == torch.float32 and t.shape == (N,)) for t in got)
-    check_forward(got, reference(x, W, b, y, ignore_index=ignore_index, softcap=softcap, cw=cwt), need_ws)
+    ref = reference(x, W, b, y, ignore_index=ignore_index, softcap=softcap, cw=cwt)
+    for need_q in (False, True):
+        got = K.lce_forward(x, W, b, y, ignore_index=ignore_index, softcap=softcap, class_weight=cwt,
+                            need_weighted_sum=need_ws, need_target_complement=need_q, config=config)
+        assert len(got) == 3 + need_q
+        assert all(t is None or (t.dtype == torch.float32 and t.shape == (N,)) for t in got)
+        check_forward(got, ref, need_ws)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_confident_tokens_keep_their_target_gradient(dtype, splits):
+    """Tokens with p_y = 1 - q, q from 1e-2 down to 1e-7: alpha exp(z_y - lse) - alpha loses the
+    digits of q to lse's rounding (q ~ ulp(lse) / q relative error), (alpha - beta) - alpha q keeps
+    them.  The forward's q (summed without the target, merged over vocabulary splits) is within 2e-5
+    of 1 - p_y relatively, and so is the target column of delta; without it the same rows are off by
+    far more (checked, so that the test shows what it guards)."""
+    rng = np.random.default_rng()
+    N, D, V = 12, 16, 64
+    # z_ic = x_i . W_c + gap_i [c == i]: features D.. D+N are one-hot row markers that only column i
+    # reads, so row i's target i sits gap_i = log(V / q_i) above logits of size ~0.1: p_y ~ 1 - q_i
+    gap = np.log(V / np.logspace(-2, -7, N))
+    x = np.zeros((N, D + N))
+    x[:, :D] = rng.standard_normal((N, D)) * 0.1
+    x[np.arange(N), D + np.arange(N)] = gap
+    W = np.zeros((V, D + N))
+    W[:, :D] = rng.standard_normal((V, D)) * 0.1
+    W[np.arange(N), D + np.arange(N)] = 1.0
+    y = torch.arange(N)
+    x, W, y = (torch.from_numpy(x).to(dtype).to(DEVICE), torch.from_numpy(W).to(dtype).to(DEVICE),
+               y.to(DEVICE))
+    ref = reference(x, W, None, y, ignore_index=IGNORE, softcap=None, cw=None)
+    cfg = K.TileConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1, splits=splits)
+    lse, zt, _, q = K.lce_forward(x, W, None, y, ignore_index=IGNORE, softcap=None, class_weight=None,
+                                  need_weighted_sum=False, need_target_complement=True, config=cfg)
+    np.testing.assert_allclose(f64(q), ref["q"], rtol=2e-5)
+    assert ref["q"].min() < 1e-5  # really confident rows are in the test
+    alpha = torch.full((N,), 1.0 / N, device=DEVICE)
+    ref = reference(x, W, None, y, ignore_index=IGNORE, softcap=None, cw=None, alpha=alpha, beta=alpha)
+    rows = np.arange(N)
+    want = ref["delta"][rows, y.cpu().numpy()]  # = -q / N
+    kw = dict(ignore_index=IGNORE, softcap=None, class_weight=None, need_dx=False, need_dw=False,
+              need_db=True)
+    bias0 = torch.zeros(V, dtype=dtype, device=DEVICE)
+    # db = column sums of delta: with distinct targets per column this reads the target entries; use
+    # the delta itself through a one-row-at-a-time backward to read each row's target entry exactly
+    errs = {}
+    for use_q in (True, False):
+        got = []
+        for i in range(N):
+            sl = slice(i, i + 1)
+            db = K.lce_backward(x[sl].contiguous(), W, bias0, y[sl].contiguous(), lse[sl].contiguous(),
+                                alpha[sl].contiguous(), alpha[sl].contiguous(), None,
+                                target_complement=q[sl].contiguous() if use_q else None, **kw)[2]
+            got.append(float(db[int(y[i])]))
+        errs[use_q] = np.abs(np.array(got) - want) / np.abs(want)
+    print(f"target column, max relative error: with q {errs[True].max():.1e}, without {errs[False].max():.1e}")
+    assert errs[True].max() <= 2e-5, errs[True].max()
+    assert errs[False].max() > 10 * max(errs[True].max(), 1e-7), (errs[False].max(), errs[True].max())
 
 
 def test_forward_large_logits_and_empty_batch():
@@ -601,12 +664,13 @@ out = {}
 target = GPUTarget("cuda", 90, 32)
 out["forward"] = compile_for(K._lce_forward_kernel, dict(
     common, part_ptr="*fp32", N=8192, V=128256, cols_per_split=16128, n_splits=8, plane=65536, NEED_WSUM=True,
-    BLOCK_M=f.block_m, BLOCK_V=f.block_n, GROUP_M=f.group_m), f, target)
+    NEED_Q=True, BLOCK_M=f.block_m, BLOCK_V=f.block_n, GROUP_M=f.group_m), f, target)
 out["delta"] = compile_for(K._lce_delta_kernel, dict(
-    common, lse_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", gamma_ptr="*fp32", scale_ptr="*fp32",
+    common, lse_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", gamma_ptr="*fp32", q_ptr="*fp32",
+    scale_ptr="*fp32",
     delta_ptr="*bf16", flag_ptr="*i8", dbpart_ptr="*fp32", row0=0, n_rows=8192, v0=0, n_cols=1920,
     stride_delta=1920, stride_flag=15, stride_dbpart=1920, skip_threshold=1e-8, HAS_BETA=True, HAS_GAMMA=True,
-    WRITE_DELTA=True, NEED_DB=True, HAS_SKIP=True, BLOCK_M=d.block_m, BLOCK_V=d.block_n, GROUP_M=d.group_m),
+    HAS_Q=True, WRITE_DELTA=True, NEED_DB=True, HAS_SKIP=True, BLOCK_M=d.block_m, BLOCK_V=d.block_n, GROUP_M=d.group_m),
     d, target)
 mm = dict(a_ptr="*bf16", b_ptr="*bf16", scale_ptr="*fp32", M=8192, N=4096, K=1920, stride_bk=4096,
           stride_bn=1, stride_cm=4096, stride_cn=1, FLAG_M=d.block_m, FLAG_K=d.block_n, EVEN_K=True,

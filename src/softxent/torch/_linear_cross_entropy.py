@@ -114,13 +114,16 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
                                label_smoothing=cfg["label_smoothing"], sample_weight=sample_weight,
                                class_weight=class_weight, dtype=cdt)
         cw = None if class_weight is None else class_weight.to(cdt).contiguous()
+        need_grad = cfg["need_dx"] or cfg["need_dw"] or (cfg["need_db"] and bias is not None)
         with autocast_off(x.device.type):
-            lse, z_t, z_ws = K.lce_forward(
+            lse, z_t, z_ws, *q = K.lce_forward(
                 x, weight, bias, target, ignore_index=cfg["ignore_index"], softcap=cfg["softcap"],
-                class_weight=cw, need_weighted_sum=terms.coef_u is not None)
+                class_weight=cw, need_weighted_sum=terms.coef_u is not None, need_target_complement=need_grad)
+        # 1 - p_y, summed without the target: the backward's target column keeps its digits on confident
+        # tokens (an intermediate of this Function, so kept on ctx rather than save_for_backward)
+        ctx.target_complement = q[0] if q else None
         factor = rt.reduction_factor(cfg["reduction"], terms.omega, normalizer)
         ctx.cfg = cfg
-        need_grad = cfg["need_dx"] or cfg["need_dw"] or (cfg["need_db"] and bias is not None)
         return finish_forward(ctx, terms, lse, z_t, z_ws, factor, cfg["reduction"], cfg["z_loss"], cdt,
                               (x, weight, bias, target, cw) if need_grad else None)
 
@@ -141,7 +144,8 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         K = _triton_kernels()
         with autocast_off(x.device.type):
             dx, dw, db = K.lce_backward(
-                x, weight, bias, target, lse, alpha, beta, gamma, ignore_index=cfg["ignore_index"],
+                x, weight, bias, target, lse, alpha, beta, gamma, target_complement=ctx.target_complement,
+                ignore_index=cfg["ignore_index"],
                 softcap=cfg["softcap"], class_weight=cw, need_dx=cfg["need_dx"],
                 need_dw=cfg["need_dw"], need_db=cfg["need_db"] and bias is not None,
                 skip_threshold=skip, workspace_bytes=cfg["max_chunk_bytes"], dw_dtype=weight.dtype)

@@ -16,14 +16,18 @@ know nothing about the loss beyond the formula above.
 
 Public functions (all tensors on one device: CUDA, or CPU under ``TRITON_INTERPRET=1``):
 
-* :func:`lce_forward` -> ``(lse, z_target, z_wsum)``, one kernel launch plus a tiny combine.
+* :func:`lce_forward` -> ``(lse, z_target, z_wsum[, q])``, one kernel launch plus a tiny combine;
+  ``q = 1 - p_y = sum_{j != y} p_j`` (summed apart from the target) lets the backward form the target
+  column as ``(alpha - beta) - alpha q``: for a confident token (``p_y = 1 - 1e-6``)
+  ``alpha exp(zh_y - lse) - beta`` keeps no correct digit of its ``1e-6``, this keeps float32's.
 * :func:`lce_backward` -> ``(dx, dw, db)``, only the requested ones.
 
 Forward.  One program per (row block, vocabulary split): it loops over the split's vocabulary blocks,
 computes the ``BLOCK_M x BLOCK_V`` logit tile with ``tl.dot`` (K-loop over D), and keeps per row the
 running maximum ``m``, the running sum ``s = sum exp(zh - m)`` (rescaled when ``m`` grows), the target
-logit and the weighted logit sum.  The splits' partial ``(m, s, zt, ws)`` (``4 x splits x N`` floats)
-are merged on the host: ``lse = max m + log sum_s s_s exp(m_s - max m)``.  Splitting the vocabulary keeps
+logit, the weighted logit sum and the sum without the target.  The splits' partial ``(m, s, zt, ws,
+sq)`` (``5 x splits x N`` floats) are merged on the host: ``lse = max m + log sum_s s_s exp(m_s - max m)``,
+``q = sum_s sq_s exp(m_s - max m) / sum_s s_s exp(m_s - max m)``.  Splitting the vocabulary keeps
 all SMs busy when ``N / BLOCK_M`` is small; programs are ordered in groups of ``GROUP_M`` row blocks so
 that the row tiles of ``x`` and the weight tiles in flight at once both stay in L2.
 
@@ -276,11 +280,12 @@ def _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_x
 def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
                         N, V, D, stride_x, stride_w, cols_per_split, n_splits, plane, ignore_index, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
-                        NEED_WSUM: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Per (row block, vocabulary split): running max m, sum s = sum exp(zh - m), target logit zt and
-    weighted sum ws over the split's columns; written to ``part[q, split, row]`` for q = m, s, zt, ws."""
+                        NEED_WSUM: tl.constexpr, NEED_Q: tl.constexpr, EVEN_K: tl.constexpr,
+                        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Per (row block, vocabulary split): running max m, sum s = sum exp(zh - m), target logit zt,
+    weighted sum ws and the sum without the target column sq = sum_{j != y} exp(zh_j - m) over the
+    split's columns; written to ``part[plane, split, row]`` for plane = m, s, zt, ws, sq."""
     pid = tl.program_id(0)
     pid_m, pid_s = _tile_ids(pid, tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -291,6 +296,7 @@ def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     ws = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     v_lo = pid_s * cols_per_split
     v_hi = tl.minimum(v_lo + cols_per_split, V)
     for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -301,9 +307,13 @@ def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
                             BLOCK_M, BLOCK_V, BLOCK_K)
         zm = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(zm, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), axis=1)
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(zm - m_new[:, None])
+        s = s * rescale + tl.sum(e, axis=1)
         m = m_new
         hit = (cols[None, :] == y[:, None]) & has_target[:, None]
+        if NEED_Q:
+            sq = sq * rescale + tl.sum(tl.where(hit, 0.0, e), axis=1)
         zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
         if NEED_WSUM:
             if HAS_CW:
@@ -317,15 +327,18 @@ def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
     tl.store(out + 2 * plane, zt, mask=row_mask)
     if NEED_WSUM:
         tl.store(out + 3 * plane, ws, mask=row_mask)
+    if NEED_Q:
+        tl.store(out + 4 * plane, sq, mask=row_mask)
 
 
 @triton.jit
 def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
-                      scale_ptr, delta_ptr, flag_ptr, dbpart_ptr,
+                      q_ptr, scale_ptr, delta_ptr, flag_ptr, dbpart_ptr,
                       row0, n_rows, v0, n_cols, D, stride_x, stride_w, stride_delta, stride_flag,
                       stride_dbpart, ignore_index, softcap, skip_threshold,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
-                      HAS_BETA: tl.constexpr, HAS_GAMMA: tl.constexpr, WRITE_DELTA: tl.constexpr,
+                      HAS_BETA: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_Q: tl.constexpr,
+                      WRITE_DELTA: tl.constexpr,
                       NEED_DB: tl.constexpr, HAS_SKIP: tl.constexpr, EVEN_K: tl.constexpr,
                       DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -354,7 +367,14 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
         y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
         beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
         hit = (cols[None, :] == y[:, None]) & ((y != ignore_index) & (beta != 0))[:, None]
-        d -= tl.where(hit, beta[:, None], 0.0)
+        if HAS_Q:
+            # The target column from q = 1 - p_y: (alpha - beta) - alpha q has no cancellation where
+            # alpha p_y - beta (p_y ~ 1, beta ~ alpha: a confident token) would lose most digits.
+            q = tl.load(q_ptr + rows, mask=row_mask, other=0.0)
+            d_y = tl.where(alpha == 0, -beta, (alpha - beta) - alpha * q)
+            d = tl.where(hit, d_y[:, None], d)
+        else:
+            d -= tl.where(hit, beta[:, None], 0.0)
     if HAS_GAMMA:
         gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0)
         if HAS_CW:
@@ -538,7 +558,8 @@ def _forward_splits(n_row_blocks: int, V: int, block_v: int, cfg: TileConfig, de
 
 
 def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | None, class_weight,
-                need_weighted_sum: bool, config: TileConfig | None = None):
+                need_weighted_sum: bool, need_target_complement: bool = False,
+                config: TileConfig | None = None):
     """Row statistics of the capped logits ``zh = softcap(x W^T + b)`` without holding them.
 
     Args:
@@ -551,44 +572,57 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         softcap: ``c > 0`` or None.
         class_weight: ``(V,)`` float32 or None (weights of ``z_wsum``).
         need_weighted_sum: compute ``z_wsum``.
+        need_target_complement: also return ``q_i = 1 - p_{i, y_i} = sum_{j != y_i} p_ij`` (1 where
+            ``y_i == ignore_index``), summed apart from the target so that it keeps its relative
+            precision when ``p_y ~ 1``; :func:`lce_backward` forms the target column from it.
         config: optional :class:`TileConfig` for this call (``block_n`` = vocabulary block).
 
     Returns:
         ``(lse, z_target, z_wsum)``, float32 ``(N,)`` each: ``lse_i = log sum_j exp(zh_ij)``,
         ``z_target_i = zh_{i, y_i}`` (0 where ``y_i == ignore_index``), ``z_wsum_i = sum_j cw_j zh_ij``
-        (None unless ``need_weighted_sum``).
+        (None unless ``need_weighted_sum``); ``(lse, z_target, z_wsum, q)`` with
+        ``need_target_complement``.
     """
     N, D, V = _check_common(x, weight, bias, target, class_weight, ignore_index, softcap)
     dev = x.device
     if N == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=dev)
-        return empty, empty.clone(), (empty.clone() if need_weighted_sum else None)
+        out = empty, empty.clone(), (empty.clone() if need_weighted_sum else None)
+        return out + (empty.clone(),) if need_target_complement else out
     cfg = config or default_configs(x.dtype)["forward"]
     _check_configs({"forward": cfg, "delta": cfg, "matmul": replace(cfg, block_k=16)})
     n_rb = triton.cdiv(N, cfg.block_m)
     splits = _forward_splits(n_rb, V, cfg.block_n, cfg, dev)
     cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(V, cols_per_split)  # every split non-empty
-    part = torch.empty((4 if need_weighted_sum else 3, splits, N), dtype=torch.float32, device=dev)
+    planes = 5 if need_target_complement else 4 if need_weighted_sum else 3  # m, s, zt, ws, sq
+    part = torch.empty((planes, splits, N), dtype=torch.float32, device=dev)
     dot_f32, precision = _dot_options(x.dtype)
     _lce_forward_kernel[(n_rb * splits,)](
         x, weight, bias, target, class_weight, part,
         N, V, D, x.stride(0), weight.stride(0), cols_per_split, splits, splits * N, ignore_index,
         float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_CW=class_weight is not None,
-        NEED_WSUM=bool(need_weighted_sum), EVEN_K=D % cfg.block_k == 0, DOT_F32=dot_f32,
+        NEED_WSUM=bool(need_weighted_sum), NEED_Q=bool(need_target_complement),
+        EVEN_K=D % cfg.block_k == 0, DOT_F32=dot_f32,
         PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s = part[0], part[1]
     if splits == 1:
-        lse = m[0] + torch.log(s[0])
+        s_total, sq_total = s[0], part[4, 0] if need_target_complement else None
+        lse = m[0] + torch.log(s_total)
     else:
         m_max = m.amax(dim=0)
         m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
-        lse = m_safe + torch.log((s * torch.exp(m - m_safe)).sum(dim=0))
+        rescale = torch.exp(m - m_safe)
+        s_total = (s * rescale).sum(dim=0)
+        sq_total = (part[4] * rescale).sum(dim=0) if need_target_complement else None
+        lse = m_safe + torch.log(s_total)
     z_target = part[2].sum(dim=0)
     z_wsum = part[3].sum(dim=0) if need_weighted_sum else None
-    return lse, z_target, z_wsum
+    if not need_target_complement:
+        return lse, z_target, z_wsum
+    return lse, z_target, z_wsum, sq_total / s_total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -721,7 +755,7 @@ def _delta_scale(alpha, beta, gamma, class_weight) -> torch.Tensor:
     return torch.where(ok, torch.exp2(torch.ceil(torch.log2(torch.where(ok, mx, 1.0)))), 1.0).float()
 
 
-def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_index: int,
+def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_complement=None, ignore_index: int,
                  softcap: float | None, class_weight, need_dx: bool, need_dw: bool, need_db: bool,
                  skip_threshold: float | None = None, workspace_bytes: int | None = None,
                  dw_dtype: torch.dtype = torch.float32, chunk_shape: tuple[int, int] | None = None,
@@ -733,6 +767,9 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
         lse: ``(N,)`` float32 from :func:`lce_forward`.
         alpha, beta, gamma: ``(N,)`` float32 per-row coefficients of delta; ``beta``/``gamma`` may be
             None for zero (saves the target / class-weight terms in the kernel).
+        target_complement: optional ``(N,)`` float32 ``q = 1 - p_y`` from :func:`lce_forward`
+            (``need_target_complement``): the target column is then ``(alpha - beta) - alpha q``
+            instead of ``alpha exp(zh_y - lse) - beta``, which cancels for confident tokens.
         need_dx, need_dw, need_db: which gradients to compute (nothing else is allocated).
         skip_threshold: None (exact) or ``t > 0``: a ``BLOCK_M x BLOCK_V`` tile whose
             ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with ``beta != 0``
@@ -760,6 +797,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
     _check_vector(alpha, "alpha", N, torch.float32, dev)
     _check_vector(beta, "beta", N, torch.float32, dev, optional=True)
     _check_vector(gamma, "gamma", N, torch.float32, dev, optional=True)
+    _check_vector(target_complement, "target_complement", N, torch.float32, dev, optional=True)
     if skip_threshold is not None and not (isinstance(skip_threshold, (int, float))
                                            and math.isfinite(skip_threshold) and skip_threshold > 0):
         raise ValueError(f"skip_threshold must be None or a finite number > 0; got {skip_threshold!r}")
@@ -838,13 +876,13 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, ignore_ind
 
     def delta_chunk(r0, nr, nrb, v0, nc, nvb, with_db):
         _lce_delta_kernel[(nrb * nvb,)](
-            x, weight, bias, target, class_weight, lse, alpha, beta, gamma, scale,
+            x, weight, bias, target, class_weight, lse, alpha, beta, gamma, target_complement, scale,
             delta, flags, dbpart,
             r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C,
             ignore_index, softcap_f, float(skip_threshold) if has_skip else 0.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_CW=class_weight is not None, HAS_BETA=beta is not None, HAS_GAMMA=gamma is not None,
-            WRITE_DELTA=need_delta, NEED_DB=with_db, HAS_SKIP=has_skip, EVEN_K=D % dcfg.block_k == 0,
+            HAS_Q=beta is not None and target_complement is not None, WRITE_DELTA=need_delta, NEED_DB=with_db, HAS_SKIP=has_skip, EVEN_K=D % dcfg.block_k == 0,
             DOT_F32=dot_f32, PRECISION=precision, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=dcfg.block_k,
             GROUP_M=dcfg.group_m, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
 
