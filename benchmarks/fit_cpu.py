@@ -175,7 +175,7 @@ def run_torch_lbfgs(X, y, K, max_iter):
         z = Xt @ W.T + b
         loss = torch.nn.functional.cross_entropy(z, yt) + 0.5 * ALPHA * (W * W).sum()
         loss.backward()
-        traj.append((time.perf_counter() - t0, float(loss)))
+        traj.append((time.perf_counter() - t0, float(loss.detach())))
         return loss
 
     try:
@@ -217,15 +217,23 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, seconds")
     ap.add_argument("--datasets", nargs="*", default=DATASETS)
     ap.add_argument("--dtypes", nargs="*", default=["float64", "float32"])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="default 2 (--quick: 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rel", type=float, default=1e-6)
     ap.add_argument("--max-iter", type=int, default=1000)
-    ap.add_argument("--slow-time-limit", type=float, default=30.0,
-                    help="seconds for softxent's proximal / gd / sgd / adam runs (digits only)")
-    ap.add_argument("--time-limit", type=float, default=float("inf"),
-                    help="stop each contender run after this many seconds (reported as not reaching the target)")
+    ap.add_argument("--slow-time-limit", type=float, default=None,
+                    help="seconds for softxent's proximal / gd / sgd / adam runs (digits only; default 30, "
+                         "--quick: 1)")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop each contender run after this many seconds (reported as not reaching the "
+                         "target; default none, --quick: 3)")
     args = ap.parse_args()
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 2
+    if args.slow_time_limit is None:
+        args.slow_time_limit = 1.0 if args.quick else 30.0
+    if args.time_limit is None:
+        args.time_limit = 3.0 if args.quick else float("inf")
 
     import torch
     from threadpoolctl import threadpool_limits
