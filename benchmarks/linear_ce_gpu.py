@@ -42,7 +42,7 @@ that has (benchmarks/out/ is git-ignored; carry it to the GPU machine), then run
 takes about 5-7 minutes on an H100 (soft budget ``--budget-s 450``: no row starts later; a watchdog
 stops the run at ``--hard-s 570`` and keeps what was measured).  Results: a table per shape with the
 card's name, and ``benchmarks/out/linear_ce_gpu.json`` (also copied to ``$OUT/`` when OUT is set),
-written after every row.
+written after every row (``linear_ce_gpu_quick.json`` with ``--quick``).
 
 ``--quick``: tiny shapes (and no tuning).  Without a CUDA device, ``--quick`` runs the same code on the
 CPU with Triton's interpreter (float16, tiny shapes, CPU timings meaningless) as a self-check of this
@@ -136,6 +136,8 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
+if ARGS.quick:  # a self-check must not overwrite a real run's results
+    NAME = "linear_ce_gpu_quick"
 
 try:
     import torch

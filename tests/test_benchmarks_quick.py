@@ -1,0 +1,66 @@
+"""The benchmark scripts still run: each one's ``--quick`` mode (tiny sizes, seconds) end to end in a
+subprocess, writing its JSON.  Timings are not checked here (speed is measured by running the scripts
+on a quiet machine); this keeps them from rotting between those runs -- above all the GPU script, which
+runs on a lent GPU with one try, and whose --quick mode runs the same code on the CPU under Triton's
+interpreter."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+
+
+def _run(script, *args, env_extra=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env_extra or {}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc
+
+
+def _json(name):
+    data = json.loads((OUT / f"{name}.json").read_text())
+    assert "machine" in data
+    return data
+
+
+def test_loss_cpu_quick():
+    pytest.importorskip("torch")
+    _run("loss_cpu.py")
+    assert _json("loss_cpu_quick")
+
+
+def test_linear_ce_cpu_quick():
+    pytest.importorskip("torch")
+    _run("linear_ce_cpu.py")
+    assert _json("linear_ce_cpu_quick")
+
+
+def test_linear_ce_gpu_quick_on_the_cpu_interpreter():
+    """Without a GPU: the gate against float64 (kernels and API pass), the bitwise checks, and every
+    softxent row 'ok' (the peers' rows are errors when their packages are absent, by design)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    if os.path.exists("/dev/nvidia0"):
+        pytest.skip("a GPU is present: the script is run for real there")
+    _run("linear_ce_gpu.py", env_extra={"TRITON_INTERPRET": "1"})
+    data = _json("linear_ce_gpu_quick")
+    gate = data["gate"]
+    for label in ("plain", "bias+softcap30+ignore"):
+        assert gate[label]["kernels"]["pass"] and gate[label]["api"]["pass"], gate[label]
+    assert gate["bitwise"] == {"repeat_equal": True, "lo_in_dw_equal": True}, gate["bitwise"]
+    ours = [r for r in data["rows"] if r["impl"].startswith("softxent")]
+    assert ours and all(r["status"] == "ok" for r in ours), ours
+
+
+def test_fit_dask_quick():
+    pytest.importorskip("dask")
+    pytest.importorskip("distributed")
+    _run("fit_dask.py")
+    assert _json("fit_dask_quick")
