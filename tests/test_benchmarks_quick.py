@@ -64,3 +64,11 @@ def test_fit_dask_quick():
     pytest.importorskip("distributed")
     _run("fit_dask.py")
     assert _json("fit_dask_quick")
+
+
+def test_fit_cpu_quick_on_two_datasets():
+    """Two of its four data sets (one dense, one sparse) in float32: the full --quick takes ~90 s."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    _run("fit_cpu.py", "--datasets", "digits", "sparse-20000x100000", "--dtypes", "float32")
+    assert _json("fit_cpu_quick")
