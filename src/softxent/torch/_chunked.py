@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _row_terms as rt
 from . import _validation as val
@@ -233,6 +232,7 @@ def recompute_state(ctx, grad_loss, reduction) -> RecomputeState:
                           None if coef_u is None else (coef_u * r).contiguous())
 
 
+@val.first_derivatives_only
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Inputs: x ``(N, D)``, weight ``(V, D)``, bias ``(V,)`` or None, target ``(N,)`` int64, sample weights
     ``(N,)`` or None, class weights ``(V,)`` or None, normalizer 0-d or None, :class:`ChunkConfig`.
@@ -288,7 +288,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                               recompute_inputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_lse):
         with autocast_off(grad_loss.device.type):
             return ChunkedLinearCrossEntropy._backward(ctx, grad_loss)

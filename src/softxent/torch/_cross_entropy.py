@@ -14,7 +14,6 @@ is kept between forward and backward.  Gradients flow to the logits and to proba
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _row_terms as rt
 from . import _validation as val
@@ -41,6 +40,7 @@ def _masked_row_sum(zhat: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return torch.where(w == 0, torch.zeros((), dtype=zhat.dtype, device=zhat.device), zhat * w).sum(-1)
 
 
+@val.first_derivatives_only
 class _CrossEntropyFunction(torch.autograd.Function):
     """Inputs: logits ``(M, K)``, target ``(M,)`` int64 or ``(M, K)`` floating, sample weights ``(M,)``
     or None, class weights ``(K,)`` or None, normalizer 0-d or None, and a dict of options.
@@ -87,7 +87,6 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_lse):
         (logits, proba, sw, cw, m, ssum, lse, a, factor, idx, coef_y, coef_u) = ctx.saved_tensors
         opt = ctx.opt
@@ -170,9 +169,8 @@ def _cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_in
     opt = dict(index=index, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                reduction=reduction, z_loss=float(z_loss),
                softcap=None if softcap is None else float(softcap))
-    flat_logits, flat_target = val.first_order_only(logits.reshape(-1, K), flat_target)
     loss, lse = _CrossEntropyFunction.apply(
-        flat_logits, flat_target, None if sw is None else sw.reshape(-1), cw, norm, opt)
+        logits.reshape(-1, K), flat_target, None if sw is None else sw.reshape(-1), cw, norm, opt)
     if reduction == "none":
         loss = loss.reshape(lead)
     return loss, lse.reshape(lead)

@@ -45,7 +45,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import _row_terms as rt
 from . import _validation as val
@@ -99,6 +98,7 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return impl
 
 
+@val.first_derivatives_only
 class TritonLinearCrossEntropy(torch.autograd.Function):
     """The Triton path: same inputs and outputs as ChunkedLinearCrossEntropy, plus ``skip_threshold``
     in the config.  Forward calls ``lce_forward`` (lse, target logit, weighted logit sum), the host turns
@@ -128,7 +128,6 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
                               (x, weight, bias, target, cw) if need_grad else None)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_lse):
         cfg = ctx.cfg
         x, weight, bias, target, cw, lse, alpha, beta, gamma = recompute_state(ctx, grad_loss,
@@ -293,7 +292,6 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                     need_db=grad_on and bias is not None and bias.requires_grad)
         sw2 = None if sw2 is None else sw2.detach()
         cw = None if cw is None else cw.detach()
-        x2, weight, bias = val.first_order_only(x2, weight, bias)   # a clear error on double backward
         common = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                       reduction=reduction, z_loss=float(z_loss),
                       softcap=None if softcap is None else float(softcap))

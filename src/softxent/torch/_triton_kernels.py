@@ -694,6 +694,11 @@ def _lo_rows(N, elem_size, dw_in_float32) -> int:
     return -(-N * elem_size // (4 if dw_in_float32 else elem_size))
 
 
+def _can_borrow_lo(N, R, V, lo_rows, elem_size, need_dx, need_dw) -> bool:
+    """dx's low half can live in dW's tail: a 16-bit dx, dW wanted, one row super-block, room in dW."""
+    return need_dx and elem_size < 4 and need_dw and R == N and V >= lo_rows
+
+
 def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_in_float32, block_m,
                      block_v, lo_in_dw=None) -> BackwardPlan:
     need_delta = need_dx or need_dw
@@ -711,7 +716,7 @@ def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_i
         for R in sorted(cands):
             per_col = R * e + triton.cdiv(R, block_m) * 4
             fixed = V * D * 4 if (R < N and need_dw and not dw_in_float32) else 0
-            can_borrow = split_lo and need_dw and R == N and V >= lo_rows and lo_in_dw is not False
+            can_borrow = lo_in_dw is not False and _can_borrow_lo(N, R, V, lo_rows, elem_size, need_dx, need_dw)
             for borrow in ((True,) if can_borrow and lo_in_dw else (False, True) if can_borrow else (False,)):
                 if fixed + per_col * V <= budget:  # one chunk: no dx accumulation across chunks
                     C, lo, borrow = V, 0, False
@@ -836,7 +841,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     n_rb, n_vb = triton.cdiv(R, BM), triton.cdiv(C, BV)
     split_dx = need_dx and n_vchunks > 1 and x.dtype != torch.float32
     lo_rows = _lo_rows(N, x.element_size(), dw_dtype == torch.float32)
-    can_borrow = split_dx and need_dw and n_rchunks == 1 and V >= lo_rows
+    can_borrow = n_vchunks > 1 and _can_borrow_lo(N, R, V, lo_rows, x.element_size(), need_dx, need_dw)
     if lo_in_dw is None:
         lo_in_dw = plan.lo_in_dw and can_borrow
     elif lo_in_dw and not can_borrow:

@@ -7,11 +7,13 @@ skipped while ``torch.compile`` traces the code and during CUDA-graph capture, w
 would break the graph: there an out-of-range class index is not diagnosed by softxent (PyTorch's own
 ``gather`` then raises on the CPU and fails a device-side assertion on CUDA).
 
-:func:`first_order_only` guards the inputs of the autograd Functions so that a double backward raises
+:func:`first_derivatives_only` decorates the autograd Functions so that a double backward raises
 ``DOUBLE_BACKWARD_MESSAGE`` instead of returning a silently wrong second derivative.
 """
 
 from __future__ import annotations
+
+import functools
 
 import math
 import numbers
@@ -225,7 +227,7 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 
 class _RefuseDifferentiation(torch.autograd.Function):
-    """``grad`` unchanged, tied to ``anchors`` (the inputs that require grad) by a node whose backward
+    """``grad`` unchanged, tied to ``anchors`` (the inputs that required grad) by a node whose backward
     raises, so that differentiating ``grad`` with respect to any of them fails loudly."""
 
     @staticmethod
@@ -237,33 +239,32 @@ class _RefuseDifferentiation(torch.autograd.Function):
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on the differentiable inputs of a softxent Function.  The Functions' backwards run under
-    ``no_grad`` (once_differentiable), so with ``create_graph=True`` their gradients would come back as
-    constants: ``d(x @ W.T)`` would then carry a graph through ``W`` only and a second derivative
-    (e.g. a gradient penalty) would be silently wrong.  Under ``create_graph=True`` this backward ties
-    each gradient to a node that raises ``DOUBLE_BACKWARD_MESSAGE`` instead."""
+def first_derivatives_only(cls):
+    """Class decorator for softxent's autograd Functions, in place of ``once_differentiable``.
 
-    @staticmethod
-    def forward(ctx, *tensors):
-        ctx.save_for_backward(*tensors)
-        return tuple(t.view_as(t) for t in tensors)
+    Like it, the backward runs under ``no_grad``.  ``once_differentiable`` refuses a double backward only
+    when the incoming gradient itself requires grad; with ``loss.backward(create_graph=True)`` it does
+    not, the returned gradients come back as constants, and a second derivative (a gradient penalty on
+    ``x @ W.T`` through W) is silently wrong.  Here, whenever grad mode is on in the backward (that is,
+    ``create_graph=True``), each returned gradient is tied to the Function's differentiable inputs by a
+    node that raises ``DOUBLE_BACKWARD_MESSAGE``.  The forward only records which inputs those are."""
+    forward, backward = cls.forward, cls.backward
 
-    @staticmethod
-    def backward(ctx, *grads):
-        if not torch.is_grad_enabled():       # grad mode is on in backward only with create_graph=True
+    @functools.wraps(forward)
+    def recording_forward(ctx, *args):
+        ctx.differentiable_inputs = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+        return forward(ctx, *args)
+
+    @functools.wraps(backward)
+    def guarded_backward(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
             return grads
-        inputs = ctx.saved_tensors
-        return tuple(None if g is None else _RefuseDifferentiation.apply(g, *inputs) for g in grads)
+        anchors = ctx.differentiable_inputs
+        return tuple(_RefuseDifferentiation.apply(g, *anchors) if isinstance(g, torch.Tensor) else g
+                     for g in grads)
 
-
-def first_order_only(*tensors):
-    """``tensors`` unchanged; those that require grad pass through :class:`_FirstOrderOnly` (a tuple)."""
-    idx = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not idx or not torch.is_grad_enabled():
-        return tensors
-    guarded = _FirstOrderOnly.apply(*(tensors[i] for i in idx))
-    out = list(tensors)
-    for i, g in zip(idx, guarded):
-        out[i] = g
-    return tuple(out)
+    cls.forward = staticmethod(recording_forward)
+    cls.backward = staticmethod(guarded_backward)
+    return cls
