@@ -66,6 +66,7 @@ from pathlib import Path
 T0 = time.time()
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _lm_data  # noqa: E402
 from _harness import print_table, write_json  # noqa: E402
 
 NAME = "linear_ce_gpu"
@@ -75,7 +76,6 @@ QUICK_SHAPES = [("quick-a", 1024, 256, 5003), ("quick-b", 768, 128, 32000)]
 CPU_SHAPES = [("cpu-tiny", 32, 16, 101)]
 IMPLS = ["gemm3", "softxent", "naive", "compiled", "liger", "cce", "softxent_skip", "softxent_kernels",
          "softxent_ws256m"]
-LM_KAPPA_MAX, LM_SIGMA, LM_ZIPF, LM_C0 = 24.0, 1.0, 1.2, 4.0
 
 R = {"meta": {}, "gate": {}, "tuning": {}, "problems": [], "rows": [], "notes": [], "status": "running"}
 _LOCK = threading.Lock()
@@ -333,32 +333,8 @@ threading.Thread(target=_watchdog, daemon=True).start()
 # data and the float64 reference
 # ----------------------------------------------------------------------------------------------------
 def make_lm_inputs(N, D, V, seed):
-    """Trained-LM-like (x, W, y) in DT: see the module docstring."""
-    g = torch.Generator(device=DEV)
-    g.manual_seed(seed)
-    with torch.no_grad():
-        W = torch.randn(V, D, generator=g, device=DEV) / math.sqrt(D)
-        rank = torch.randperm(V, generator=g, device=DEV).float()
-        prior = -LM_ZIPF * torch.log(rank + 10.0)
-        W[:, 0] = prior / LM_C0
-        intended = torch.multinomial(torch.softmax(prior, 0), N, replacement=True, generator=g)
-        direction = W[intended].clone()
-        direction[:, 0] = 0
-        direction /= direction.norm(dim=1, keepdim=True)
-        x = LM_SIGMA * torch.randn(N, D, generator=g, device=DEV) + (
-            torch.rand(N, 1, generator=g, device=DEV) * LM_KAPPA_MAX) * direction
-        x[:, 0] = LM_C0
-        del direction, intended, rank, prior
-        x, W = x.to(DT).contiguous(), W.to(DT).contiguous()
-        y = torch.empty(N, dtype=torch.long, device=DEV)
-        rows = max(1, min(N, 2**28 // V))
-        for i in range(0, N, rows):
-            z = (x[i:i + rows].float() @ W.float().t())
-            u = torch.rand(z.shape, generator=g, device=DEV).clamp_(1e-20, 1.0)
-            z -= torch.log(-torch.log(u))
-            y[i:i + rows] = z.argmax(1)
-            del z, u
-    return x, W, y
+    """Trained-LM-like (x, W, y) in DT on DEV (benchmarks/_lm_data.py; the module docstring)."""
+    return _lm_data.make_lm_inputs(N, D, V, seed, device=DEV, dtype=DT)
 
 
 def reference(x, W, y, bias=None, softcap=None, ignore_index=-100):

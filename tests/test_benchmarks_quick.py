@@ -71,3 +71,16 @@ def test_fit_cpu_quick_on_two_datasets():
     pytest.importorskip("sklearn")
     _run("fit_cpu.py", "--datasets", "digits", "sparse-20000x100000", "--dtypes", "float32")
     assert _json("fit_cpu_quick")
+
+
+def test_skip_accuracy_cpu_quick():
+    """The skip-accuracy measurement runs, drops tiles once the vocabulary is sorted, and its first-order
+    correction of the dropped tiles reduces the grad-x error it measures."""
+    pytest.importorskip("torch")
+    _run("skip_accuracy_cpu.py")
+    rows = {(r["order"], r["variant"]): r for r in _json("skip_accuracy_cpu_quick")["table"]}
+    plain, corrected = rows[("sorted", "skip eps/32")], rows[("sorted", "skip eps/32 + correction")]
+    assert plain["dropped_tiles"] > 0.1 and plain["dropped_tiles"] == corrected["dropped_tiles"]
+    assert corrected["gx_err"] < plain["gx_err"]
+    exact, naive = rows[("natural", "softxent exact")], rows[("natural", "naive PyTorch")]
+    assert exact["gx_err"] < 1.5 * naive["gx_err"] and exact["gW_err"] < 1.5 * naive["gW_err"]

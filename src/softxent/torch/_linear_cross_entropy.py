@@ -201,7 +201,9 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             every probability is below ``skip_threshold`` (precisely: every ``|alpha_i| p_ij`` below
             ``skip_threshold * max_i |alpha_i|``, ``alpha_i`` the row's weight in the gradient) and that
             hold no target and no label smoothing; e.g. ``2**-7 / 32`` (CCE's bf16 filter).  One host
-            read per backward.  Ignored by the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
+            read per backward.  Approximate: at that threshold and LLM vocabularies, grad x is
+            measured 29-104x further from float64 than naive PyTorch's bf16 gradient
+            (benchmarks/RESULTS.md); for experiments, not for training.  Ignored by the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
 
     Returns:
         the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse``.

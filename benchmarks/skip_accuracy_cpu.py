@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""The Triton backward's opt-in block skip: its gradient error at LLM vocabulary sizes, on the CPU.
+
+Accuracy, not speed.  The skip rule is a property of the numbers, not of the device: a ``128 x 128``
+(token x vocabulary) tile of the backward is dropped when every ``p_ij`` in it is below the threshold
+and it holds no target (``skip_threshold`` of ``softxent.torch.linear_cross_entropy``, mean reduction,
+no label smoothing; the GPU kernels' 16-bit tiles are 128 x 128).  This script applies that rule in
+float64 to the issue's three shapes on trained-LM-like data (benchmarks/_lm_data.py) and measures, against
+the float64 gradients of the same bf16 operands, ``||a - ref|| / ||ref||`` of grad x and grad W for
+
+  naive            PyTorch itself: ``F.cross_entropy((x @ W.t()).float(), y)`` and ``backward()`` in bf16
+  softxent exact   the kernels' arithmetic: exact logits, delta rounded once to bf16, products
+                   accumulated exactly (float32 on the GPU), dx and dW rounded once to bf16
+  skip t           the same with the tiles the rule drops at threshold t zeroed
+
+plus the fraction of tiles dropped (which sets the skip's speed: the backward then costs the logits'
+recomputation plus the kept fraction of its two products).  The per-tile statistics do not depend on N
+(rows are independent), so a few hundred rows stand for 8192; the Triton kernels themselves are tested
+to equal "exact gradient with these tiles zeroed" (tests/test_triton_kernels.py), and
+benchmarks/linear_ce_gpu.py measures the real thing on a GPU.
+
+    python benchmarks/skip_accuracy_cpu.py [--rows 256] [--quick]
+
+Writes ``benchmarks/out/skip_accuracy_cpu.json`` (``skip_accuracy_cpu_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _lm_data  # noqa: E402
+from _harness import print_table, write_json  # noqa: E402
+
+SHAPES = [("llama3-8b-head", 4096, 128256), ("gemma2-2b-like", 2304, 256000), ("small-32k", 4096, 32000)]
+QUICK_SHAPES = [("quick", 32, 60000)]
+TILE = 128
+BF16_EPS = torch.finfo(torch.bfloat16).eps
+# name -> (threshold, first-order correction of the dropped tiles); per vocabulary order
+VARIANTS = {
+    "natural": {"skip eps/32": (BF16_EPS / 32, False), "skip eps/256": (BF16_EPS / 256, False),
+                "skip eps/32 + correction": (BF16_EPS / 32, True)},
+    "sorted": {"skip eps/32": (BF16_EPS / 32, False), "skip eps/32 + correction": (BF16_EPS / 32, True),
+               "skip eps/256 + correction": (BF16_EPS / 256, True),
+               "skip eps/2048 + correction": (BF16_EPS / 2048, True)},
+}
+VOCAB_CHUNK = 8192                       # a multiple of TILE: tiles never straddle two chunks
+
+
+def _round_bf16(a: torch.Tensor) -> torch.Tensor:
+    return a.to(torch.bfloat16).to(torch.float64)
+
+
+def naive_gradients(x, W, y):
+    """PyTorch's own bf16 loss and gradients (what a user would run without a fused loss)."""
+    xg, Wg = x.clone().requires_grad_(), W.clone().requires_grad_()
+    loss = F.cross_entropy((xg @ Wg.t()).float(), y)
+    loss.backward()
+    return float(loss.detach()), xg.grad, Wg.grad
+
+
+def _tile_means(a: torch.Tensor) -> torch.Tensor:
+    """Means of ``a``'s rows in consecutive groups of TILE (the last group may be short)."""
+    n = a.shape[0]
+    pad = (-n) % TILE
+    counts = torch.full(((n + pad) // TILE, 1), float(TILE), dtype=a.dtype)
+    counts[-1] = TILE - pad
+    return F.pad(a, (0, 0, 0, pad)).view(-1, TILE, a.shape[1]).sum(1) / counts
+
+
+def measure(x, W, y, naive, variants: dict, order=None) -> dict:
+    """Errors of naive, exact and skipped gradients against float64, in vocabulary chunks.
+
+    ``variants``: name -> (threshold, corrected).  ``order``: a vocabulary permutation that sets which
+    tokens share a tile (None: natural order).  ``corrected`` adds, for each dropped tile, its first-order
+    part: rows' sums of the dropped deltas times the tile's mean weight row (for dx), and vocabulary
+    columns' sums times the row tile's mean hidden state (for dW).
+    """
+    N, D = x.shape
+    if order is not None:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        W, y = W[order], inverse[y]
+    V = W.shape[0]
+    loss_naive, gx_naive, gW_naive = naive
+    if order is not None:
+        gW_naive = gW_naive[order]
+    x64 = x.double()
+    x_means = _tile_means(x64)                                    # (row tiles, D)
+    lse = torch.full((N,), -torch.inf, dtype=torch.float64)
+    for v0 in range(0, V, VOCAB_CHUNK):
+        lse = torch.logaddexp(lse, torch.logsumexp(x64 @ W[v0:v0 + VOCAB_CHUNK].double().t(), 1))
+    z_y = (x64 * W[y].double()).sum(1)
+    loss_ref = float((lse - z_y).mean())
+
+    names = ["exact"] + list(variants)
+    gx_ref = torch.zeros(N, D, dtype=torch.float64)
+    gx = {k: torch.zeros(N, D, dtype=torch.float64) for k in names}
+    sq_ref_w, sq_err_w = 0.0, {k: 0.0 for k in names + ["naive"]}
+    tiles, dropped = 0, {k: 0 for k in variants}
+    dropped_mass = {k: 0.0 for k in variants}
+    rows = torch.arange(N)
+    pad_m = (-N) % TILE
+    for v0 in range(0, V, VOCAB_CHUNK):
+        Wc = W[v0:v0 + VOCAB_CHUNK].double()
+        vc = Wc.shape[0]
+        p = torch.exp(x64 @ Wc.t() - lse[:, None])
+        target = torch.zeros(N, vc, dtype=torch.bool)
+        here = (y >= v0) & (y < v0 + vc)
+        target[rows[here], y[here] - v0] = True
+        delta = p.clone()
+        delta[target] -= 1.0
+        delta /= N
+        gx_ref += delta @ Wc
+        gW_ref = delta.t() @ x64
+        sq_ref_w += float(gW_ref.square().sum())
+        sq_err_w["naive"] += float((gW_naive[v0:v0 + vc].double() - gW_ref).square().sum())
+        delta_b = _round_bf16(delta)
+        pad_v = (-vc) % TILE
+        grid = lambda m: F.pad(m.to(torch.uint8), (0, pad_v, 0, pad_m)).view(  # noqa: E731
+            (N + pad_m) // TILE, TILE, (vc + pad_v) // TILE, TILE).amax(dim=(1, 3)).bool()
+        has_target = grid(target)
+        tiles += has_target.numel()
+        gx["exact"] += delta_b @ Wc
+        sq_err_w["exact"] += float((_round_bf16(delta_b.t() @ x64) - gW_ref).square().sum())
+        w_means = _tile_means(Wc)                                 # (vocabulary tiles, D)
+        for k, (t, corrected) in variants.items():
+            drop_tile = ~grid(p >= t) & ~has_target
+            dropped[k] += int(drop_tile.sum())
+            drop = drop_tile.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:N, :vc]
+            dropped_mass[k] += float(p[drop].sum())
+            kept = delta_b.masked_fill(drop, 0.0)
+            gx[k] += kept @ Wc
+            gw = kept.t() @ x64
+            if corrected:
+                lost = F.pad(delta * drop, (0, pad_v, 0, pad_m))  # no targets in dropped tiles
+                gx[k] += lost.view(N + pad_m, -1, TILE).sum(2)[:N] @ w_means
+                gw += (lost.view(-1, TILE, vc + pad_v).sum(1)[:, :vc]).t() @ x_means
+            sq_err_w[k] += float((_round_bf16(gw) - gW_ref).square().sum())
+        del p, delta, delta_b, gW_ref, Wc, target
+    nx = float(gx_ref.norm())
+    out = {"loss": loss_ref, "naive_loss_err": abs(loss_naive - loss_ref) / abs(loss_ref),
+           "naive_gx_err": float((gx_naive.double() - gx_ref).norm()) / nx,
+           "naive_gW_err": (sq_err_w["naive"] / sq_ref_w) ** 0.5}
+    for k in names:
+        out[f"{k}_gx_err"] = float((_round_bf16(gx[k]) - gx_ref).norm()) / nx
+        out[f"{k}_gW_err"] = (sq_err_w[k] / sq_ref_w) ** 0.5
+    for k in variants:
+        out[f"{k}_dropped_tiles"] = dropped[k] / tiles
+        out[f"{k}_dropped_mass_per_row"] = dropped_mass[k] / N
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=256, help="tokens N per shape (per-tile statistics do not "
+                    "depend on it)")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape (a self-check of this script)")
+    ap.add_argument("--seed", type=int, default=None, help="data seed (default: fresh)")
+    args = ap.parse_args(argv)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    N = 128 if args.quick else args.rows
+    seed = args.seed if args.seed is not None else int(time.time()) % 100_000
+    results, rows = [], []
+    for i, (name, D, V) in enumerate(shapes):
+        t0 = time.perf_counter()
+        x, W, y = _lm_data.make_lm_inputs(N, D, V, seed + i)
+        naive = naive_gradients(x, W, y)
+        shape = f"{N}x{D}x{V} ({name})"
+        for ordering, variants in VARIANTS.items():
+            # CCE's ordering: the vocabulary sorted by the batch's average logit
+            order = None if ordering == "natural" else torch.argsort(x.double().mean(0) @ W.double().t())
+            r = measure(x, W, y, naive, variants, order)
+            r.update(shape=shape, ordering=ordering)
+            results.append(r)
+            base = dict(shape=shape, order=ordering)
+            if ordering == "natural":
+                rows.append(dict(base, variant="naive PyTorch", gx_err=r["naive_gx_err"], gW_err=r["naive_gW_err"],
+                                 loss_err=r["naive_loss_err"]))
+                rows.append(dict(base, variant="softxent exact", gx_err=r["exact_gx_err"], gW_err=r["exact_gW_err"]))
+            for k in variants:
+                rows.append(dict(base, variant=k, dropped_tiles=r[f"{k}_dropped_tiles"],
+                                 dropped_mass=r[f"{k}_dropped_mass_per_row"], gx_err=r[f"{k}_gx_err"],
+                                 gW_err=r[f"{k}_gW_err"]))
+        for row in rows:
+            if row["shape"] == shape:
+                row["gx / naive"] = row["gx_err"] / results[-2]["naive_gx_err"]
+                row["gW / naive"] = row["gW_err"] / results[-2]["naive_gW_err"]
+        print(f"{shape}: {time.perf_counter() - t0:.1f} s", flush=True)
+    print_table(rows, ["shape", "order", "variant", "dropped_tiles", "dropped_mass", "gx_err", "gx / naive",
+                       "gW_err", "gW / naive", "loss_err"],
+                title="||a - ref|| / ||ref|| against float64 (bf16 inputs, lm data, 128 x 128 tiles)")
+    write_json("skip_accuracy_cpu_quick" if args.quick else "skip_accuracy_cpu",
+               {"seed": seed, "rows": N, "tile": TILE, "variants": VARIANTS, "table": rows,
+                "results": results})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
