@@ -11,13 +11,18 @@ the float64 gradients of the same bf16 operands, ``||a - ref|| / ||ref||`` of gr
   naive            PyTorch itself: ``F.cross_entropy((x @ W.t()).float(), y)`` and ``backward()`` in bf16
   softxent exact   the kernels' arithmetic: exact logits, delta rounded once to bf16, products
                    accumulated exactly (float32 on the GPU), dx and dW rounded once to bf16
-  skip t           the same with the tiles the rule drops at threshold t zeroed
+  skip t           the same with the tiles the rule drops at threshold t zeroed (the plain rule)
+  + correction     each dropped tile replaced by its first-order part (row sums of its deltas times
+                   its mean weight row for dx, column sums times the row tile's mean hidden state for
+                   dW), in the natural or the "sorted" vocabulary order (by the batch's average logit,
+                   CCE's ordering; here in float64) -- sorted + correction is what the kernels'
+                   ``skip_threshold`` does
 
 plus the fraction of tiles dropped (which sets the skip's speed: the backward then costs the logits'
 recomputation plus the kept fraction of its two products).  The per-tile statistics do not depend on N
 (rows are independent), so a few hundred rows stand for 8192; the Triton kernels themselves are tested
-to equal "exact gradient with these tiles zeroed" (tests/test_triton_kernels.py), and
-benchmarks/linear_ce_gpu.py measures the real thing on a GPU.
+against a float64 mirror of this rule (tests/test_triton_kernels.py), and benchmarks/linear_ce_gpu.py
+measures the real thing on a GPU.
 
     python benchmarks/skip_accuracy_cpu.py [--rows 256] [--quick]
 

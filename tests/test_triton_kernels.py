@@ -392,6 +392,8 @@ def test_dx_low_half_in_dw_tail_equals_the_workspace_path(N, D, V, dtype, dw_f32
     kw = dict(ignore_index=IGNORE, softcap=None, class_weight=None, need_dx=True, need_dw=True,
               need_db=bias, dw_dtype=dw_dtype, chunk_shape=chunk,
               skip_threshold=SKIP_EPS / N if skip else None)
+    if skip:  # one vocabulary order for both runs (the sorted one keeps the borrowed rows last)
+        kw["skip_sorted"] = False
     runs = {}
     for lo_in_dw in (False, True):
         stats = {}
@@ -510,7 +512,8 @@ def test_skip_threshold_drops_exactly_the_small_tiles(dtype, chunk, mm):
     zero_bias = torch.zeros(V, dtype=dtype, device=DEVICE)  # only to get db (the column sums of delta)
     dx, dw, db = K.lce_backward(x, W, zero_bias, y, lse, alpha, alpha, gamma, ignore_index=IGNORE,
                                 softcap=None, class_weight=None, need_dx=True, need_dw=True, need_db=True,
-                                skip_threshold=threshold, chunk_shape=chunk, configs=configs, stats=stats)
+                                skip_threshold=threshold, skip_sorted=False, skip_correction=False,
+                                chunk_shape=chunk, configs=configs, stats=stats)
     p_term = (1.0 / N) * ref_loss.softmax(f64(x) @ f64(W).T)
     onehot = np.zeros((N, V), bool)
     onehot[np.arange(N), y.cpu().numpy()] = True
@@ -540,6 +543,86 @@ def test_skip_threshold_drops_exactly_the_small_tiles(dtype, chunk, mm):
     assert err_dw <= (dropped.T @ np.abs(f64(x))).max() * (1 + 1e-6) + tol16 * np.abs(ref["dw"]).max()
     print(f"skip: kept {n_keep}/{stats['tiles']} tiles; max error / max |exact|: "
           f"dx {err_dx / np.abs(ref['dx']).max():.2e}, dW {err_dw / np.abs(ref['dw']).max():.2e}")
+
+
+def first_order_reference(ref, x, W, y, gamma, order, threshold, R, C, BM, BV):
+    """float64 mirror of the sorted, corrected skip: in the vocabulary ``order``, per (row super-block,
+    chunk) and BM x BV tile, a kept tile's delta is used as is and a skipped one is replaced by its
+    first-order part (row sums x the tile's mean weight row for dx, column sums x the row tile's mean
+    hidden state for dW); db keeps every column sum.  Returns the expected gradients and the number of
+    kept tiles."""
+    N, V = ref["delta"].shape
+    xd, Wd = f64(x), f64(W)
+    delta = ref["delta"][:, order]                       # columns in position order
+    Wp = Wd[order]
+    p_term = ((1.0 / N) * ref_loss.softmax(xd @ Wd.T))[:, order]
+    onehot = np.zeros((N, V), bool)
+    onehot[np.arange(N), y.cpu().numpy()] = True
+    onehot = onehot[:, order]
+    dx, dwp, n_keep = np.zeros_like(xd), np.zeros((V, xd.shape[1])), 0
+    for r0 in range(0, N, R):
+        for c0 in range(0, V, C):
+            rs, cs = slice(r0, min(r0 + R, N)), slice(c0, min(c0 + C, V))
+            keep = tile_mask(p_term[rs, cs], onehot[rs, cs], f64(gamma)[rs] != 0, threshold, BM, BV)
+            n_keep += keep.sum()
+            for i in range(keep.shape[0]):
+                for j in range(keep.shape[1]):
+                    ri = slice(r0 + i * BM, min(r0 + (i + 1) * BM, rs.stop))
+                    cj = slice(c0 + j * BV, min(c0 + (j + 1) * BV, cs.stop))
+                    d = delta[ri, cj]
+                    if keep[i, j]:
+                        dx[ri] += d @ Wp[cj]
+                        dwp[cj] += d.T @ xd[ri]
+                    else:
+                        dx[ri] += np.outer(d.sum(axis=1), Wp[cj].mean(axis=0))
+                        dwp[cj] += np.outer(d.sum(axis=0), xd[ri].mean(axis=0))
+    dw = np.empty_like(dwp)
+    dw[order] = dwp
+    return dict(ref, dx=dx, dw=dw, db=ref["delta"].sum(axis=0)), n_keep
+
+
+@pytest.mark.parametrize("dtype,chunk,lo_in_dw", [
+    (torch.float32, None, None),
+    (torch.float32, (32, 48), None),                 # row super-blocks, several chunks
+    (torch.bfloat16, (64, 96), True),                # dx's low half in dW's tail: those rows stay last
+])
+def test_sorted_corrected_skip_equals_its_float64_mirror(dtype, chunk, lo_in_dw):
+    """The default skip (sorted vocabulary, first-order part of each skipped tile) computes its float64
+    mirror: the gathered W rows, scattered dW rows, per-tile sums and thin extra products are right,
+    and the correction brings dx closer to exact than zeroing the same tiles does."""
+    rng = np.random.default_rng()
+    N, D, V = 64, 32, 300
+    x, W, y = lm_like(rng, N, D, V, dtype)
+    alpha = torch.full((N,), 1.0 / N, device=DEVICE)
+    gamma = torch.zeros(N, device=DEVICE)
+    gamma[5] = 0.01 / N
+    ref = reference(x, W, None, y, ignore_index=IGNORE, softcap=None, cw=None, alpha=alpha, beta=alpha,
+                    gamma=gamma)
+    lse = torch.tensor(ref["lse"], dtype=torch.float32, device=DEVICE)
+    threshold = SKIP_EPS / N
+    stats = {}
+    zero_bias = torch.zeros(V, dtype=dtype, device=DEVICE)
+    cfg = {"delta": SMALL, "matmul": SMALL}
+    dx, dw, db = K.lce_backward(x, W, zero_bias, y, lse, alpha, alpha, gamma, ignore_index=IGNORE,
+                                softcap=None, class_weight=None, need_dx=True, need_dw=True, need_db=True,
+                                skip_threshold=threshold, chunk_shape=chunk, lo_in_dw=lo_in_dw,
+                                configs=cfg, stats=stats)
+    plan = stats["plan"]
+    assert bool(lo_in_dw) == plan.lo_in_dw
+    tail = plan.lo_rows if plan.lo_in_dw else 0
+    order = K.skip_order(x, W, tail).cpu().numpy().astype(np.int64)
+    assert sorted(order) == list(range(V))
+    assert set(order[V - tail:]) == set(range(V - tail, V))
+    expected, n_keep = first_order_reference(ref, x, W, y, gamma, order, threshold, plan.rows, plan.cols,
+                                             16, 16)
+    assert stats["tiles_kept"] == n_keep < stats["tiles"]
+    check_backward((dx, dw, db), expected, x, W, dict(dx=True, dw=True, db=True))
+    zeroed = K.lce_backward(x, W, None, y, lse, alpha, alpha, gamma, ignore_index=IGNORE, softcap=None,
+                            class_weight=None, need_dx=True, need_dw=False, need_db=False,
+                            skip_threshold=threshold, skip_correction=False, chunk_shape=chunk,
+                            lo_in_dw=False, configs=cfg)[0]
+    if tail == 0:  # the same tiles skipped: the first-order part beats zero
+        assert rel(f64(dx), ref["dx"]) < rel(f64(zeroed), ref["dx"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,6 +665,11 @@ def test_plan_backward_default_keeps_llm_shapes_under_a_tenth_of_a_gib(N, D, V):
     assert p.lo_rows <= p.recompute_cols < p.lo_rows + p.cols and p.recompute_cols <= 0.1 * V
     no_borrow = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, dw_in_float32=False, lo_in_dw=False)
     assert p.traffic_bytes < no_borrow.traffic_bytes
+    # with the corrected skip, its buffers come out of the same 96 MiB
+    s = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, dw_in_float32=False,
+                        workspace_bytes=K.skip_workspace_budget(None, V))
+    extra = K.skip_buffer_bytes(s.rows, s.cols, V, D, 128, 128)
+    assert s.lo_in_dw and 0 < extra and s.workspace_bytes + extra <= K.DEFAULT_WORKSPACE_BYTES
 
 
 def test_plan_backward_relaxes_an_impossible_budget():
@@ -668,20 +756,36 @@ out["forward"] = compile_for(K._lce_forward_kernel, dict(
 out["delta"] = compile_for(K._lce_delta_kernel, dict(
     common, lse_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", gamma_ptr="*fp32", q_ptr="*fp32",
     scale_ptr="*fp32",
-    delta_ptr="*bf16", flag_ptr="*i8", dbpart_ptr="*fp32", row0=0, n_rows=8192, v0=0, n_cols=1920,
-    stride_delta=1920, stride_flag=15, stride_dbpart=1920, skip_threshold=1e-8, HAS_BETA=True, HAS_GAMMA=True,
-    HAS_Q=True, WRITE_DELTA=True, NEED_DB=True, HAS_SKIP=True, BLOCK_M=d.block_m, BLOCK_V=d.block_n, GROUP_M=d.group_m),
+    delta_ptr="*bf16", flag_ptr="*i8", dbpart_ptr="*fp32", perm_ptr="*i32", rowsum_ptr="*fp32",
+    colsum_ptr="*fp32", row0=0, n_rows=8192, v0=0, n_cols=1920,
+    stride_delta=1920, stride_flag=15, stride_dbpart=1920, stride_rowsum=15, stride_colsum=64,
+    skip_threshold=1e-8, HAS_BETA=True, HAS_GAMMA=True,
+    HAS_Q=True, WRITE_DELTA=True, NEED_DB=True, HAS_SKIP=True, HAS_PERM=True, HAS_CORR=True,
+    BLOCK_M=d.block_m, BLOCK_V=d.block_n, GROUP_M=d.group_m),
     d, target)
 mm = dict(a_ptr="*bf16", b_ptr="*bf16", scale_ptr="*fp32", M=8192, N=4096, K=1920, stride_bk=4096,
           stride_bn=1, stride_cm=4096, stride_cn=1, FLAG_M=d.block_m, FLAG_K=d.block_n, EVEN_K=True,
           DOT_F32=False, PRECISION="tf32", BLOCK_M=m.block_m, BLOCK_N=m.block_n, BLOCK_K=m.block_k,
           GROUP_M=m.group_m, stride_fm=15, stride_fk=1)
+plain = dict(bperm_ptr=None, cperm_ptr=None, a2_ptr=None, b2_ptr=None, K2=0, stride_a2m=0, stride_b2k=0,
+             PERM_B=False, PERM_C=False, HAS_EXTRA=False)
+sorted_skip = dict(bperm_ptr="*i32", cperm_ptr="*i32", a2_ptr="*fp32", b2_ptr="*fp32", K2=15,
+                   stride_a2m=15, stride_b2k=4096, HAS_EXTRA=True)
 out["matmul_dx"] = compile_for(K._matmul_kernel, dict(
-    mm, c_ptr="*bf16", lo_ptr="*bf16", flag_ptr=None, stride_am=1920, stride_ak=1, ACCUMULATE=True,
+    mm, **plain, c_ptr="*bf16", lo_ptr="*bf16", flag_ptr=None, stride_am=1920, stride_ak=1, ACCUMULATE=True,
     SPLIT_LO=True, HAS_FLAGS=False), m, target)
 out["matmul_dw_skip"] = compile_for(K._matmul_kernel, dict(
-    mm, c_ptr="*fp32", lo_ptr=None, flag_ptr="*i8", stride_am=1, stride_ak=1920, ACCUMULATE=True,
+    mm, **plain, c_ptr="*fp32", lo_ptr=None, flag_ptr="*i8", stride_am=1, stride_ak=1920, ACCUMULATE=True,
     SPLIT_LO=False, HAS_FLAGS=True), m, target)
+out["matmul_dx_sorted_skip"] = compile_for(K._matmul_kernel, dict(
+    mm, **sorted_skip, PERM_B=True, PERM_C=False, c_ptr="*bf16", lo_ptr="*bf16", flag_ptr="*i8",
+    stride_am=1920, stride_ak=1, ACCUMULATE=True, SPLIT_LO=True, HAS_FLAGS=True), m, target)
+out["matmul_dw_sorted_skip"] = compile_for(K._matmul_kernel, dict(
+    mm, **sorted_skip, PERM_B=False, PERM_C=True, c_ptr="*bf16", lo_ptr=None, flag_ptr="*i8",
+    stride_am=1, stride_ak=1920, ACCUMULATE=False, SPLIT_LO=False, HAS_FLAGS=True), m, target)
+out["tile_mean"] = compile_for(K._tile_mean_kernel, dict(
+    src_ptr="*bf16", idx_ptr="*i32", out_ptr="*fp32", n_rows=1920, D=4096, stride_src=4096, HAS_IDX=True,
+    BLOCK_R=128, BLOCK_D=64), m, target)
 print(json.dumps({"shared": out, "stage_bytes": {
     "forward": (f.block_m + f.block_n) * f.block_k * 2, "matmul_dx": (m.block_m + m.block_n) * m.block_k * 2}}))
 '''

@@ -69,22 +69,28 @@ dW is written once in the weight's dtype with no float32 copy.
 Cost, honestly: the exact backward needs the complete ``lse`` before any ``delta``, so it recomputes the
 logits -- four ``2 N D V`` GEMMs in all against the three of a materialising implementation.  An exact
 path holding no ``N x V`` buffer therefore cannot reach the "three bare GEMMs" floor; at best it is
-about 4/3 of it.  ``skip_threshold`` (opt-in, approximate) drops the dx/dW work of tiles whose
-``|alpha_i p_ij|`` are all below the threshold, hold no target and have ``gamma = 0``: on peaked,
-trained-LM-like softmaxes most tiles go, and the backward approaches the one GEMM of the recomputation
-(the flagged GEMMs are not software-pipelined, because of the per-block branch, so each kept block costs
-more than in the exact path).  Its error is bounded by the dropped mass: every dropped delta satisfies
-``|delta_ij| < threshold``, so ``|ddx_id| <= threshold * sum_j |W_jd|`` over the dropped ``j`` (and
-likewise for dW and db); the tests check that bound and that the result equals the exact gradient of
-the kept tiles.  At LLM scale the rule is not good enough (benchmarks/skip_accuracy_cpu.py, float64
-on the CPU, trained-LM-like data, 128 x 128 tiles in the vocabulary's natural order): at CCE's
-threshold eps(bf16)/32 it drops 15 % (Llama-3 head) and 41 % (Gemma-2-like) of the tiles and makes
-||ddx|| / ||dx|| 29x and 104x naive PyTorch's bf16 error, because the dropped probabilities are many
-and their weight rows share a common direction, so their omission adds up; a threshold that keeps dx
-at naive's error drops almost nothing.  What the same measurement says works: tiles of a vocabulary
-sorted by average logit (CCE's ordering) plus, for each dropped tile, its first-order part (row sums
-of the dropped deltas times the tile's mean weight row, and likewise for dW): 72 % dropped at eps/256
-with dx and dW errors 0.95x / 0.97x naive's (Llama-3 head).  That is not implemented in these kernels.
+about 4/3 of it.  ``skip_threshold`` (opt-in, approximate) drops the dx/dW products of tiles whose
+``|alpha_i p_ij|`` are all below the threshold, hold no target and have ``gamma = 0``; the logits are
+still recomputed for every tile, so the backward approaches one GEMM plus the kept fraction of two.
+Two things make it accurate enough to train with (benchmarks/skip_accuracy_cpu.py, float64 on the CPU,
+trained-LM-like data, 128 x 128 tiles; RESULTS.md):
+
+* the vocabulary is tiled in :func:`skip_order` (sorted by the logit at the batch's mean hidden state,
+  CCE's ordering), so that tokens no row expects share tiles and whole tiles drop: the backward's
+  kernels gather W's rows and scatter dW's rows through that order;
+* a dropped tile is replaced by its first-order part instead of zero: each row's sum of the tile's
+  deltas times the tile's mean W row (dx), each column's sum over the row tile times its mean hidden
+  state (dW), and db keeps the exact column sums.  The delta kernel writes those sums; the dx and dW
+  products add them as a short extra K-segment (``HAS_EXTRA``) before their single rounding.
+
+Measured: at eps(bf16)/256 this drops 72 % (Llama-3 head) and 86 % (Gemma-2-like) of the tiles with
+dx / dW errors 0.95 / 0.97x and 1.11 / 0.97x naive PyTorch's bf16 errors; at CCE's eps(bf16)/32, 93 %
+and 96 % at 1.14 / 1.08x and 1.54 / 1.11x.  Dropping the same tiles without the correction, or tiling in
+the natural order, is 29-171x naive's dx error (many tiny probabilities whose weight rows share a
+direction add up); ``lce_backward(skip_sorted=False, skip_correction=False)`` keeps that plain rule
+for comparison.  Every dropped delta is below the threshold, so ``|ddx_id| <= threshold *
+sum_j |W_jd - mean_tile W_d|`` over the dropped ``j``; the tests check the result against its float64
+mirror.  Whether the gathered-row products keep tensor-core speed is for the GPU benchmark to show.
 
 Precision: float32 accumulation everywhere; delta is rounded once to the input dtype for the tensor
 core products, as PyTorch's own backward of ``F.linear`` does.  Before rounding, delta is divided by
@@ -339,19 +345,23 @@ def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
 
 @triton.jit
 def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
-                      q_ptr, scale_ptr, delta_ptr, flag_ptr, dbpart_ptr,
+                      q_ptr, scale_ptr, delta_ptr, flag_ptr, dbpart_ptr, perm_ptr, rowsum_ptr, colsum_ptr,
                       row0, n_rows, v0, n_cols, D, stride_x, stride_w, stride_delta, stride_flag,
-                      stride_dbpart, ignore_index, softcap, skip_threshold,
+                      stride_dbpart, stride_rowsum, stride_colsum, ignore_index, softcap, skip_threshold,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
                       HAS_BETA: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_Q: tl.constexpr,
                       WRITE_DELTA: tl.constexpr,
-                      NEED_DB: tl.constexpr, HAS_SKIP: tl.constexpr, EVEN_K: tl.constexpr,
+                      NEED_DB: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_PERM: tl.constexpr,
+                      HAS_CORR: tl.constexpr, EVEN_K: tl.constexpr,
                       DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One delta tile of the chunk (rows row0 + [0, n_rows), columns v0 + [0, n_cols)):
+    """One delta tile of the chunk (rows row0 + [0, n_rows), vocabulary positions v0 + [0, n_cols)):
     ``delta / scale`` into the workspace (chunk-local indices), column sums into ``dbpart[tile row]``,
     and with HAS_SKIP the keep-flag of the tile into ``flag[tile row, tile col]`` (a skipped tile's
-    delta is neither written nor summed)."""
+    delta is not written).  HAS_PERM: position j is the vocabulary row ``perm[j]``.  HAS_CORR: a
+    skipped tile writes its first-order part, its row sums into ``rowsum[row, tile col]`` and its
+    column sums into ``colsum[column, tile row]`` (both over scale; zeros for a kept tile), and db keeps
+    the skipped tile's exact column sums."""
     pid = tl.program_id(0)
     pid_m, pid_v = _tile_ids(pid, tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
     lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -360,6 +370,8 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
     col_mask = lcols < n_cols
     rows = row0 + lrows
     cols = v0 + lcols
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=col_mask, other=0)
     z, t = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                        softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_K, DOT_F32, PRECISION,
                        BLOCK_M, BLOCK_V, BLOCK_K)
@@ -391,6 +403,7 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
     if HAS_SOFTCAP:
         d *= 1.0 - t * t
     d = tl.where(valid, d, 0.0)
+    db_sum = tl.sum(d, axis=0)
     keep = True
     if HAS_SKIP:
         n_keep = tl.sum(tl.sum(tl.where(valid & (tl.abs(p_term) >= skip_threshold), 1, 0), axis=1), axis=0)
@@ -400,9 +413,16 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
             n_keep += tl.sum(tl.where(row_mask & (gamma != 0), 1, 0), axis=0)
         keep = n_keep > 0
         tl.store(flag_ptr + pid_m * stride_flag + pid_v, keep.to(tl.int8))
-        d = tl.where(keep, d, 0.0)
+        if HAS_CORR:
+            dropped = tl.where(keep, 0.0, d) / tl.load(scale_ptr)
+            tl.store(rowsum_ptr + lrows.to(tl.int64) * stride_rowsum + pid_v, tl.sum(dropped, axis=1),
+                     mask=row_mask)
+            tl.store(colsum_ptr + lcols.to(tl.int64) * stride_colsum + pid_m, tl.sum(dropped, axis=0),
+                     mask=col_mask)
+        else:
+            db_sum = tl.where(keep, db_sum, 0.0)
     if NEED_DB:
-        tl.store(dbpart_ptr + pid_m.to(tl.int64) * stride_dbpart + lcols, tl.sum(d, axis=0), mask=col_mask)
+        tl.store(dbpart_ptr + pid_m.to(tl.int64) * stride_dbpart + lcols, db_sum, mask=col_mask)
     if WRITE_DELTA:
         if keep:
             inv_scale = 1.0 / tl.load(scale_ptr)
@@ -427,14 +447,20 @@ def _mm_step(acc, a_ptrs, b_ptrs, a_mask, n_mask, kk, K, EVEN_K: tl.constexpr, D
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr,
-                   M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   stride_fm, stride_fk,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr, bperm_ptr, cperm_ptr, a2_ptr, b2_ptr,
+                   M, N, K, K2, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   stride_fm, stride_fk, stride_a2m, stride_b2k,
                    ACCUMULATE: tl.constexpr, SPLIT_LO: tl.constexpr, HAS_FLAGS: tl.constexpr,
-                   FLAG_M: tl.constexpr, FLAG_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   FLAG_M: tl.constexpr, FLAG_K: tl.constexpr, PERM_B: tl.constexpr, PERM_C: tl.constexpr,
+                   HAS_EXTRA: tl.constexpr, EVEN_K: tl.constexpr,
                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """``C (+)= scale * A @ B`` with float32 accumulation, any strides.
+
+    PERM_B: row k of B is ``B[bperm[k]]``; PERM_C: row m of C is ``C[cperm[m]]`` (gathered / scattered
+    rows: the sorted vocabulary of the block skip).  HAS_EXTRA: ``+ scale * A2 @ B2`` with float32 A2
+    ``(M, K2)`` and B2 ``(K2, N)`` (unit column strides), summed before C is rounded (the skipped
+    tiles' first-order part).
 
     With SPLIT_LO the running sum is the pair ``C + LO`` (both in C's 16-bit dtype, same strides):
     ``s = scale A @ B (+ C + LO)``, ``C = round(s)``, ``LO = round(s - C)`` -- about 16 bits more than C
@@ -465,7 +491,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr,
             active = tl.max(kept.to(tl.int32), axis=0) > 0
             n_active += active.to(tl.int32)
             if active:
-                acc = _mm_step(acc, a_ptrs, b_ptrs, kept, n_mask, k0 + rk, K, EVEN_K, DOT_F32, PRECISION)
+                if PERM_B:
+                    kidx = tl.load(bperm_ptr + k0 + rk, mask=k0 + rk < K, other=0).to(tl.int64)
+                    b_rows = b_ptr + kidx[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
+                    acc = _mm_step(acc, a_ptrs, b_rows, kept, n_mask, k0 + rk, K, EVEN_K, DOT_F32, PRECISION)
+                else:
+                    acc = _mm_step(acc, a_ptrs, b_ptrs, kept, n_mask, k0 + rk, K, EVEN_K, DOT_F32, PRECISION)
             a_ptrs += step_a
             b_ptrs += step_b
     else:
@@ -473,11 +504,24 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr,
             acc = _mm_step(acc, a_ptrs, b_ptrs, m_mask, n_mask, k0 + rk, K, EVEN_K, DOT_F32, PRECISION)
             a_ptrs += step_a
             b_ptrs += step_b
+    if HAS_EXTRA:
+        rk2 = tl.arange(0, 16)
+        for k0 in range(0, K2, 16):
+            kk = k0 + rk2
+            a2 = tl.load(a2_ptr + rm.to(tl.int64)[:, None] * stride_a2m + kk[None, :],
+                         mask=m_mask[:, None] & (kk < K2)[None, :], other=0.0)
+            b2 = tl.load(b2_ptr + kk.to(tl.int64)[:, None] * stride_b2k + rn[None, :],
+                         mask=(kk < K2)[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a2.to(tl.float32), b2.to(tl.float32), acc, input_precision="ieee")
+        n_active += 1
     acc = acc * tl.load(scale_ptr)
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    c_rows = rm.to(tl.int64)
+    if PERM_C:
+        c_rows = tl.load(cperm_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_LO:
-        lo_ptrs = lo_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+        lo_ptrs = lo_ptr + c_rows[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     write = True
     if ACCUMULATE:
         if HAS_FLAGS:
@@ -491,6 +535,64 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, flag_ptr,
         tl.store(c_ptrs, hi, mask=c_mask)
         if SPLIT_LO:
             tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _tile_mean_kernel(src_ptr, idx_ptr, out_ptr, n_rows, D, stride_src,
+                      HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[t] = mean of rows [t BLOCK_R, (t + 1) BLOCK_R) of src`` (fewer in the last group) in float32;
+    with HAS_IDX row r is ``src[idx[r]]``.  out is ``(groups, D)`` contiguous."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    r = t * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < n_rows
+    rows = r.to(tl.int64)
+    if HAS_IDX:
+        rows = tl.load(idx_ptr + r, mask=r_mask, other=0).to(tl.int64)
+    vals = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
+                   mask=r_mask[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+    count = tl.minimum(n_rows - t * BLOCK_R, BLOCK_R).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * D + cols, tl.sum(vals, axis=0) / count, mask=cols < D)
+
+
+def _tile_means(src: torch.Tensor, idx: torch.Tensor | None, n_rows: int, block_r: int) -> torch.Tensor:
+    """Means of consecutive groups of ``block_r`` rows of ``src`` (or of ``src[idx]``), float32."""
+    D = src.shape[1]
+    groups = triton.cdiv(n_rows, block_r)
+    out = torch.empty((groups, D), dtype=torch.float32, device=src.device)
+    block_d = 16 if _interpreting() else 64
+    _tile_mean_kernel[(groups, triton.cdiv(D, block_d))](
+        src, idx, out, n_rows, D, src.stride(0), HAS_IDX=idx is not None, BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
+
+
+def skip_workspace_budget(workspace_bytes: int | None, V: int) -> int:
+    """The delta workspace's share of the budget when the corrected skip runs: the skipped tiles' sums
+    (1/64 of the workspace each at 128 x 128 tiles), the tile means of W and x and the vocabulary order
+    take the rest (:func:`skip_buffer_bytes`)."""
+    return max(1 << 20, int((workspace_bytes or DEFAULT_WORKSPACE_BYTES) * 0.9) - 12 * V)
+
+
+def skip_buffer_bytes(R: int, C: int, V: int, D: int, block_m: int, block_v: int) -> int:
+    """Peak bytes of the corrected skip's buffers beside the workspace: row and column sums of the
+    skipped tiles, the chunk's tile means of W and the row block's of x (float32), the order (int32)
+    and its sort's int64 indices."""
+    n_rb, n_vb = -(-R // block_m), -(-C // block_v)
+    return 4 * (R * n_vb + C * n_rb + (n_vb + n_rb) * D) + 12 * V
+
+
+def skip_order(x: torch.Tensor, weight: torch.Tensor, tail_rows: int = 0) -> torch.Tensor:
+    """The block skip's vocabulary order (int32 ``(V,)``): rows sorted by their logit at the batch's mean
+    hidden state (CCE's ordering), so that the tokens no row expects share tiles that drop whole.  The
+    last ``tail_rows`` rows of W stay last (sorted among themselves): their memory may hold dx's low half
+    until the end of the backward (``BackwardPlan.lo_in_dw``)."""
+    V = weight.shape[0]
+    avg = weight @ x.mean(0, dtype=torch.float32).to(weight.dtype)
+    head = V - tail_rows
+    order = torch.argsort(avg[:head].float())
+    if tail_rows:
+        order = torch.cat([order, torch.argsort(avg[head:].float()) + head])
+    return order.to(torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -770,7 +872,8 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
                  softcap: float | None, class_weight, need_dx: bool, need_dw: bool, need_db: bool,
                  skip_threshold: float | None = None, workspace_bytes: int | None = None,
                  dw_dtype: torch.dtype = torch.float32, chunk_shape: tuple[int, int] | None = None,
-                 lo_in_dw: bool | None = None, configs: dict[str, TileConfig] | None = None, stats: dict | None = None):
+                 lo_in_dw: bool | None = None, skip_sorted: bool = True, skip_correction: bool = True,
+                 configs: dict[str, TileConfig] | None = None, stats: dict | None = None):
     """Gradients of ``sum_ij delta_ij z_ij`` (module docstring) for x, W and b, recomputing the logits.
 
     Args:
@@ -786,6 +889,13 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
             ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with ``beta != 0``
             and whose rows all have ``gamma = 0`` is treated as zero in dx, dW and db.  For CCE's rule
             "every probability below eps" pass ``t = eps * max_i |alpha_i|``.
+        skip_sorted, skip_correction: with ``skip_threshold``, tile the vocabulary in
+            :func:`skip_order` (default) instead of its natural order, and replace each skipped tile by
+            its first-order part (default) instead of zero: the dx rows get the tile's row sums of
+            delta times the tile's mean weight row, the dW rows its column sums times the row tile's
+            mean hidden state, db its exact column sums.  Either costs two thin products per chunk
+            (``N x V/BLOCK_V x D``); together they keep the error at LLM scale near the exact path's
+            (benchmarks/skip_accuracy_cpu.py).
         workspace_bytes: budget of the backward's scratch memory (None: ``DEFAULT_WORKSPACE_BYTES``,
             96 MiB; see :func:`plan_backward`).
         dw_dtype: float32 (default) or the weight's dtype: with one row super-block (``R = N``) the
@@ -831,6 +941,10 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     dcfg, mcfg = cfgs["delta"], cfgs["matmul"]
     BM, BV = dcfg.block_m, dcfg.block_n
     need_delta = need_dx or need_dw
+    has_skip = skip_threshold is not None
+    corrected = has_skip and bool(skip_correction) and need_delta
+    if corrected and chunk_shape is None:
+        workspace_bytes = skip_workspace_budget(workspace_bytes, V)
     if chunk_shape is not None:
         R, C = chunk_shape
         if not (isinstance(R, int) and isinstance(C, int) and R >= 1 and C >= 1):
@@ -867,20 +981,26 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     else:
         dx_lo = torch.empty((R, D), dtype=x.dtype, device=dev) if split_dx else None
     dbpart = torch.empty((n_rb, C), dtype=torch.float32, device=dev) if need_db else None
-    has_skip = skip_threshold is not None
     flags = torch.empty((n_rb, n_vb), dtype=torch.int8, device=dev) if has_skip else None
+    order = skip_order(x, weight, lo_rows if lo_in_dw else 0) if has_skip and skip_sorted else None
+    rowsum = torch.empty((R, n_vb), dtype=torch.float32, device=dev) if corrected else None
+    colsum = torch.empty((C, n_rb), dtype=torch.float32, device=dev) if corrected else None
     kept = torch.zeros((), dtype=torch.int64, device=dev) if (has_skip and stats is not None) else None
     scale = _delta_scale(alpha, beta, gamma, class_weight)
     dot_f32, precision = _dot_options(x.dtype)
     softcap_f = float(softcap) if softcap is not None else 1.0
 
     def matmul(a, stride_a, b, stride_b, c, lo, stride_c, M, Nn, K, accumulate, flag_strides, flag_m,
-               flag_k):
+               flag_k, bperm=None, cperm=None, extra=None):
         grid = (triton.cdiv(M, mcfg.block_m) * triton.cdiv(Nn, mcfg.block_n),)
+        a2, b2 = extra if extra is not None else (None, None)
         _matmul_kernel[grid](
-            a, b, c, lo, scale, flags, M, Nn, K, stride_a[0], stride_a[1], stride_b[0], stride_b[1],
+            a, b, c, lo, scale, flags, bperm, cperm, a2, b2, M, Nn, K, 0 if a2 is None else a2.shape[1],
+            stride_a[0], stride_a[1], stride_b[0], stride_b[1],
             stride_c[0], stride_c[1], flag_strides[0], flag_strides[1],
+            0 if a2 is None else a2.stride(0), 0 if b2 is None else b2.stride(0),
             ACCUMULATE=accumulate, SPLIT_LO=lo is not None, HAS_FLAGS=has_skip, FLAG_M=flag_m, FLAG_K=flag_k,
+            PERM_B=bperm is not None, PERM_C=cperm is not None, HAS_EXTRA=extra is not None,
             EVEN_K=K % mcfg.block_k == 0, DOT_F32=dot_f32,
             PRECISION=precision, BLOCK_M=mcfg.block_m, BLOCK_N=mcfg.block_n, BLOCK_K=mcfg.block_k,
             GROUP_M=mcfg.group_m, num_warps=mcfg.num_warps, num_stages=mcfg.num_stages)
@@ -888,19 +1008,28 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     def delta_chunk(r0, nr, nrb, v0, nc, nvb, with_db):
         _lce_delta_kernel[(nrb * nvb,)](
             x, weight, bias, target, class_weight, lse, alpha, beta, gamma, target_complement, scale,
-            delta, flags, dbpart,
-            r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C,
+            delta, flags, dbpart, order, rowsum, colsum,
+            r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C, n_vb, n_rb,
             ignore_index, softcap_f, float(skip_threshold) if has_skip else 0.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_CW=class_weight is not None, HAS_BETA=beta is not None, HAS_GAMMA=gamma is not None,
-            HAS_Q=beta is not None and target_complement is not None, WRITE_DELTA=need_delta, NEED_DB=with_db, HAS_SKIP=has_skip, EVEN_K=D % dcfg.block_k == 0,
+            HAS_Q=beta is not None and target_complement is not None, WRITE_DELTA=need_delta, NEED_DB=with_db,
+            HAS_SKIP=has_skip, HAS_PERM=order is not None, HAS_CORR=corrected, EVEN_K=D % dcfg.block_k == 0,
             DOT_F32=dot_f32, PRECISION=precision, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=dcfg.block_k,
             GROUP_M=dcfg.group_m, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
 
+    def positions(v0, nc):
+        """The chunk's vocabulary rows: a slice of the order, or None (natural order)."""
+        return None if order is None else order[v0:v0 + nc]
+
     def dw_chunk(r0, nr, v0, nc):
         # dW[chunk] (+)= delta^T @ x[rows]: M = vocabulary, K = rows (flags [row tile, vocab tile])
-        matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw[v0:v0 + nc], None, (D, 1), nc, D, nr, r0 > 0,
-               (1, n_vb), BV, BM)
+        extra = None
+        if corrected:
+            extra = (colsum[:nc, :triton.cdiv(nr, BM)], _tile_means(x[r0:r0 + nr], None, nr, BM))
+        rows = positions(v0, nc)
+        matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw if rows is not None else dw[v0:v0 + nc], None,
+               (D, 1), nc, D, nr, r0 > 0, (1, n_vb), BV, BM, cperm=rows, extra=extra)
 
     for r0 in range(0, N, R):
         nr = min(R, N - r0)
@@ -911,13 +1040,23 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
             delta_chunk(r0, nr, nrb, v0, nc, nvb, need_db)
             if kept is not None:
                 kept += flags[:nrb, :nvb].sum()
+            rows = positions(v0, nc)
             if need_db:
-                db[v0:v0 + nc] += dbpart[:nrb, :nc].sum(dim=0)
+                if rows is None:
+                    db[v0:v0 + nc] += dbpart[:nrb, :nc].sum(dim=0)
+                else:
+                    db.index_add_(0, rows, dbpart[:nrb, :nc].sum(dim=0))
             if need_dx:
                 # dx[rows] (+)= delta @ W[chunk]: M = rows, K = vocabulary (flags [row tile, vocab tile]);
                 # across vocabulary chunks a 16-bit dx accumulates as the pair dx + dx_lo
-                matmul(delta, (C, 1), weight[v0:v0 + nc], (D, 1), dx[r0:r0 + nr], dx_lo, (D, 1), nr, D, nc,
-                       ci > 0, (n_vb, 1), BM, BV)
+                extra = None
+                if corrected:
+                    w_means = (_tile_means(weight[v0:v0 + nc], None, nc, BV) if rows is None
+                               else _tile_means(weight, rows, nc, BV))
+                    extra = (rowsum[:nr, :nvb], w_means)
+                matmul(delta, (C, 1), weight if rows is not None else weight[v0:v0 + nc], (D, 1),
+                       dx[r0:r0 + nr], dx_lo, (D, 1), nr, D, nc, ci > 0, (n_vb, 1), BM, BV, bperm=rows,
+                       extra=extra)
             if need_dw and ci < first_late:
                 dw_chunk(r0, nr, v0, nc)
     # lo_in_dw: dx is final, so the borrowed rows are free; recompute the late chunks' delta for dW
