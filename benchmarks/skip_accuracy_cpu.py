@@ -25,6 +25,13 @@ against a float64 mirror of this rule (tests/test_triton_kernels.py), and benchm
 measures the real thing on a GPU.
 
     python benchmarks/skip_accuracy_cpu.py [--rows 256] [--quick]
+    python benchmarks/skip_accuracy_cpu.py --kernels [--rows 256 --dim 64 --vocab 128256] [--quick]
+
+``--kernels`` runs the Triton kernels themselves instead (on a GPU in bf16; without one under
+``TRITON_INTERPRET=1`` in float16 -- the interpreter rounds float32 to bf16 by truncation, not to
+nearest -- with the GPU's 128 x 128 tiles): exact, the plain rule and the sorted + corrected skip at
+two thresholds, against float64.  At the interpreter's speed keep D small (64: ~4 min at V = 128256);
+a small D makes the logits' tails noisier than at D = 4096, so fewer tiles drop.
 
 Writes ``benchmarks/out/skip_accuracy_cpu.json`` (``skip_accuracy_cpu_quick.json`` with ``--quick``).
 """
@@ -162,13 +169,73 @@ def measure(x, W, y, naive, variants: dict, order=None) -> dict:
     return out
 
 
+KERNEL_VARIANTS = [("exact", None, {}),
+                   ("plain eps/32", BF16_EPS / 32, dict(skip_sorted=False, skip_correction=False)),
+                   ("sorted + correction eps/32", BF16_EPS / 32, {}),
+                   ("sorted + correction eps/256", BF16_EPS / 256, {}),
+                   ("sorted eps/256 (no correction)", BF16_EPS / 256, dict(skip_correction=False))]
+
+
+def run_kernels(N: int, D: int, V: int, seed: int) -> list[dict]:
+    """The backward kernels on trained-LM-like data: errors against float64 and kept tiles."""
+    import os
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from softxent.torch import _triton_kernels as K  # noqa: E402 (after TRITON_INTERPRET is set)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float16
+    if dev == "cpu":  # the GPU's 16-bit tiles, not the interpreter's small default ones
+        big = K.TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=1)
+        K.set_configs(forward=big, delta=big, matmul=K.TileConfig(128, 64, 64, group_m=8, num_warps=8,
+                                                                  num_stages=1))
+    x, W, y = _lm_data.make_lm_inputs(N, D, V, seed, device=dev, dtype=dtype)
+    x64, W64 = x.double().requires_grad_(), W.double().requires_grad_()
+    F.cross_entropy(x64 @ W64.t(), y).backward()
+
+    def err(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    _, gx_naive, gW_naive = naive_gradients(x, W, y)
+    rows = [dict(variant=f"naive PyTorch ({dtype})", dx_err=err(gx_naive, x64.grad),
+                 dW_err=err(gW_naive, W64.grad))]
+    lse, _, _, q = K.lce_forward(x, W, None, y, ignore_index=-100, softcap=None, class_weight=None,
+                                 need_weighted_sum=False, need_target_complement=True)
+    alpha = torch.full((N,), 1.0 / N, device=dev)
+    for name, t, kw in KERNEL_VARIANTS:
+        stats = {}
+        t0 = time.perf_counter()
+        dx, dw, _ = K.lce_backward(x, W, None, y, lse, alpha, alpha, None, target_complement=q,
+                                   ignore_index=-100, softcap=None, class_weight=None, need_dx=True,
+                                   need_dw=True, need_db=False, skip_threshold=None if t is None else t / N,
+                                   dw_dtype=dtype, stats=stats, **kw)
+        rows.append(dict(variant=name, dropped_tiles=1 - stats["tiles_kept"] / stats["tiles"],
+                         dx_err=err(dx, x64.grad), dW_err=err(dw, W64.grad),
+                         seconds=round(time.perf_counter() - t0, 1)))
+        print(rows[-1], flush=True)
+    for r in rows:
+        r["shape"] = f"{N}x{D}x{V} {dtype} on {dev}"
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=256, help="tokens N per shape (per-tile statistics do not "
                     "depend on it)")
     ap.add_argument("--quick", action="store_true", help="one tiny shape (a self-check of this script)")
     ap.add_argument("--seed", type=int, default=None, help="data seed (default: fresh)")
+    ap.add_argument("--kernels", action="store_true", help="run the Triton kernels (see the docstring)")
+    ap.add_argument("--dim", type=int, default=64, help="D for --kernels")
+    ap.add_argument("--vocab", type=int, default=128256, help="V for --kernels")
     args = ap.parse_args(argv)
+    if args.kernels:
+        N, D, V = (128, 32, 8192) if args.quick else (args.rows, args.dim, args.vocab)
+        seed = args.seed if args.seed is not None else int(time.time()) % 100_000
+        rows = run_kernels(N, D, V, seed)
+        print_table(rows, ["shape", "variant", "dropped_tiles", "dx_err", "dW_err", "seconds"],
+                    title="the kernels against float64 (trained-LM-like data, 128 x 128 tiles)")
+        write_json("skip_accuracy_kernels_quick" if args.quick else "skip_accuracy_kernels",
+                   {"seed": seed, "table": rows})
+        return rows
     shapes = QUICK_SHAPES if args.quick else SHAPES
     N = 128 if args.quick else args.rows
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000

@@ -84,3 +84,15 @@ def test_skip_accuracy_cpu_quick():
     assert corrected["gx_err"] < plain["gx_err"]
     exact, naive = rows[("natural", "softxent exact")], rows[("natural", "naive PyTorch")]
     assert exact["gx_err"] < 1.5 * naive["gx_err"] and exact["gW_err"] < 1.5 * naive["gW_err"]
+
+
+def test_skip_accuracy_kernels_quick():
+    """--kernels runs the Triton backward itself (the interpreter without a GPU) for every variant."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    _run("skip_accuracy_cpu.py", "--kernels",
+         env_extra=None if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"})
+    rows = {r["variant"]: r for r in _json("skip_accuracy_kernels_quick")["table"]}
+    assert len(rows) == 6
+    exact = rows["exact"]
+    assert exact["dropped_tiles"] == 0 and exact["dx_err"] < 1e-2 and exact["dW_err"] < 1e-2
