@@ -58,9 +58,8 @@ BF16_EPS = torch.finfo(torch.bfloat16).eps
 VARIANTS = {
     "natural": {"skip eps/32": (BF16_EPS / 32, False), "skip eps/256": (BF16_EPS / 256, False),
                 "skip eps/32 + correction": (BF16_EPS / 32, True)},
-    "sorted": {"skip eps/32": (BF16_EPS / 32, False), "skip eps/32 + correction": (BF16_EPS / 32, True),
-               "skip eps/256 + correction": (BF16_EPS / 256, True),
-               "skip eps/2048 + correction": (BF16_EPS / 2048, True)},
+    "sorted": {"skip eps/32": (BF16_EPS / 32, False), "skip eps/256": (BF16_EPS / 256, False),
+               **{f"skip eps/{k} + correction": (BF16_EPS / k, True) for k in (32, 64, 128, 256, 2048)}},
 }
 VOCAB_CHUNK = 8192                       # a multiple of TILE: tiles never straddle two chunks
 
