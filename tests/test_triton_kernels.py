@@ -646,6 +646,28 @@ def test_sorted_corrected_skip_equals_its_float64_mirror(dtype, chunk, lo_in_dw)
         assert rel(f64(dx), ref["dx"]) < rel(f64(zeroed), ref["dx"])
 
 
+@pytest.mark.parametrize("dtype,chunk", [(torch.float32, (24, 40)), (torch.bfloat16, None)])
+def test_sorted_order_with_every_option_matches_float64(dtype, chunk):
+    """The skip's vocabulary order with a threshold that drops nothing: bias, class weights, softcap,
+    ignored rows, beta and gamma all follow the permutation (gathered W, b and class-weight entries,
+    targets matched to the permuted rows, dW rows scattered, db added back by index), so the result is
+    the exact gradient."""
+    rng = np.random.default_rng()
+    N, D, V, ignore_index = 40, 24, 150, 7
+    x, W, b, y, cwt = make_problem(rng, N, D, V, dtype=dtype, bias=True, class_weight=True,
+                                   ignore_index=ignore_index, n_ignored=N // 6)
+    alpha, beta, gamma = coefficients(rng, N, zero_rows=2)
+    ref = reference(x, W, b, y, ignore_index=ignore_index, softcap=20.0, cw=cwt, alpha=alpha, beta=beta,
+                    gamma=gamma)
+    lse = torch.tensor(ref["lse"], dtype=torch.float32, device=DEVICE)
+    order = K.skip_order(x, W)
+    assert not torch.equal(order.cpu(), torch.arange(V, dtype=torch.int32))
+    got = K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, ignore_index=ignore_index, softcap=20.0,
+                         class_weight=cwt, need_dx=True, need_dw=True, need_db=True, chunk_shape=chunk,
+                         skip_threshold=1e-30, configs={"delta": SMALL, "matmul": SMALL})
+    check_backward(got, ref, x, W, dict(dx=True, dw=True, db=True))
+
+
 # --------------------------------------------------------------------------------------------------
 # planning and argument checks
 # --------------------------------------------------------------------------------------------------
