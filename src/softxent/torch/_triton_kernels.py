@@ -896,7 +896,8 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
         need_dx, need_dw, need_db: which gradients to compute (nothing else is allocated).
         skip_threshold: None (exact) or ``t > 0``: a ``BLOCK_M x BLOCK_V`` tile whose
             ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with ``beta != 0``
-            and whose rows all have ``gamma = 0`` is treated as zero in dx, dW and db.  For CCE's rule
+            and whose rows all have ``gamma = 0`` is skipped in the dx and dW products (what replaces
+            it: ``skip_correction``).  For CCE's rule
             "every probability below eps" pass ``t = eps * max_i |alpha_i|``.
         skip_sorted, skip_correction: with ``skip_threshold``, tile the vocabulary in
             :func:`skip_order` (default) instead of its natural order, and replace each skipped tile by
