@@ -508,8 +508,9 @@ SKIP_EPS = float(torch.finfo(torch.bfloat16).eps) / 32  # CCE's "high" filter fo
     (torch.bfloat16, (48, 96), None),
 ])
 def test_skip_threshold_drops_exactly_the_small_tiles(dtype, chunk, mm):
-    """With skip_threshold the result equals the exact gradient of delta with the skippable tiles zeroed
-    (so the flags, the masked K-blocks and the untouched accumulators are right), most tiles are skipped
+    """The plain skip rule (natural order, no correction): the result equals the exact gradient of delta
+    with the skippable tiles zeroed (so the flags, the masked K-blocks and the untouched accumulators
+    are right), most tiles are skipped
     on peaked data, and the error against the exact gradient is bounded by the dropped mass.
 
     Measured on this data (N=64, D=32, V=300, 16 x 16 tiles, threshold = eps(bf16)/32 * max alpha,
