@@ -401,9 +401,10 @@ def test_every_solver_warns_when_it_runs_out_of_iterations(solver):
 
 @pytest.mark.parametrize("solver", ["lbfgs", "newton-cg"])
 def test_unscaled_separable_data_gives_finite_probabilities(solver):
-    """No penalty, separable, unscaled: the optimum is at infinity.  A fit either stops where the
-    gradient is below tol (the loss is then exponentially small: a legitimate stop, as scikit-learn's)
-    or warns with what to try; either way the probabilities are finite and sum to 1."""
+    """No penalty, separable, unscaled: the optimum is at infinity.  A fit either stops legitimately --
+    the gradient below tol, or (L-BFGS-B's ftol rule, as in scikit-learn) the loss so small that no
+    step changes it at float64 resolution -- or warns with what to try; either way the probabilities
+    are finite and sum to 1.  (1 random draw in ~25 reaches loss ~1e-13 within 2 lbfgs steps.)"""
     rng = np.random.default_rng()
     X = rng.standard_normal((100, 3)) * 1e3
     y = (X[:, 0] > 0).astype(int)
@@ -413,11 +414,11 @@ def test_unscaled_separable_data_gives_finite_probabilities(solver):
             m = SoftmaxRegression(alpha=0.0, solver=solver, max_iter=max_iter, tol=tol).fit(X, y)
         warned = [w for w in record if issubclass(w.category, ConvergenceWarning)]
         obj = LinearSoftmaxObjective(X, y, 2)
-        g = obj.loss_gradient(obj.pack(m.coef_, m.intercept_))[1]
-        if max_iter == 3:  # cannot reach 1e-14 in 3 iterations
-            assert warned and "scaling the features" in str(warned[0].message)
+        loss, g = obj.loss_gradient(obj.pack(m.coef_, m.intercept_))
+        if warned:
+            assert "scaling the features" in str(warned[0].message)
         else:
-            assert warned or np.abs(g).max() <= 10 * tol, (np.abs(g).max(), m.n_iter_)
+            assert np.abs(g).max() <= 10 * tol or loss <= 1e-9, (np.abs(g).max(), loss, m.n_iter_)
         proba = m.predict_proba(X)
         assert np.all(np.isfinite(proba)) and np.all(np.isfinite(m.coef_))
         np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
