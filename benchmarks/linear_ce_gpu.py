@@ -686,8 +686,9 @@ def gate_bitwise(x, W, y):
 
 
 def gate():
-    """The kernels (and the API) on a small problem with odd V against float64, with the options too;
-    passes when every error is at most 2x naive PyTorch's (+1e-6)."""
+    """The kernels (and the API, also in the skip's sorted vocabulary order with nothing dropped) on a
+    small problem with odd V against float64, with the options too; passes when every error is at most
+    2x naive PyTorch's (+1e-6)."""
     CUR["what"] = "gate"
     N, D, V = (1024, 512, 5003) if CUDA else (32, 16, 61)
     g = R["gate"]
@@ -698,7 +699,7 @@ def gate():
         for label, b, cap in (("plain", None, None), ("bias+softcap30+ignore", bias, 30.0)):
             ref, _ = reference(x, W, y, bias=b, softcap=cap)
             res = {}
-            for impl in ("naive", "kernels", "api"):
+            for impl in ("naive", "kernels", "api", "api_sorted"):
                 xx, WW = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
                 bb = None if b is None else b.clone().requires_grad_(True)
                 try:
@@ -712,7 +713,10 @@ def gate():
                     else:
                         if API is None:
                             continue
-                        loss = API(xx, WW, y, bias=bb, softcap=cap, impl="triton")
+                        # api_sorted: the skip's vocabulary order with nothing dropped -- the gathered
+                        # W rows, scattered dW rows and permuted bias / db must give the exact result
+                        kw = dict(skip_threshold=1e-30) if impl == "api_sorted" else {}
+                        loss = API(xx, WW, y, bias=bb, softcap=cap, impl="triton", **kw)
                     loss.backward()
                     res[impl] = dict(loss_err=abs(float(loss.detach()) - ref["loss"]) / abs(ref["loss"]),
                                      gx_err=rel(xx.grad, ref["gx"]), gW_err=rel(WW.grad, ref["gW"]),
@@ -720,7 +724,7 @@ def gate():
                 except Exception as e:
                     res[impl] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             nv = res.get("naive", {})
-            for impl in ("kernels", "api"):
+            for impl in ("kernels", "api", "api_sorted"):
                 r = res.get(impl)
                 if r is None or "error" in r or "error" in nv:
                     continue
