@@ -710,10 +710,11 @@ def test_plan_backward_default_keeps_llm_shapes_under_a_tenth_of_a_gib(N, D, V):
     no_borrow = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, dw_in_float32=False, lo_in_dw=False)
     assert p.traffic_bytes < no_borrow.traffic_bytes
     # with the corrected skip, its buffers come out of the same 96 MiB
-    s = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, dw_in_float32=False,
-                        workspace_bytes=K.skip_workspace_budget(None, V))
-    extra = K.skip_buffer_bytes(s.rows, s.cols, V, D, 128, 128)
-    assert s.lo_in_dw and 0 < extra and s.workspace_bytes + extra <= K.DEFAULT_WORKSPACE_BYTES
+    s = K.plan_backward(N, V, D, 2, need_dx=True, need_dw=True, dw_in_float32=False, skip_corrected=True)
+    n_rb, n_vb = -(-s.rows // 128), -(-s.cols // 128)
+    extra = 4 * (s.rows * n_vb + s.cols * n_rb + (n_vb + n_rb) * D) + 12 * V   # the skip's buffers
+    assert s.lo_in_dw and 0 < extra and s.cols * s.rows * 2 + n_rb * s.cols * 4 + extra <= s.workspace_bytes
+    assert s.workspace_bytes <= K.DEFAULT_WORKSPACE_BYTES
 
 
 def test_plan_backward_relaxes_an_impossible_budget():

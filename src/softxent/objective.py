@@ -163,7 +163,7 @@ class LinearSoftmaxObjective:
         if rows >= X.shape[0]:
             z = self.decision_function(w)
             if keep_proba:
-                self._hess_cache = (np.array(w, copy=True), softmax(z))
+                self._remember_proba(w, softmax(z))
             row_loss, dz = cross_entropy_with_grad(z, self.y, sample_weight=self.sample_weight,
                                                    reduction="none", out=z if z.flags.c_contiguous else None)
             loss_sum = float(np.sum(row_loss, dtype=np.float64))
@@ -269,11 +269,16 @@ class LinearSoftmaxObjective:
         """``E_smooth(w)`` without the gradient."""
         return self.finish(self.data_sums(w, need_grad=False)[0], None, w)[0]
 
+    def _remember_proba(self, w, proba: np.ndarray) -> np.ndarray:
+        """Keep ``h(z)`` at (a copy of) ``w`` for the Hessian products that follow at that point."""
+        self._hess_cache = (np.array(w, copy=True), proba)
+        return proba
+
     def _proba_at(self, w) -> np.ndarray:
         """``h(z)`` at ``w``, cached: a Newton iteration asks for many products at the same point."""
         cache = self._hess_cache
         if cache is None or cache[0].shape != w.shape or not np.array_equal(cache[0], w):
-            cache = self._hess_cache = (w.copy(), softmax(self.decision_function(w)))
+            return self._remember_proba(w, softmax(self.decision_function(w)))
         return cache[1]
 
     def data_hessian_diag_sum(self, w, proba=None) -> np.ndarray:

@@ -407,6 +407,7 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
         d *= 1.0 - t * t
     d = tl.where(valid, d, 0.0)
     db_sum = tl.sum(d, axis=0)
+    inv_scale = 1.0 / tl.load(scale_ptr)
     keep = True
     if HAS_SKIP:
         n_keep = tl.sum(tl.sum(tl.where(valid & (tl.abs(p_term) >= skip_threshold), 1, 0), axis=1), axis=0)
@@ -417,7 +418,7 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
         keep = n_keep > 0
         tl.store(flag_ptr + pid_m * stride_flag + pid_v, keep.to(tl.int8))
         if HAS_CORR:
-            dropped = tl.where(keep, 0.0, d) / tl.load(scale_ptr)
+            dropped = tl.where(keep, 0.0, d) * inv_scale
             tl.store(rowsum_ptr + lrows.to(tl.int64) * stride_rowsum + pid_v, tl.sum(dropped, axis=1),
                      mask=row_mask)
             tl.store(colsum_ptr + lcols.to(tl.int64) * stride_colsum + pid_m, tl.sum(dropped, axis=0),
@@ -428,7 +429,6 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
         tl.store(dbpart_ptr + pid_m.to(tl.int64) * stride_dbpart + lcols, db_sum, mask=col_mask)
     if WRITE_DELTA:
         if keep:
-            inv_scale = 1.0 / tl.load(scale_ptr)
             ptrs = delta_ptr + lrows.to(tl.int64)[:, None] * stride_delta + lcols[None, :]
             tl.store(ptrs, (d * inv_scale).to(delta_ptr.dtype.element_ty), mask=valid)
 
@@ -567,21 +567,6 @@ def _tile_means(src: torch.Tensor, idx: torch.Tensor | None, n_rows: int, block_
     _tile_mean_kernel[(groups, triton.cdiv(D, block_d))](
         src, idx, out, n_rows, D, src.stride(0), HAS_IDX=idx is not None, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
-
-
-def skip_workspace_budget(workspace_bytes: int | None, V: int) -> int:
-    """The delta workspace's share of the budget when the corrected skip runs: the skipped tiles' sums
-    (1/64 of the workspace each at 128 x 128 tiles), the tile means of W and x and the vocabulary order
-    take the rest (:func:`skip_buffer_bytes`)."""
-    return max(1 << 20, int((workspace_bytes or DEFAULT_WORKSPACE_BYTES) * 0.9) - 12 * V)
-
-
-def skip_buffer_bytes(R: int, C: int, V: int, D: int, block_m: int, block_v: int) -> int:
-    """Peak bytes of the corrected skip's buffers beside the workspace: row and column sums of the
-    skipped tiles, the chunk's tile means of W and the row block's of x (float32), the order (int32)
-    and its sort's int64 indices."""
-    n_rb, n_vb = -(-R // block_m), -(-C // block_v)
-    return 4 * (R * n_vb + C * n_rb + (n_vb + n_rb) * D) + 12 * V
 
 
 def skip_order(x: torch.Tensor, weight: torch.Tensor, tail_rows: int = 0) -> torch.Tensor:
@@ -764,7 +749,8 @@ _FLOP_PER_BYTE = 200  # GEMM throughput over bandwidth (H100/H200: ~750 TFLOP/s 
 
 def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need_dw: bool,
                   workspace_bytes: int | None = None, dw_in_float32: bool = True,
-                  block_m: int = 128, block_v: int = 128, lo_in_dw: bool | None = None) -> BackwardPlan:
+                  block_m: int = 128, block_v: int = 128, lo_in_dw: bool | None = None,
+                  skip_corrected: bool = False) -> BackwardPlan:
     """Choose the row super-block ``R``, the vocabulary chunk ``C`` and where ``dx``'s low half lives
     (``lo_in_dw``: None to choose, True to prefer it wherever it applies, False never).
 
@@ -776,6 +762,10 @@ def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need
                                                low half of the dx accumulator (16-bit x; the high half
                                                is dx itself, a float32 dx accumulates in place)
       + [R < N, need_dw, not dw_in_float32] V D 4   float32 dW accumulator before the cast
+      + [skip_corrected] 4 (R n_vb + C n_rb + (n_vb + n_rb) D) + 12 V
+                                               the corrected skip's row / column sums of the skipped
+                                               tiles, tile means of W and x, and the vocabulary order
+                                               (n_vb = ceil(C / block_v), n_rb = ceil(R / block_m))
 
     ``lo_in_dw`` (only with one row super-block, ``R = N``, and dW wanted, ``V >= lo_rows``): the low
     half instead borrows the last ``lo_rows = ceil(N e / e_dW)`` rows of the dW output, and the chunks
@@ -797,7 +787,7 @@ def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need
     """
     budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     return _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, int(budget), dw_in_float32, block_m,
-                            block_v, lo_in_dw)
+                            block_v, lo_in_dw, skip_corrected)
 
 
 def _lo_rows(N, elem_size, dw_in_float32) -> int:
@@ -811,7 +801,7 @@ def _can_borrow_lo(N, R, V, lo_rows, elem_size, need_dx, need_dw) -> bool:
 
 
 def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_in_float32, block_m,
-                     block_v, lo_in_dw=None) -> BackwardPlan:
+                     block_v, lo_in_dw=None, skip_corrected=False) -> BackwardPlan:
     need_delta = need_dx or need_dw
     e = elem_size if need_delta else 0
     split_lo = need_dx and elem_size < 4
@@ -825,8 +815,12 @@ def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_i
     while True:
         best, best_cost = None, None
         for R in sorted(cands):
-            per_col = R * e + triton.cdiv(R, block_m) * 4
+            n_rb = triton.cdiv(R, block_m)
+            per_col = R * e + n_rb * 4
             fixed = V * D * 4 if (R < N and need_dw and not dw_in_float32) else 0
+            if skip_corrected:  # n_vb <= C / block_v + 1
+                per_col += triton.cdiv(4 * (R + D), block_v) + 4 * n_rb
+                fixed += 4 * (R + D) + 4 * n_rb * D + 12 * V
             can_borrow = lo_in_dw is not False and _can_borrow_lo(N, R, V, lo_rows, elem_size, need_dx, need_dw)
             for borrow in ((True,) if can_borrow and lo_in_dw else (False, True) if can_borrow else (False,)):
                 if fixed + per_col * V <= budget:  # one chunk: no dx accumulation across chunks
@@ -953,8 +947,6 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     need_delta = need_dx or need_dw
     has_skip = skip_threshold is not None
     corrected = has_skip and bool(skip_correction) and need_delta
-    if corrected and chunk_shape is None:
-        workspace_bytes = skip_workspace_budget(workspace_bytes, V)
     if chunk_shape is not None:
         R, C = chunk_shape
         if not (isinstance(R, int) and isinstance(C, int) and R >= 1 and C >= 1):
@@ -965,7 +957,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
         plan = plan_backward(N, V, D, x.element_size(), need_dx=need_dx, need_dw=need_dw,
                              workspace_bytes=workspace_bytes,
                              dw_in_float32=dw_dtype == torch.float32, block_m=BM, block_v=BV,
-                             lo_in_dw=lo_in_dw)
+                             lo_in_dw=lo_in_dw, skip_corrected=corrected)
         R, C = plan.rows, plan.cols
     n_rchunks, n_vchunks = triton.cdiv(N, R), triton.cdiv(V, C)
     n_rb, n_vb = triton.cdiv(R, BM), triton.cdiv(C, BV)
@@ -1032,11 +1024,16 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
         """The chunk's vocabulary rows: a slice of the order, or None (natural order)."""
         return None if order is None else order[v0:v0 + nc]
 
+    x_means = {}  # the corrected skip's mean hidden state per row tile, once per row super-block
+
     def dw_chunk(r0, nr, v0, nc):
         # dW[chunk] (+)= delta^T @ x[rows]: M = vocabulary, K = rows (flags [row tile, vocab tile])
         extra = None
         if corrected:
-            extra = (colsum[:nc, :triton.cdiv(nr, BM)], _tile_means(x[r0:r0 + nr], None, nr, BM))
+            if r0 not in x_means:
+                x_means.clear()
+                x_means[r0] = _tile_means(x[r0:r0 + nr], None, nr, BM)
+            extra = (colsum[:nc, :triton.cdiv(nr, BM)], x_means[r0])
         rows = positions(v0, nc)
         matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw if rows is not None else dw[v0:v0 + nc], None,
                (D, 1), nc, D, nr, r0 > 0, (1, n_vb), BV, BM, cperm=rows, extra=extra)
