@@ -12,10 +12,12 @@ error row and the run goes on):
   liger             liger_kernel LigerFusedLinearCrossEntropyLoss()(W, x, y)
   cce               cut_cross_entropy.linear_cross_entropy(x, W, y, impl="cce")   (its default filter)
   softxent          softxent.torch.linear_cross_entropy(x, W, y, impl="triton")   (exact; default
-                    backward workspace 96 MiB, dx's low half in dW's tail: under 0.1 GiB extra)
-  softxent_skip     the same with skip_threshold = eps(bf16)/32 (opt-in, approximate, CCE's threshold;
+                    backward workspace 96 MiB, dx's low half in dW's tail: under 0.1 GiB extra;
+                    float16 deltas, the products converting W / x to float16 in registers)
+  softxent_bf16delta  the kernels directly with delta_dtype=bf16: what the float16 deltas' conversion costs
+  softxent_skipauto the API with skip_threshold='auto' (eps(bf16) * 1024 / V; opt-in, approximate;
                     sorted vocabulary, skipped tiles replaced by their first-order part)
-  softxent_skip256  the same at eps(bf16)/256 (the threshold skip_accuracy_cpu.py found at naive's error)
+  softxent_skip     the same at CCE's threshold eps(bf16)/32
   softxent_ws256m   the same, exact, with a 256 MiB workspace (max_chunk_bytes): more memory, fewer
                     re-reads of the dx accumulator (what the default pays for its 0.1 GiB)
   softxent_kernels  the kernels called directly (lce_forward / lce_backward, alpha = beta = 1/N)
@@ -76,9 +78,8 @@ SHAPES = [("llama3-8b-head", 8192, 4096, 128256), ("gemma2-2b-like", 16384, 2304
           ("small-32k", 4096, 4096, 32000)]
 QUICK_SHAPES = [("quick-a", 1024, 256, 5003), ("quick-b", 768, 128, 32000)]
 CPU_SHAPES = [("cpu-tiny", 32, 16, 101)]
-IMPLS = ["gemm3", "softxent", "naive", "compiled", "liger", "cce", "softxent_skip", "softxent_skip256",
-         "softxent_kernels",
-         "softxent_ws256m"]
+IMPLS = ["gemm3", "softxent", "naive", "compiled", "liger", "cce", "softxent_skipauto", "softxent_skip",
+         "softxent_bf16delta", "softxent_kernels", "softxent_ws256m"]
 
 R = {"meta": {}, "gate": {}, "tuning": {}, "problems": [], "rows": [], "notes": [], "status": "running"}
 _LOCK = threading.Lock()
@@ -413,32 +414,32 @@ class DirectKernels(torch.autograd.Function):
     """Mean CE through lce_forward / lce_backward with alpha = beta = 1/n (n = non-ignored rows)."""
 
     @staticmethod
-    def forward(ctx, x, W, bias, y, softcap, skip_eps, workspace):
+    def forward(ctx, x, W, bias, y, softcap, skip_eps, workspace, delta_dtype):
         lse, zt, _, q = KERNELS.lce_forward(x, W, bias, y, ignore_index=-100, softcap=softcap,
                                             class_weight=None, need_weighted_sum=False,
                                             need_target_complement=True)
         valid = (y != -100).float()
         n = valid.sum().clamp(min=1.0)
         ctx.save_for_backward(x, W, bias, y, lse, valid, n, q)
-        ctx.opts = (softcap, skip_eps, workspace)
+        ctx.opts = (softcap, skip_eps, workspace, delta_dtype)
         return ((lse - zt) * valid).sum() / n
 
     @staticmethod
     def backward(ctx, g):
         x, W, bias, y, lse, valid, n, q = ctx.saved_tensors
-        softcap, skip_eps, workspace = ctx.opts
+        softcap, skip_eps, workspace, delta_dtype = ctx.opts
         coef = (valid * (g.float() / n)).contiguous()
         skip = None if skip_eps is None else skip_eps * float(coef.abs().max())
         dx, dw, db = KERNELS.lce_backward(
             x, W, bias, y, lse, coef, coef, None, target_complement=q, ignore_index=-100, softcap=softcap,
             class_weight=None, need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
             need_db=bias is not None and ctx.needs_input_grad[2], skip_threshold=skip or None,
-            workspace_bytes=workspace, dw_dtype=W.dtype)
-        return dx, dw, (None if db is None else db.to(bias.dtype)), None, None, None, None
+            workspace_bytes=workspace, dw_dtype=W.dtype, delta_dtype=delta_dtype)
+        return dx, dw, (None if db is None else db.to(bias.dtype)), None, None, None, None, None
 
 
-def direct(x, W, y, bias=None, softcap=None, skip_eps=None, workspace=None):
-    return DirectKernels.apply(x, W, bias, y, softcap, skip_eps, workspace)
+def direct(x, W, y, bias=None, softcap=None, skip_eps=None, workspace=None, delta_dtype=None):
+    return DirectKernels.apply(x, W, bias, y, softcap, skip_eps, workspace, delta_dtype)
 
 
 def naive_loss(x, W, y):
@@ -472,12 +473,16 @@ def get_impl(name, x, W, y):
     if name.startswith("softxent"):
         if KERNELS is None:
             raise RuntimeError(f"softxent kernels unavailable: {meta['kernels_import']}")
-        skip = {"softxent_skip": SKIP_EPS, "softxent_skip256": SKIP_EPS / 8}.get(name)
+        skip = {"softxent_skip": SKIP_EPS,
+                "softxent_skipauto": KERNELS.auto_skip_threshold(x.dtype, W.shape[0])}.get(name)
         ws = WS_256M if name == "softxent_ws256m" else None
+        if name == "softxent_bf16delta":
+            return ((lambda: direct(x, W, y, delta_dtype=torch.bfloat16)),
+                    "kernels direct (lce_forward/lce_backward), delta_dtype=bfloat16")
         if name != "softxent_kernels" and API is not None:
             kw = dict(impl="triton")
             if skip is not None:
-                kw["skip_threshold"] = skip
+                kw["skip_threshold"] = "auto" if name == "softxent_skipauto" else skip
             if ws is not None:
                 kw["max_chunk_bytes"] = ws
             return (lambda: API(x, W, y, **kw)), f"softxent.torch.linear_cross_entropy(x, W, y, {kw})"
@@ -607,7 +612,8 @@ def run_shape(name, N, D, V, seed):
                                           class_weight=None, need_weighted_sum=False)[0]
                 coef = torch.full((N,), 1.0 / N, device=DEV)
                 for key, ws, skip in (("default", None, None), ("ws256m", WS_256M, None),
-                                      ("skip", None, SKIP_EPS / N), ("skip256", None, SKIP_EPS / 8 / N)):
+                                      ("skip", None, SKIP_EPS / N),
+                                      ("skipauto", None, KERNELS.auto_skip_threshold(x.dtype, V) / N)):
                     st = {}
                     KERNELS.lce_backward(x.detach(), W.detach(), None, y, lse, coef, coef, None,
                                          ignore_index=-100, softcap=None, class_weight=None, need_dx=True,
@@ -699,7 +705,7 @@ def gate():
         for label, b, cap in (("plain", None, None), ("bias+softcap30+ignore", bias, 30.0)):
             ref, _ = reference(x, W, y, bias=b, softcap=cap)
             res = {}
-            for impl in ("naive", "kernels", "api", "api_sorted"):
+            for impl in ("naive", "kernels", "kernels_bf16delta", "api", "api_sorted"):
                 xx, WW = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
                 bb = None if b is None else b.clone().requires_grad_(True)
                 try:
@@ -708,8 +714,9 @@ def gate():
                         if cap is not None:
                             z = cap * torch.tanh(z / cap)
                         loss = F.cross_entropy(z, y, ignore_index=-100)
-                    elif impl == "kernels":
-                        loss = direct(xx, WW, y, bias=bb, softcap=cap)
+                    elif impl.startswith("kernels"):
+                        loss = direct(xx, WW, y, bias=bb, softcap=cap,
+                                      delta_dtype=torch.bfloat16 if impl == "kernels_bf16delta" else None)
                     else:
                         if API is None:
                             continue
@@ -724,7 +731,7 @@ def gate():
                 except Exception as e:
                     res[impl] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             nv = res.get("naive", {})
-            for impl in ("kernels", "api", "api_sorted"):
+            for impl in ("kernels", "kernels_bf16delta", "api", "api_sorted"):
                 r = res.get(impl)
                 if r is None or "error" in r or "error" in nv:
                     continue

@@ -9,14 +9,16 @@ float64 to the issue's three shapes on trained-LM-like data (benchmarks/_lm_data
 the float64 gradients of the same bf16 operands, ``||a - ref|| / ||ref||`` of grad x and grad W for
 
   naive            PyTorch itself: ``F.cross_entropy((x @ W.t()).float(), y)`` and ``backward()`` in bf16
-  softxent exact   the kernels' arithmetic: exact logits, delta rounded once to bf16, products
-                   accumulated exactly (float32 on the GPU), dx and dW rounded once to bf16
+  exact            the kernels' arithmetic: exact logits, delta rounded once (to float16 with the
+                   kernels' power-of-two scale -- their default for bf16 inputs -- or to bf16, the
+                   ``delta_dtype`` column), products accumulated exactly (float32 on the GPU), dx and
+                   dW rounded once to bf16
   skip t           the same with the tiles the rule drops at threshold t zeroed (the plain rule)
   + correction     each dropped tile replaced by its first-order part (row sums of its deltas times
                    its mean weight row for dx, column sums times the row tile's mean hidden state for
                    dW), in the natural or the "sorted" vocabulary order (by the batch's average logit,
                    CCE's ordering; here in float64) -- sorted + correction is what the kernels'
-                   ``skip_threshold`` does
+                   ``skip_threshold`` does; "auto" is ``skip_threshold='auto'``, eps(bf16) * 1024 / V
 
 plus the fraction of tiles dropped (which sets the skip's speed: the backward then costs the logits'
 recomputation plus the kept fraction of its two products).  The per-tile statistics do not depend on N
@@ -54,18 +56,36 @@ SHAPES = [("llama3-8b-head", 4096, 128256), ("gemma2-2b-like", 2304, 256000), ("
 QUICK_SHAPES = [("quick", 32, 60000)]
 TILE = 128
 BF16_EPS = torch.finfo(torch.bfloat16).eps
-# name -> (threshold, first-order correction of the dropped tiles); per vocabulary order
+# name -> (threshold or None (exact), first-order correction of the dropped tiles, delta dtype); a
+# threshold given as ("auto", f) is f * eps(bf16) * min(1, 1024 / V), the kernels' 'auto' rule
+F16, B16 = torch.float16, torch.bfloat16
 VARIANTS = {
-    "natural": {"skip eps/32": (BF16_EPS / 32, False), "skip eps/256": (BF16_EPS / 256, False),
-                "skip eps/32 + correction": (BF16_EPS / 32, True)},
-    "sorted": {"skip eps/32": (BF16_EPS / 32, False), "skip eps/256": (BF16_EPS / 256, False),
-               **{f"skip eps/{k} + correction": (BF16_EPS / k, True) for k in (32, 64, 128, 256, 2048)}},
+    "natural": {"exact": (None, False, F16), "exact, bf16 delta": (None, False, B16),
+                "skip eps/32 (plain rule)": (BF16_EPS / 32, False, B16)},
+    "sorted": {"skip auto, bf16 delta": (("auto", 1), True, B16),
+               **{f"skip auto x{f}": (("auto", f), True, F16) for f in (0.5, 1, 2)},
+               "skip eps/32": (BF16_EPS / 32, True, F16)},
 }
 VOCAB_CHUNK = 8192                       # a multiple of TILE: tiles never straddle two chunks
 
 
 def _round_bf16(a: torch.Tensor) -> torch.Tensor:
     return a.to(torch.bfloat16).to(torch.float64)
+
+
+def _round_delta(delta: torch.Tensor, dtype) -> torch.Tensor:
+    """delta rounded as the kernels store it: bf16, or float16 over their power-of-two scale (2^-14 /
+    N for alpha = 1/N: the largest |delta| near 2^14, the tiny probabilities normal numbers)."""
+    if dtype == torch.bfloat16:
+        return _round_bf16(delta)
+    s = 2.0 ** -14 / delta.shape[0]
+    return (delta / s).to(torch.float16).to(torch.float64) * s
+
+
+def _threshold(t, V: int) -> float | None:
+    if isinstance(t, tuple):
+        return t[1] * BF16_EPS * min(1.0, 1024 / V)
+    return t
 
 
 def naive_gradients(x, W, y):
@@ -88,10 +108,11 @@ def _tile_means(a: torch.Tensor) -> torch.Tensor:
 def measure(x, W, y, naive, variants: dict, order=None) -> dict:
     """Errors of naive, exact and skipped gradients against float64, in vocabulary chunks.
 
-    ``variants``: name -> (threshold, corrected).  ``order``: a vocabulary permutation that sets which
-    tokens share a tile (None: natural order).  ``corrected`` adds, for each dropped tile, its first-order
-    part: rows' sums of the dropped deltas times the tile's mean weight row (for dx), and vocabulary
-    columns' sums times the row tile's mean hidden state (for dW).
+    ``variants``: name -> (threshold or None for exact, corrected, delta dtype) (see VARIANTS).
+    ``order``: a vocabulary permutation that sets which tokens share a tile (None: natural order).
+    ``corrected`` adds, for each dropped tile, its first-order part: rows' sums of the dropped deltas
+    times the tile's mean weight row (for dx), and vocabulary columns' sums times the row tile's mean
+    hidden state (for dW).
     """
     N, D = x.shape
     if order is not None:
@@ -110,12 +131,13 @@ def measure(x, W, y, naive, variants: dict, order=None) -> dict:
     z_y = (x64 * W[y].double()).sum(1)
     loss_ref = float((lse - z_y).mean())
 
-    names = ["exact"] + list(variants)
+    names = list(variants)
+    skips = [k for k in names if variants[k][0] is not None]
     gx_ref = torch.zeros(N, D, dtype=torch.float64)
     gx = {k: torch.zeros(N, D, dtype=torch.float64) for k in names}
     sq_ref_w, sq_err_w = 0.0, {k: 0.0 for k in names + ["naive"]}
-    tiles, dropped = 0, {k: 0 for k in variants}
-    dropped_mass = {k: 0.0 for k in variants}
+    tiles, dropped = 0, {k: 0 for k in skips}
+    dropped_mass = {k: 0.0 for k in skips}
     rows = torch.arange(N)
     pad_m = (-N) % TILE
     for v0 in range(0, V, VOCAB_CHUNK):
@@ -132,29 +154,29 @@ def measure(x, W, y, naive, variants: dict, order=None) -> dict:
         gW_ref = delta.t() @ x64
         sq_ref_w += float(gW_ref.square().sum())
         sq_err_w["naive"] += float((gW_naive[v0:v0 + vc].double() - gW_ref).square().sum())
-        delta_b = _round_bf16(delta)
+        rounded = {dt: _round_delta(delta, dt) for dt in {v[2] for v in variants.values()}}
         pad_v = (-vc) % TILE
         grid = lambda m: F.pad(m.to(torch.uint8), (0, pad_v, 0, pad_m)).view(  # noqa: E731
             (N + pad_m) // TILE, TILE, (vc + pad_v) // TILE, TILE).amax(dim=(1, 3)).bool()
         has_target = grid(target)
         tiles += has_target.numel()
-        gx["exact"] += delta_b @ Wc
-        sq_err_w["exact"] += float((_round_bf16(delta_b.t() @ x64) - gW_ref).square().sum())
         w_means = _tile_means(Wc)                                 # (vocabulary tiles, D)
-        for k, (t, corrected) in variants.items():
-            drop_tile = ~grid(p >= t) & ~has_target
-            dropped[k] += int(drop_tile.sum())
-            drop = drop_tile.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:N, :vc]
-            dropped_mass[k] += float(p[drop].sum())
-            kept = delta_b.masked_fill(drop, 0.0)
+        for k, (t, corrected, dt) in variants.items():
+            kept = rounded[dt]
+            if t is not None:
+                drop_tile = ~grid(p >= _threshold(t, V)) & ~has_target
+                dropped[k] += int(drop_tile.sum())
+                drop = drop_tile.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:N, :vc]
+                dropped_mass[k] += float(p[drop].sum())
+                kept = kept.masked_fill(drop, 0.0)
             gx[k] += kept @ Wc
             gw = kept.t() @ x64
-            if corrected:
+            if t is not None and corrected:
                 lost = F.pad(delta * drop, (0, pad_v, 0, pad_m))  # no targets in dropped tiles
                 gx[k] += lost.view(N + pad_m, -1, TILE).sum(2)[:N] @ w_means
                 gw += (lost.view(-1, TILE, vc + pad_v).sum(1)[:, :vc]).t() @ x_means
             sq_err_w[k] += float((_round_bf16(gw) - gW_ref).square().sum())
-        del p, delta, delta_b, gW_ref, Wc, target
+        del p, delta, rounded, gW_ref, Wc, target
     nx = float(gx_ref.norm())
     out = {"loss": loss_ref, "naive_loss_err": abs(loss_naive - loss_ref) / abs(loss_ref),
            "naive_gx_err": float((gx_naive.double() - gx_ref).norm()) / nx,
@@ -162,16 +184,17 @@ def measure(x, W, y, naive, variants: dict, order=None) -> dict:
     for k in names:
         out[f"{k}_gx_err"] = float((_round_bf16(gx[k]) - gx_ref).norm()) / nx
         out[f"{k}_gW_err"] = (sq_err_w[k] / sq_ref_w) ** 0.5
-    for k in variants:
+    for k in skips:
         out[f"{k}_dropped_tiles"] = dropped[k] / tiles
         out[f"{k}_dropped_mass_per_row"] = dropped_mass[k] / N
     return out
 
 
 KERNEL_VARIANTS = [("exact", None, {}),
+                   ("exact, bf16 delta", None, dict(delta_dtype=torch.bfloat16)),  # bf16 inputs only
                    ("plain eps/32", BF16_EPS / 32, dict(skip_sorted=False, skip_correction=False)),
+                   ("sorted + correction, auto", "auto", {}),
                    ("sorted + correction eps/32", BF16_EPS / 32, {}),
-                   ("sorted + correction eps/256", BF16_EPS / 256, {}),
                    ("sorted eps/256 (no correction)", BF16_EPS / 256, dict(skip_correction=False))]
 
 
@@ -201,6 +224,10 @@ def run_kernels(N: int, D: int, V: int, seed: int) -> list[dict]:
                                  need_weighted_sum=False, need_target_complement=True)
     alpha = torch.full((N,), 1.0 / N, device=dev)
     for name, t, kw in KERNEL_VARIANTS:
+        if kw.get("delta_dtype", dtype) != dtype and dtype != torch.bfloat16:
+            continue
+        if t == "auto":
+            t = K.auto_skip_threshold(torch.bfloat16, V)
         stats = {}
         t0 = time.perf_counter()
         dx, dw, _ = K.lce_backward(x, W, None, y, lse, alpha, alpha, None, target_complement=q,
@@ -244,6 +271,7 @@ def main(argv=None):
         x, W, y = _lm_data.make_lm_inputs(N, D, V, seed + i)
         naive = naive_gradients(x, W, y)
         shape = f"{N}x{D}x{V} ({name})"
+        naive_row = None
         for ordering, variants in VARIANTS.items():
             # CCE's ordering: the vocabulary sorted by the batch's average logit
             order = None if ordering == "natural" else torch.argsort(x.double().mean(0) @ W.double().t())
@@ -251,24 +279,30 @@ def main(argv=None):
             r.update(shape=shape, ordering=ordering)
             results.append(r)
             base = dict(shape=shape, order=ordering)
-            if ordering == "natural":
-                rows.append(dict(base, variant="naive PyTorch", gx_err=r["naive_gx_err"], gW_err=r["naive_gW_err"],
-                                 loss_err=r["naive_loss_err"]))
-                rows.append(dict(base, variant="softxent exact", gx_err=r["exact_gx_err"], gW_err=r["exact_gW_err"]))
-            for k in variants:
-                rows.append(dict(base, variant=k, dropped_tiles=r[f"{k}_dropped_tiles"],
-                                 dropped_mass=r[f"{k}_dropped_mass_per_row"], gx_err=r[f"{k}_gx_err"],
-                                 gW_err=r[f"{k}_gW_err"]))
+            if naive_row is None:
+                naive_row = dict(base, variant="naive PyTorch", gx_err=r["naive_gx_err"], gW_err=r["naive_gW_err"],
+                                 loss_err=r["naive_loss_err"])
+                rows.append(naive_row)
+            for k, (t, _, dt) in variants.items():
+                row = dict(base, variant=k, delta_dtype=str(dt).replace("torch.", ""), gx_err=r[f"{k}_gx_err"],
+                           gW_err=r[f"{k}_gW_err"])
+                if t is not None:
+                    kept = 1 - r[f"{k}_dropped_tiles"]
+                    row.update(threshold=_threshold(t, V), dropped_tiles=r[f"{k}_dropped_tiles"],
+                               dropped_mass=r[f"{k}_dropped_mass_per_row"],
+                               predicted_time_over_floor=(2 + 2 * kept) / 3)
+                rows.append(row)
         for row in rows:
             if row["shape"] == shape:
-                row["gx / naive"] = row["gx_err"] / results[-2]["naive_gx_err"]
-                row["gW / naive"] = row["gW_err"] / results[-2]["naive_gW_err"]
+                row["gx / naive"] = row["gx_err"] / naive_row["gx_err"]
+                row["gW / naive"] = row["gW_err"] / naive_row["gW_err"]
         print(f"{shape}: {time.perf_counter() - t0:.1f} s", flush=True)
-    print_table(rows, ["shape", "order", "variant", "dropped_tiles", "dropped_mass", "gx_err", "gx / naive",
-                       "gW_err", "gW / naive", "loss_err"],
+    print_table(rows, ["shape", "order", "variant", "delta_dtype", "threshold", "dropped_tiles", "dropped_mass",
+                       "gx_err", "gx / naive", "gW_err", "gW / naive", "predicted_time_over_floor", "loss_err"],
                 title="||a - ref|| / ||ref|| against float64 (bf16 inputs, lm data, 128 x 128 tiles)")
     write_json("skip_accuracy_cpu_quick" if args.quick else "skip_accuracy_cpu",
-               {"seed": seed, "rows": N, "tile": TILE, "variants": VARIANTS, "table": rows,
+               {"seed": seed, "rows": N, "tile": TILE, "variants": {o: {k: [str(a) for a in v] for k, v in d.items()}
+                                                                   for o, d in VARIANTS.items()}, "table": rows,
                 "results": results})
     return rows
 

@@ -735,6 +735,35 @@ def test_triton_skip_threshold_is_passed_and_bounded():
     assert 0 < diff <= bound, (float(diff), float(bound))
 
 
+@needs_triton
+def test_triton_auto_skip_threshold_is_eps_times_1024_over_v(monkeypatch):
+    """skip_threshold='auto' is eps(dtype) * min(1, 1024 / V) per probability: the kernels get exactly
+    what the explicit number gives."""
+    import softxent.torch._linear_cross_entropy as lce
+    K = lce._triton_kernels()
+    assert K.auto_skip_threshold(torch.bfloat16, 256000) == 2.0 ** -7 * 1024 / 256000
+    assert K.auto_skip_threshold(torch.float16, 512) == 2.0 ** -10
+    rng = np.random.default_rng()
+    N, D, V = 24, 16, 2048
+    x, w, _, y = draw(rng, N, D, V, bias=False, scale=0.5)
+    x = x + 4.0 * w[y]
+    x, w, y = x.to(DEV), w.to(DEV), y.to(DEV)
+    seen = []
+    real = K.lce_backward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["skip_threshold"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(K, "lce_backward", spy)
+    auto = run("triton", x, w, None, y, torch.tensor(1.0, device=DEV), skip_threshold="auto")
+    explicit = run("triton", x, w, None, y, torch.tensor(1.0, device=DEV),
+                   skip_threshold=K.auto_skip_threshold(torch.float32, V))
+    assert seen[0] == seen[1] == pytest.approx(2.0 ** -23 * 0.5 / N)
+    for a, e in zip(auto, explicit):
+        assert a is e is None or torch.equal(a, e)
+
+
 @pytest.mark.parametrize("error", [AttributeError("module 'triton' has no attribute 'Config'"),
                                    RuntimeError("Triton: unsupported driver"), ImportError("no triton")],
                          ids=lambda e: type(e).__name__)
@@ -822,7 +851,8 @@ def _ok_inputs():
     (dict(shift=-1), ValueError, r"shift must be a bool or an int >= 0"),
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
     (dict(skip_threshold=0.5, impl="chunked"), ValueError, r"skip_threshold .* needs impl='triton'"),
-    (dict(skip_threshold=2.0), ValueError, r"skip_threshold must be None or a number in \(0, 1\)"),
+    (dict(skip_threshold=2.0), ValueError, r"skip_threshold must be None, 'auto' or a number in \(0, 1\); got 2.0"),
+    (dict(skip_threshold="fast"), ValueError, r"skip_threshold must be None, 'auto' or a number in \(0, 1\); got 'fast'"),
 ])
 def test_bad_input_raises_clear_error(change, exc, match):
     x, w, y = _ok_inputs()

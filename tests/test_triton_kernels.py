@@ -15,6 +15,7 @@ the platform does: nearest-even on a GPU, truncation for bfloat16 in Triton's in
 kernels' error equals that floor to three digits).
 """
 
+import math
 import os
 import shutil
 
@@ -365,6 +366,73 @@ def test_backward_float16_keeps_the_tiny_probabilities_of_confident_rows():
                                                                dtype=torch.float32, device=DEVICE))
     assert rel(f64(dw), ref["dw"]) < 1e-3       # float32 dW: the deltas' own precision shows
     assert np.abs(f64(dx) - ref["dx"]).max() <= 2.0**-24   # float16 dx (~1e-6) is itself subnormal
+
+
+def _float16_delta_floor(delta, other, delta_scale, out_dtype):
+    """``round(round_f16(delta / s) s @ other)`` against ``delta @ other``: the float16 delta's rounding
+    (scaled by the kernels' power of two ``s``) and the output's, nothing else."""
+    d16 = torch.from_numpy(delta / delta_scale).to(torch.float16).double().numpy() * delta_scale
+    return rel(round_to(d16 @ other, out_dtype), delta @ other)
+
+
+@pytest.mark.parametrize("magnitude", [0, 17])
+def test_bf16_inputs_get_float16_deltas(magnitude):
+    """bfloat16 inputs: delta is rounded to float16 (3 more bits) by default, and the products convert
+    W and x to float16 times a power of two.  The error is then that of rounding delta to float16 and
+    the outputs to bfloat16, below the bfloat16 delta's (which ``delta_dtype=torch.bfloat16`` keeps).
+    ``magnitude = 17``: W times 2^17 (beyond float16's 65504) and x times 2^-17 (inside its subnormals),
+    the same logits: only the operands' power-of-two scales keep the conversion exact."""
+    rng = np.random.default_rng()
+    N, D, V = 64, 32, 300
+    x, W, y = lm_like(rng, N, D, V, torch.bfloat16)
+    x, W = x * 2.0 ** -magnitude, W * 2.0 ** magnitude
+    alpha = torch.full((N,), 1.0 / N, device=DEVICE)
+    ref = reference(x, W, None, y, ignore_index=IGNORE, softcap=None, cw=None, alpha=alpha, beta=alpha,
+                    gamma=None)
+    lse = torch.tensor(ref["lse"], dtype=torch.float32, device=DEVICE)
+    errs = {}
+    for dd in (None, torch.bfloat16):
+        dx, dw, _ = K.lce_backward(x, W, None, y, lse, alpha, alpha, None, ignore_index=IGNORE, softcap=None,
+                                   class_weight=None, need_dx=True, need_dw=True, need_db=False,
+                                   dw_dtype=torch.bfloat16, delta_dtype=dd, chunk_shape=(32, 96))
+        errs[dd] = rel(f64(dx), ref["dx"]), rel(f64(dw), ref["dw"])
+    s = 2.0 ** math.ceil(math.log2(2.0 / N)) * 2.0 ** -14  # the kernels' float16 delta scale
+    floors = (_float16_delta_floor(ref["delta"], f64(W), s, torch.bfloat16),
+              _float16_delta_floor(ref["delta"].T, f64(x), s, torch.bfloat16))
+    bf16_floors = (rounding_floor(ref["delta"], f64(W), torch.bfloat16, torch.bfloat16),
+                   rounding_floor(ref["delta"].T, f64(x), torch.bfloat16, torch.bfloat16))
+    for i, name in enumerate(("dx", "dw")):
+        assert errs[None][i] <= 1.15 * floors[i] + 1e-7, (name, errs, floors)
+        assert errs[torch.bfloat16][i] <= 1.5 * bf16_floors[i] + 1e-7, (name, errs, bf16_floors)
+        assert errs[None][i] < errs[torch.bfloat16][i], (name, errs)
+
+
+def test_float16_scale_is_a_power_of_two_that_fits():
+    for mx in (3e-9, 1.0, 0.75, 65504.0, 1e6):
+        t = torch.tensor([[0.5 * mx, -mx], [0.0, 0.25 * mx]], dtype=torch.bfloat16)
+        s = float(K._float16_scale(t))
+        assert math.log2(s) == round(math.log2(s))
+        assert 2.0 ** 14 <= float(t.float().abs().max()) * s <= 2.0 ** 15
+    assert float(K._float16_scale(torch.zeros(3, 2, dtype=torch.bfloat16))) == 1.0
+    assert float(K._float16_scale(torch.tensor([1.0, float("inf")], dtype=torch.bfloat16))) == 1.0
+
+
+@pytest.mark.parametrize("flag_m,flag_k,block_m,block_k", [(16, 16, 16, 16), (16, 32, 64, 16), (64, 32, 16, 32)])
+def test_active_k_blocks_lists_exactly_the_kept_blocks(flag_m, flag_k, block_m, block_k):
+    """The skip's products loop over a compacted list: per row tile, the K-blocks that hold a kept tile
+    (any of its flag rows), in order, then their count."""
+    rng = np.random.default_rng()
+    M, Kd = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+    flags = torch.from_numpy(rng.random((-(-M // flag_m), -(-Kd // flag_k))) < 0.3).to(torch.int8)
+    klist, kcount = K._active_k_blocks(flags.to(DEVICE), M, Kd, flag_m, flag_k, block_m, block_k)
+    n_mt, n_kb = -(-M // block_m), -(-Kd // block_k)
+    assert klist.shape == (n_mt, n_kb) and kcount.shape == (n_mt,)
+    f = flags.numpy().astype(bool)
+    for t in range(n_mt):
+        rows = range(t * block_m, min((t + 1) * block_m, M))
+        want = [k for k in range(n_kb) if any(f[r // flag_m, k * block_k // flag_k] for r in rows)]
+        assert int(kcount[t]) == len(want)
+        assert klist[t, :len(want)].tolist() == want
 
 
 def test_dw_in_weight_dtype_is_rounded_once():
@@ -786,7 +854,9 @@ def compile_for(fn, args, cfg, target):
         print(json.dumps({"api_mismatch": repr(e)}))
         sys.exit(0)
     ck = triton.compile(src, target=target, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return ck.metadata.shared
+    ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
+    return {"shared": ck.metadata.shared, "async_copies": "cp.async" in ptx,
+            "wgmma": "wgmma.mma_async" in ptx, "register_a": "dot_op<{opIdx = 0" in ttgir}
 
 cfgs = K.default_configs(torch.bfloat16)
 f, d, m = cfgs["forward"], cfgs["delta"], cfgs["matmul"]
@@ -811,13 +881,15 @@ out["delta"] = compile_for(K._lce_delta_kernel, dict(
 mm = dict(a_ptr="*bf16", b_ptr="*bf16", scale_ptr="*fp32", M=8192, N=4096, K=1920, stride_bk=4096,
           stride_bn=1, stride_cm=4096, stride_cn=1, FLAG_M=d.block_m, FLAG_K=d.block_n, EVEN_K=True,
           DOT_F32=False, PRECISION="tf32", BLOCK_M=m.block_m, BLOCK_N=m.block_n, BLOCK_K=m.block_k,
-          GROUP_M=m.group_m, stride_fm=15, stride_fk=1)
+          GROUP_M=m.group_m, stride_fm=15, stride_fk=1, klist_ptr="*i32", kcount_ptr="*i32", stride_kl=32)
+no_flags = dict(flag_ptr=None, klist_ptr=None, kcount_ptr=None, stride_kl=0)
 plain = dict(bperm_ptr=None, cperm_ptr=None, a2_ptr=None, b2_ptr=None, K2=0, stride_a2m=0, stride_b2k=0,
-             PERM_B=False, PERM_C=False, HAS_EXTRA=False)
+             PERM_B=False, PERM_C=False, HAS_EXTRA=False, bscale_ptr=None, CAST_B=False)
+f16 = dict(a_ptr="*fp16", bscale_ptr="*fp32", CAST_B=True)  # float16 delta, bfloat16 W / x converted
 sorted_skip = dict(bperm_ptr="*i32", cperm_ptr="*i32", a2_ptr="*fp32", b2_ptr="*fp32", K2=15,
-                   stride_a2m=15, stride_b2k=4096, HAS_EXTRA=True)
+                   stride_a2m=15, stride_b2k=4096, HAS_EXTRA=True, bscale_ptr=None, CAST_B=False)
 out["matmul_dx"] = compile_for(K._matmul_kernel, dict(
-    mm, **plain, c_ptr="*bf16", lo_ptr="*bf16", flag_ptr=None, stride_am=1920, stride_ak=1, ACCUMULATE=True,
+    mm, **plain, c_ptr="*bf16", lo_ptr="*bf16", **no_flags, stride_am=1920, stride_ak=1, ACCUMULATE=True,
     SPLIT_LO=True, HAS_FLAGS=False), m, target)
 out["matmul_dw_skip"] = compile_for(K._matmul_kernel, dict(
     mm, **plain, c_ptr="*fp32", lo_ptr=None, flag_ptr="*i8", stride_am=1, stride_ak=1920, ACCUMULATE=True,
@@ -827,6 +899,12 @@ out["matmul_dx_sorted_skip"] = compile_for(K._matmul_kernel, dict(
     stride_am=1920, stride_ak=1, ACCUMULATE=True, SPLIT_LO=True, HAS_FLAGS=True), m, target)
 out["matmul_dw_sorted_skip"] = compile_for(K._matmul_kernel, dict(
     mm, **sorted_skip, PERM_B=False, PERM_C=True, c_ptr="*bf16", lo_ptr=None, flag_ptr="*i8",
+    stride_am=1, stride_ak=1920, ACCUMULATE=False, SPLIT_LO=False, HAS_FLAGS=True), m, target)
+out["matmul_dx_f16"] = compile_for(K._matmul_kernel, dict(
+    mm, **dict(plain, **f16), c_ptr="*bf16", lo_ptr="*bf16", **no_flags, stride_am=1920, stride_ak=1,
+    ACCUMULATE=True, SPLIT_LO=True, HAS_FLAGS=False), m, target)
+out["matmul_dw_f16_sorted_skip"] = compile_for(K._matmul_kernel, dict(
+    mm, **dict(sorted_skip, **f16), PERM_B=False, PERM_C=True, c_ptr="*bf16", lo_ptr=None, flag_ptr="*i8",
     stride_am=1, stride_ak=1920, ACCUMULATE=False, SPLIT_LO=False, HAS_FLAGS=True), m, target)
 out["tile_mean"] = compile_for(K._tile_mean_kernel, dict(
     src_ptr="*bf16", idx_ptr="*i32", out_ptr="*fp32", n_rows=1920, D=4096, stride_src=4096, HAS_IDX=True,
@@ -852,6 +930,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     if "api_mismatch" in res:
         pytest.skip(f"this Triton's ahead-of-time API differs: {res['api_mismatch']}")
-    shared, stage = res["shared"], res["stage_bytes"]
-    assert shared["forward"] >= 2 * stage["forward"], shared
-    assert shared["matmul_dx"] >= 2 * stage["matmul_dx"], shared
+    kernels, stage = res["shared"], res["stage_bytes"]
+    assert kernels["forward"]["shared"] >= 2 * stage["forward"], kernels
+    assert kernels["matmul_dx"]["shared"] >= 2 * stage["matmul_dx"], kernels
+    # every GEMM loop, the skip's compacted ones included, loads through pipelined async copies and
+    # multiplies on Hopper's wgmma
+    for name, k in kernels.items():
+        if name != "tile_mean":
+            assert k["async_copies"] and k["wgmma"], (name, k)
+    # the float16-delta products convert their bfloat16 operand in registers, as wgmma's first operand
+    assert kernels["matmul_dx_f16"]["register_a"] and kernels["matmul_dw_f16_sorted_skip"]["register_a"], kernels

@@ -134,13 +134,15 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
                                                                               cfg["reduction"])
         N = x.shape[0]
         skip = cfg["skip_threshold"]
+        K = _triton_kernels()
+        if skip == "auto":
+            skip = K.auto_skip_threshold(x.dtype, weight.shape[0])
         if skip is not None:
             # The kernels skip a tile when every |alpha_i p_ij| < t; relative to the largest row weight,
             # t = skip_threshold * max |alpha| means "every probability below skip_threshold" for
             # uniformly weighted rows (CCE's rule).  One host read, only when the skip is asked for.
             skip = float(skip * alpha.abs().max()) if N else None
             skip = skip if skip else None
-        K = _triton_kernels()
         with autocast_off(x.device.type):
             dx, dw, db = K.lce_backward(
                 x, weight, bias, target, lse, alpha, beta, gamma, target_complement=ctx.target_complement,
@@ -168,7 +170,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                          class_weight=None, z_loss: float = 0.0, softcap: float | None = None,
                          normalizer=None, shift: bool | int = False, return_lse: bool = False,
                          impl: str = "auto", max_chunk_bytes: int | None = None,
-                         skip_threshold: float | None = None):
+                         skip_threshold: float | str | None = None):
     """Cross-entropy of the linear layer ``z = x W^T + b`` without materialising ``z``.
 
     Args:
@@ -197,15 +199,16 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
         max_chunk_bytes: bound on the scratch buffers: the ``'chunked'`` path's logit chunks (default
             128 MiB), the ``'triton'`` backward's workspace (default: the kernels' 96 MiB, so that
             its extra memory stays under 0.1 GiB; more trades memory for fewer re-reads of dx).
-        skip_threshold: ``'triton'`` only, opt-in and approximate: the backward skips the dx/dW
-            products of the tiles in which every probability is below ``skip_threshold`` (precisely:
-            every ``|alpha_i| p_ij`` below ``skip_threshold * max_i |alpha_i|``, ``alpha_i`` the row's
-            weight in the gradient) and that hold no target and no label smoothing, in a vocabulary
-            sorted by average logit, and replaces each by its first-order part (the kernels' module
-            docstring).  ``2**-7 / 256`` skipped 72-86 % of the tiles at LLM vocabularies with gradient
-            errors 0.95-1.11x naive PyTorch's bf16 errors; CCE's ``2**-7 / 32`` skips 93-96 % at up to
-            1.5x (benchmarks/RESULTS.md).  One host read per backward.  Ignored by the exact
-            ``'chunked'`` path that ``'auto'`` picks off CUDA.
+        skip_threshold: ``'triton'`` only, opt-in and approximate: ``'auto'`` or a number in (0, 1).
+            The backward skips the dx/dW products of the tiles in which every probability is below the
+            threshold (precisely: every ``|alpha_i| p_ij`` below ``skip_threshold * max_i |alpha_i|``,
+            ``alpha_i`` the row's weight in the gradient) and that hold no target and no label
+            smoothing, in a vocabulary sorted by average logit, and replaces each by its first-order
+            part (the kernels' module docstring).  ``'auto'`` is ``eps(dtype) * min(1, 1024 / V)``: on
+            trained-LM-like data at the Llama-3, Gemma-2 and 32k-vocabulary shapes it skipped 70-85 %
+            of the tiles with dx and dW errors below naive PyTorch's bf16 errors (benchmarks/
+            RESULTS.md); CCE's ``2**-7 / 32`` skips more at up to 1.5x naive's dx error.  One host read
+            per backward.  Ignored by the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
 
     Returns:
         the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse``.
@@ -300,7 +303,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                       reduction=reduction, z_loss=float(z_loss),
                       softcap=None if softcap is None else float(softcap))
         if impl == "triton":
-            cfg = dict(common, skip_threshold=None if skip_threshold is None else float(skip_threshold),
+            cfg = dict(common, skip_threshold=skip_threshold if skip_threshold in (None, "auto") else float(skip_threshold),
                        max_chunk_bytes=None if max_chunk_bytes is None else int(max_chunk_bytes), **need)
             loss, lse = TritonLinearCrossEntropy.apply(
                 x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),

@@ -163,9 +163,10 @@ def check_impl(impl) -> None:
 def check_skip_threshold(skip_threshold, impl: str) -> None:
     if skip_threshold is None:
         return
-    if isinstance(skip_threshold, bool) or not isinstance(skip_threshold, numbers.Real) or not (
-            0.0 < float(skip_threshold) < 1.0):
-        raise ValueError(f"skip_threshold must be None or a number in (0, 1); got {skip_threshold!r}")
+    if not (isinstance(skip_threshold, str) and skip_threshold == "auto") and (
+            isinstance(skip_threshold, (bool, str)) or not isinstance(skip_threshold, numbers.Real)
+            or not (0.0 < float(skip_threshold) < 1.0)):
+        raise ValueError(f"skip_threshold must be None, 'auto' or a number in (0, 1); got {skip_threshold!r}")
     if impl not in ("triton", "auto"):
         raise ValueError(f"skip_threshold (the Triton backward's block skip) needs impl='triton' or "
                          f"'auto'; got impl={impl!r}")

@@ -66,7 +66,7 @@ class LinearCrossEntropyLoss(_CrossEntropyOptions):
     def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0,
                  reduction: str = "mean", class_weight: torch.Tensor | None = None, z_loss: float = 0.0,
                  softcap: float | None = None, shift: bool | int = False, impl: str = "auto",
-                 max_chunk_bytes: int | None = None, skip_threshold: float | None = None):
+                 max_chunk_bytes: int | None = None, skip_threshold: float | str | None = None):
         super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                          z_loss=z_loss, softcap=softcap)
         self.register_buffer("class_weight", class_weight)
