@@ -671,12 +671,13 @@ def first_order_reference(ref, x, W, y, gamma, order, threshold, R, C, BM, BV):
     return dict(ref, dx=dx, dw=dw, db=ref["delta"].sum(axis=0)), n_keep
 
 
-@pytest.mark.parametrize("dtype,chunk,lo_in_dw", [
-    (torch.float32, None, None),
-    (torch.float32, (32, 48), None),                 # row super-blocks, several chunks
-    (torch.bfloat16, (64, 96), True),                # dx's low half in dW's tail: those rows stay last
+@pytest.mark.parametrize("dtype,chunk,lo_in_dw,tile", [
+    (torch.float32, None, None, 16),
+    (torch.float32, (32, 48), None, 16),             # row super-blocks, several chunks
+    (torch.bfloat16, (64, 96), True, 16),            # dx's low half in dW's tail: those rows stay last
+    (torch.float32, (64, 96), None, 32),             # 32 x 32 skip tiles, 16 x 16 product tiles
 ])
-def test_sorted_corrected_skip_equals_its_float64_mirror(dtype, chunk, lo_in_dw):
+def test_sorted_corrected_skip_equals_its_float64_mirror(dtype, chunk, lo_in_dw, tile):
     """The default skip (sorted vocabulary, first-order part of each skipped tile) computes its float64
     mirror: the gathered W rows, scattered dW rows, per-tile sums and thin extra products are right,
     and the correction brings dx closer to exact than zeroing the same tiles does."""
@@ -692,7 +693,7 @@ def test_sorted_corrected_skip_equals_its_float64_mirror(dtype, chunk, lo_in_dw)
     threshold = SKIP_EPS / N
     stats = {}
     zero_bias = torch.zeros(V, dtype=dtype, device=DEVICE)
-    cfg = {"delta": SMALL, "matmul": SMALL}
+    cfg = {"delta": K.TileConfig(tile, tile, 16, group_m=2, num_warps=1, num_stages=1), "matmul": SMALL}
     dx, dw, db = K.lce_backward(x, W, zero_bias, y, lse, alpha, alpha, gamma, ignore_index=IGNORE,
                                 softcap=None, class_weight=None, need_dx=True, need_dw=True, need_db=True,
                                 skip_threshold=threshold, chunk_shape=chunk, lo_in_dw=lo_in_dw,
@@ -704,7 +705,7 @@ def test_sorted_corrected_skip_equals_its_float64_mirror(dtype, chunk, lo_in_dw)
     assert sorted(order) == list(range(V))
     assert set(order[V - tail:]) == set(range(V - tail, V))
     expected, n_keep = first_order_reference(ref, x, W, y, gamma, order, threshold, plan.rows, plan.cols,
-                                             16, 16)
+                                             tile, tile)
     assert stats["tiles_kept"] == n_keep < stats["tiles"]
     check_backward((dx, dw, db), expected, x, W, dict(dx=True, dw=True, db=True))
     zeroed = K.lce_backward(x, W, None, y, lse, alpha, alpha, gamma, ignore_index=IGNORE, softcap=None,
@@ -906,6 +907,9 @@ out["matmul_dx_f16"] = compile_for(K._matmul_kernel, dict(
 out["matmul_dw_f16_sorted_skip"] = compile_for(K._matmul_kernel, dict(
     mm, **dict(sorted_skip, **f16), PERM_B=False, PERM_C=True, c_ptr="*bf16", lo_ptr=None, flag_ptr="*i8",
     stride_am=1, stride_ak=1920, ACCUMULATE=False, SPLIT_LO=False, HAS_FLAGS=True), m, target)
+out["active_k_blocks"] = compile_for(K._active_k_blocks_kernel, dict(
+    flag_ptr="*i8", klist_ptr="*i32", kcount_ptr="*i32", n_flag_rows=64, n_kb=88, stride_fm=15, stride_fk=1,
+    stride_kl=88, G=1, M_PER_FLAG=1, K_PER_FLAG=2, MAX_KB=128), K.TileConfig(16, 16, 16, num_warps=4), target)
 out["tile_mean"] = compile_for(K._tile_mean_kernel, dict(
     src_ptr="*bf16", idx_ptr="*i32", out_ptr="*fp32", n_rows=1920, D=4096, stride_src=4096, HAS_IDX=True,
     BLOCK_R=128, BLOCK_D=64), m, target)
@@ -936,7 +940,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     # every GEMM loop, the skip's compacted ones included, loads through pipelined async copies and
     # multiplies on Hopper's wgmma
     for name, k in kernels.items():
-        if name != "tile_mean":
+        if name not in ("tile_mean", "active_k_blocks"):
             assert k["async_copies"] and k["wgmma"], (name, k)
     # the float16-delta products convert their bfloat16 operand in registers, as wgmma's first operand
     assert kernels["matmul_dx_f16"]["register_a"] and kernels["matmul_dw_f16_sorted_skip"]["register_a"], kernels

@@ -571,6 +571,27 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, scale_ptr, bscale_ptr, flag_ptr,
 
 
 @triton.jit
+def _active_k_blocks_kernel(flag_ptr, klist_ptr, kcount_ptr, n_flag_rows, n_kb, stride_fm, stride_fk,
+                            stride_kl, G: tl.constexpr, M_PER_FLAG: tl.constexpr, K_PER_FLAG: tl.constexpr,
+                            MAX_KB: tl.constexpr):
+    """One product row tile ``t``: its kept K-blocks (any of its ``G`` flag rows kept, or the one flag
+    row it lies in when ``M_PER_FLAG`` tiles share it), compacted in order into ``klist[t]``, and their
+    count into ``kcount[t]``."""
+    t = tl.program_id(0)
+    kb = tl.arange(0, MAX_KB)
+    in_k = kb < n_kb
+    kept = tl.zeros((MAX_KB,), dtype=tl.int32)
+    for g in range(G):
+        frow = t * G // M_PER_FLAG + g
+        f = tl.load(flag_ptr + frow * stride_fm + (kb // K_PER_FLAG) * stride_fk,
+                    mask=in_k & (kb * 0 + frow < n_flag_rows), other=0)
+        kept = tl.maximum(kept, (f != 0).to(tl.int32))
+    pos = tl.cumsum(kept, axis=0) - 1
+    tl.store(klist_ptr + t.to(tl.int64) * stride_kl + pos, kb, mask=kept != 0)
+    tl.store(kcount_ptr + t, tl.sum(kept, axis=0))
+
+
+@triton.jit
 def _tile_mean_kernel(src_ptr, idx_ptr, out_ptr, n_rows, D, stride_src,
                       HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """``out[t] = mean of rows [t BLOCK_R, (t + 1) BLOCK_R) of src`` (fewer in the last group) in float32;
@@ -916,20 +937,18 @@ def auto_skip_threshold(dtype: torch.dtype, V: int) -> float:
 def _active_k_blocks(tile_flags: torch.Tensor, M: int, K: int, flag_m: int, flag_k: int, block_m: int,
                      block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For the skip's products: per ``block_m`` row tile of an ``M x K`` operand whose ``flag_m x flag_k``
-    tiles are kept or not (``tile_flags``, ``[M tile, K tile]``), the ``block_k`` K-blocks holding a kept
-    tile, first and in order, and how many there are: ``(klist (tiles, K-blocks) int32, kcount (tiles,)
-    int32)``, on the device (no host synchronisation).  ``block_k`` divides ``flag_k``; ``block_m`` and
-    ``flag_m`` are powers of two."""
+    tiles are kept or not (``tile_flags``, ``[M tile, K tile]``, any strides), the ``block_k`` K-blocks
+    holding a kept tile, first and in order, and how many there are: ``(klist (tiles, K-blocks) int32,
+    kcount (tiles,) int32)``; one launch, on the device (no host synchronisation).  ``block_k`` divides
+    ``flag_k``; ``block_m`` and ``flag_m`` are powers of two."""
     n_mt, n_kb = triton.cdiv(M, block_m), triton.cdiv(K, block_k)
-    kept = (tile_flags != 0).to(torch.int8)
-    if block_m >= flag_m:  # several flag rows per row tile: kept where any is
-        g = block_m // flag_m
-        kept = F.pad(kept, (0, 0, 0, (-kept.shape[0]) % g)).view(-1, g, kept.shape[1]).amax(dim=1)
-    else:
-        kept = kept.repeat_interleave(flag_m // block_m, dim=0)
-    kept = kept[:n_mt].repeat_interleave(flag_k // block_k, dim=1)[:, :n_kb]
-    klist = torch.argsort(1 - kept, dim=1, stable=True).to(torch.int32)
-    return klist, kept.sum(dim=1, dtype=torch.int32)
+    klist = torch.empty((n_mt, n_kb), dtype=torch.int32, device=tile_flags.device)
+    kcount = torch.empty(n_mt, dtype=torch.int32, device=tile_flags.device)
+    _active_k_blocks_kernel[(n_mt,)](
+        tile_flags, klist, kcount, tile_flags.shape[0], n_kb, tile_flags.stride(0), tile_flags.stride(1),
+        klist.stride(0), G=max(1, block_m // flag_m), M_PER_FLAG=max(1, flag_m // block_m),
+        K_PER_FLAG=flag_k // block_k, MAX_KB=max(16, triton.next_power_of_2(n_kb)))
+    return klist, kcount
 
 
 def _float16_scale(t: torch.Tensor) -> torch.Tensor:
