@@ -438,6 +438,12 @@ class DirectKernels(torch.autograd.Function):
         return dx, dw, (None if db is None else db.to(bias.dtype)), None, None, None, None, None
 
 
+def bf16_delta(x):
+    """delta_dtype=bfloat16 where the inputs are bfloat16 (the kernels' default there is float16); the
+    default (None) otherwise: the CPU self-check's float16 inputs have float16 deltas only."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else None
+
+
 def direct(x, W, y, bias=None, softcap=None, skip_eps=None, workspace=None, delta_dtype=None):
     return DirectKernels.apply(x, W, bias, y, softcap, skip_eps, workspace, delta_dtype)
 
@@ -477,8 +483,9 @@ def get_impl(name, x, W, y):
                 "softxent_skipauto": KERNELS.auto_skip_threshold(x.dtype, W.shape[0])}.get(name)
         ws = WS_256M if name == "softxent_ws256m" else None
         if name == "softxent_bf16delta":
-            return ((lambda: direct(x, W, y, delta_dtype=torch.bfloat16)),
-                    "kernels direct (lce_forward/lce_backward), delta_dtype=bfloat16")
+            dd = bf16_delta(x)
+            return ((lambda: direct(x, W, y, delta_dtype=dd)),
+                    f"kernels direct (lce_forward/lce_backward), delta_dtype={dd}")
         if name != "softxent_kernels" and API is not None:
             kw = dict(impl="triton")
             if skip is not None:
@@ -716,7 +723,7 @@ def gate():
                         loss = F.cross_entropy(z, y, ignore_index=-100)
                     elif impl.startswith("kernels"):
                         loss = direct(xx, WW, y, bias=bb, softcap=cap,
-                                      delta_dtype=torch.bfloat16 if impl == "kernels_bf16delta" else None)
+                                      delta_dtype=bf16_delta(xx) if impl == "kernels_bf16delta" else None)
                     else:
                         if API is None:
                             continue

@@ -303,7 +303,8 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                       reduction=reduction, z_loss=float(z_loss),
                       softcap=None if softcap is None else float(softcap))
         if impl == "triton":
-            cfg = dict(common, skip_threshold=skip_threshold if skip_threshold in (None, "auto") else float(skip_threshold),
+            skip = skip_threshold if skip_threshold in (None, "auto") else float(skip_threshold)
+            cfg = dict(common, skip_threshold=skip,
                        max_chunk_bytes=None if max_chunk_bytes is None else int(max_chunk_bytes), **need)
             loss, lse = TritonLinearCrossEntropy.apply(
                 x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),

@@ -39,7 +39,7 @@ atomics into both dx and dW -- ``2 N V D / BLOCK`` atomic adds (about 270 GB of 
 8192 x 4096 x 128256), affordable only when most tiles are skipped, and non-deterministic -- or (b)
 recomputing the logits once per D block (``D / BLOCK_D`` times the forward's work).  We instead take
 the rows in super-blocks of ``R`` and the vocabulary in chunks of ``C`` so that the chunk's delta
-(``R x C`` in the input dtype) fits a workspace of ``workspace_bytes`` (default 96 MiB, see
+(``R x C``, 16-bit or float32) fits a workspace of ``workspace_bytes`` (default 96 MiB, see
 :func:`plan_backward`):
 
 1. ``_lce_delta_kernel`` -- one program per ``BLOCK_M x BLOCK_V`` tile: recompute ``z``, form delta in
