@@ -205,9 +205,9 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             ``alpha_i`` the row's weight in the gradient) and that hold no target and no label
             smoothing, in a vocabulary sorted by average logit, and replaces each by its first-order
             part (the kernels' module docstring).  ``'auto'`` is ``eps(dtype) * min(1, 1024 / V)``: on
-            trained-LM-like data at the Llama-3, Gemma-2 and 32k-vocabulary shapes it skipped 70-85 %
-            of the tiles with dx and dW errors below naive PyTorch's bf16 errors (benchmarks/
-            RESULTS.md); CCE's ``2**-7 / 32`` skips more at up to 1.5x naive's dx error.  One host read
+            trained-LM-like data at the Llama-3, Gemma-2 and 32k-vocabulary shapes it skipped 73-86 %
+            of the tiles with dx and dW errors 0.48-0.96x naive PyTorch's bf16 errors (benchmarks/
+            RESULTS.md); CCE's ``2**-7 / 32`` skips more at up to 1.4x naive's dx error.  One host read
             per backward.  Ignored by the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
 
     Returns:
