@@ -851,8 +851,8 @@ def _ok_inputs():
     (dict(shift=-1), ValueError, r"shift must be a bool or an int >= 0"),
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
     (dict(skip_threshold=0.5, impl="chunked"), ValueError, r"skip_threshold .* needs impl='triton'"),
-    (dict(skip_threshold=2.0), ValueError, r"skip_threshold must be None, 'auto' or a number in \(0, 1\); got 2.0"),
-    (dict(skip_threshold="fast"), ValueError, r"skip_threshold must be None, 'auto' or a number in \(0, 1\); got 'fast'"),
+    (dict(skip_threshold=2.0), ValueError, r"skip_threshold must be None, 'auto' or a number in \(0, 1\); got 2"),
+    (dict(skip_threshold="fast"), ValueError, r"skip_threshold must be None, 'auto' .*; got 'fast'"),
 ])
 def test_bad_input_raises_clear_error(change, exc, match):
     x, w, y = _ok_inputs()

@@ -88,10 +88,10 @@ Measured (bfloat16 deltas): at eps(bf16)/256 this drops 72 % (Llama-3 head) and 
 of the tiles with dx / dW errors 0.95 / 0.97x and 1.11 / 0.97x naive PyTorch's bf16 errors; at CCE's
 eps(bf16)/32, 93 % and 96 % at 1.14 / 1.08x and 1.54 / 1.11x.  With the float16 deltas, the threshold
 ``eps * 1024 / V`` (:func:`auto_skip_threshold`, ``skip_threshold='auto'`` of softxent.torch) keeps both
-errors at 0.48-0.96x naive's at all three LLM shapes while dropping 73-86 % of the tiles (RESULTS.md).  Dropping the same tiles without the correction, or tiling in
-the natural order, is 29-171x naive's dx error (many tiny probabilities whose weight rows share a
-direction add up); ``lce_backward(skip_sorted=False, skip_correction=False)`` keeps that plain rule
-for comparison.  Every dropped delta is below the threshold, so ``|ddx_id| <= threshold *
+errors at 0.48-0.96x naive's at all three LLM shapes while dropping 73-86 % of the tiles (RESULTS.md).
+Dropping the same tiles without the correction, or tiling in the natural order, is 29-171x naive's dx
+error (many tiny probabilities whose weight rows share a direction add up);
+``lce_backward(skip_sorted=False, skip_correction=False)`` keeps that plain rule for comparison.  Every dropped delta is below the threshold, so ``|ddx_id| <= threshold *
 sum_j |W_jd - mean_tile W_d|`` over the dropped ``j``; the tests check the result against its float64
 mirror.  Whether the gathered-row products keep tensor-core speed is for the GPU benchmark to show.
 
@@ -100,9 +100,9 @@ float16 for bfloat16 inputs (``delta_dtype``; 3 more bits than bfloat16 -- the p
 their bfloat16 operand, W or x, to float16 times a power of two (:func:`_float16_scale`), exactly, in
 registers), to the input dtype otherwise, as PyTorch's own backward of ``F.linear`` does.  Rounding
 delta to bfloat16 was as large an error as rounding dx itself: the exact path's dx / dW errors on
-trained-LM-like data were 0.92-1.00x naive PyTorch's bf16 errors, and are 0.42-0.77x with float16
-deltas (RESULTS.md), which leaves the block skip room for its own error.  Before rounding, delta is divided by
-``2^ceil(log2 max_i(|alpha_i| + |beta_i| + |gamma_i| max cw))`` (exact, a power of two; 2^14 smaller
+trained-LM-like data were 0.92-1.04x naive PyTorch's bf16 errors, and are 0.42-0.81x with float16
+deltas (RESULTS.md), which leaves the block skip room for its own error.  Before rounding, delta is
+divided by ``2^ceil(log2 max_i(|alpha_i| + |beta_i| + |gamma_i| max cw))`` (exact, a power of two; 2^14 smaller
 again for float16, whose range ends at 65504) and the GEMMs multiply it back: with ``alpha = 1/N`` the
 deltas of float16 inputs (~1e-9) would otherwise underflow, and the 1e-6 .. 1e-8 probabilities of a
 peaked softmax would be subnormal (a float16 dx error of 1.7e-3 instead of 2.8e-4 on trained-LM-like
@@ -133,7 +133,6 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
