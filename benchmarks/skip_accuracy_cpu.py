@@ -64,7 +64,8 @@ VARIANTS = {
                 "skip eps/32 (plain rule)": (BF16_EPS / 32, False, B16)},
     "sorted": {"skip auto, bf16 delta": (("auto", 1), True, B16),
                **{f"skip auto x{f}": (("auto", f), True, F16) for f in (0.5, 1, 2)},
-               "skip eps/32": (BF16_EPS / 32, True, F16)},
+               "skip eps/32": (BF16_EPS / 32, True, F16),
+               "skip eps/32, no correction": (BF16_EPS / 32, False, F16)},
 }
 VOCAB_CHUNK = 8192                       # a multiple of TILE: tiles never straddle two chunks
 

@@ -75,16 +75,19 @@ def test_fit_cpu_quick_on_two_datasets():
 
 
 def test_skip_accuracy_cpu_quick():
-    """The skip-accuracy measurement runs, drops tiles once the vocabulary is sorted, and its first-order
-    correction of the dropped tiles reduces the grad-x error it measures."""
+    """The skip-accuracy measurement runs, drops tiles once the vocabulary is sorted, its first-order
+    correction of the dropped tiles reduces the grad-x error it measures, and float16 deltas beat bf16
+    ones on the exact path."""
     pytest.importorskip("torch")
     _run("skip_accuracy_cpu.py")
     rows = {(r["order"], r["variant"]): r for r in _json("skip_accuracy_cpu_quick")["table"]}
-    plain, corrected = rows[("sorted", "skip eps/32")], rows[("sorted", "skip eps/32 + correction")]
+    plain, corrected = rows[("sorted", "skip eps/32, no correction")], rows[("sorted", "skip eps/32")]
     assert plain["dropped_tiles"] > 0.1 and plain["dropped_tiles"] == corrected["dropped_tiles"]
     assert corrected["gx_err"] < plain["gx_err"]
-    exact, naive = rows[("natural", "softxent exact")], rows[("natural", "naive PyTorch")]
+    exact, naive = rows[("natural", "exact")], rows[("natural", "naive PyTorch")]
     assert exact["gx_err"] < 1.5 * naive["gx_err"] and exact["gW_err"] < 1.5 * naive["gW_err"]
+    bf16_delta = rows[("natural", "exact, bf16 delta")]
+    assert exact["gx_err"] < bf16_delta["gx_err"] and exact["delta_dtype"] == "float16"
 
 
 def test_skip_accuracy_kernels_quick():
