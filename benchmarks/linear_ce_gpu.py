@@ -429,11 +429,11 @@ class DirectKernels(torch.autograd.Function):
         x, W, bias, y, lse, valid, n, q = ctx.saved_tensors
         softcap, skip_eps, workspace, delta_dtype = ctx.opts
         coef = (valid * (g.float() / n)).contiguous()
-        skip = None if skip_eps is None else skip_eps * float(coef.abs().max())
+        skip = None if skip_eps is None else (skip_eps * coef.abs().amax()).reshape(1)  # read on the device
         dx, dw, db = KERNELS.lce_backward(
             x, W, bias, y, lse, coef, coef, None, target_complement=q, ignore_index=-100, softcap=softcap,
             class_weight=None, need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
-            need_db=bias is not None and ctx.needs_input_grad[2], skip_threshold=skip or None,
+            need_db=bias is not None and ctx.needs_input_grad[2], skip_threshold=skip,
             workspace_bytes=workspace, dw_dtype=W.dtype, delta_dtype=delta_dtype)
         return dx, dw, (None if db is None else db.to(bias.dtype)), None, None, None, None, None
 

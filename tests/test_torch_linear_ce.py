@@ -752,7 +752,7 @@ def test_triton_auto_skip_threshold_is_eps_times_1024_over_v(monkeypatch):
     real = K.lce_backward
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["skip_threshold"])
+        seen.append(float(kwargs["skip_threshold"]))  # a device tensor: the kernel reads it
         return real(*args, **kwargs)
 
     monkeypatch.setattr(K, "lce_backward", spy)

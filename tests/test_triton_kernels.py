@@ -690,7 +690,9 @@ def test_sorted_corrected_skip_equals_its_float64_mirror(dtype, chunk, lo_in_dw,
     ref = reference(x, W, None, y, ignore_index=IGNORE, softcap=None, cw=None, alpha=alpha, beta=alpha,
                     gamma=gamma)
     lse = torch.tensor(ref["lse"], dtype=torch.float32, device=DEVICE)
-    threshold = SKIP_EPS / N
+    # 32 x 32 tiles on 64 rows are few (20) and each holds more probabilities: a larger threshold
+    # keeps some of them skipped on every draw (at eps/32 all were kept on ~1 draw in 20)
+    threshold = SKIP_EPS / N * (tile // 16) ** 2
     stats = {}
     zero_bias = torch.zeros(V, dtype=dtype, device=DEVICE)
     cfg = {"delta": K.TileConfig(tile, tile, 16, group_m=2, num_warps=1, num_stages=1), "matmul": SMALL}
@@ -875,7 +877,7 @@ out["delta"] = compile_for(K._lce_delta_kernel, dict(
     delta_ptr="*bf16", flag_ptr="*i8", dbpart_ptr="*fp32", perm_ptr="*i32", rowsum_ptr="*fp32",
     colsum_ptr="*fp32", row0=0, n_rows=8192, v0=0, n_cols=1920,
     stride_delta=1920, stride_flag=15, stride_dbpart=1920, stride_rowsum=15, stride_colsum=64,
-    skip_threshold=1e-8, HAS_BETA=True, HAS_GAMMA=True,
+    skip_ptr="*fp32", HAS_BETA=True, HAS_GAMMA=True,
     HAS_Q=True, WRITE_DELTA=True, NEED_DB=True, HAS_SKIP=True, HAS_PERM=True, HAS_CORR=True,
     BLOCK_M=d.block_m, BLOCK_V=d.block_n, GROUP_M=d.group_m),
     d, target)

@@ -34,8 +34,8 @@ inputs' dtypes; only the inputs that require a gradient get one.  ``lse`` (``ret
 Validation: shapes, dtypes, devices and options are checked up front; the values (class indices in
 ``[0, V)``, non-negative weights and normalizer) in one device-to-host read per call in eager mode (a
 synchronisation on CUDA), skipped while torch.compile traces and during CUDA-graph capture.  No other
-host synchronisation (but one per backward with ``skip_threshold``): the 'mean' denominator and the
-zero-weight case are handled on the device.
+host synchronisation: the 'mean' denominator, the zero-weight case and the skip threshold are handled
+on the device.
 """
 
 from __future__ import annotations
@@ -140,9 +140,8 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         if skip is not None:
             # The kernels skip a tile when every |alpha_i p_ij| < t; relative to the largest row weight,
             # t = skip_threshold * max |alpha| means "every probability below skip_threshold" for
-            # uniformly weighted rows (CCE's rule).  One host read, only when the skip is asked for.
-            skip = float(skip * alpha.abs().max()) if N else None
-            skip = skip if skip else None
+            # uniformly weighted rows (CCE's rule).  On the device: the kernel reads t, no host sync.
+            skip = (skip * alpha.abs().amax()).reshape(1) if N else None
         with autocast_off(x.device.type):
             dx, dw, db = K.lce_backward(
                 x, weight, bias, target, lse, alpha, beta, gamma, target_complement=ctx.target_complement,
@@ -207,8 +206,8 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             part (the kernels' module docstring).  ``'auto'`` is ``eps(dtype) * min(1, 1024 / V)``: on
             trained-LM-like data at the Llama-3, Gemma-2 and 32k-vocabulary shapes it skipped 73-86 %
             of the tiles with dx and dW errors 0.48-0.96x naive PyTorch's bf16 errors (benchmarks/
-            RESULTS.md); CCE's ``2**-7 / 32`` skips more at up to 1.4x naive's dx error.  One host read
-            per backward.  Ignored by the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
+            RESULTS.md); CCE's ``2**-7 / 32`` skips more at up to 1.4x naive's dx error.  Ignored by
+            the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
 
     Returns:
         the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse``.

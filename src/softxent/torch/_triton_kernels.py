@@ -358,7 +358,7 @@ def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
 def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
                       q_ptr, scale_ptr, delta_ptr, flag_ptr, dbpart_ptr, perm_ptr, rowsum_ptr, colsum_ptr,
                       row0, n_rows, v0, n_cols, D, stride_x, stride_w, stride_delta, stride_flag,
-                      stride_dbpart, stride_rowsum, stride_colsum, ignore_index, softcap, skip_threshold,
+                      stride_dbpart, stride_rowsum, stride_colsum, ignore_index, softcap, skip_ptr,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
                       HAS_BETA: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_Q: tl.constexpr,
                       WRITE_DELTA: tl.constexpr,
@@ -418,6 +418,7 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
     inv_scale = 1.0 / tl.load(scale_ptr)
     keep = True
     if HAS_SKIP:
+        skip_threshold = tl.load(skip_ptr)
         n_keep = tl.sum(tl.sum(tl.where(valid & (tl.abs(p_term) >= skip_threshold), 1, 0), axis=1), axis=0)
         if HAS_BETA:
             n_keep += tl.sum(tl.sum(tl.where(valid & hit, 1, 0), axis=1), axis=0)
@@ -963,7 +964,7 @@ def _float16_scale(t: torch.Tensor) -> torch.Tensor:
 
 def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_complement=None, ignore_index: int,
                  softcap: float | None, class_weight, need_dx: bool, need_dw: bool, need_db: bool,
-                 skip_threshold: float | None = None, workspace_bytes: int | None = None,
+                 skip_threshold: float | torch.Tensor | None = None, workspace_bytes: int | None = None,
                  dw_dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | None = None,
                  chunk_shape: tuple[int, int] | None = None,
                  lo_in_dw: bool | None = None, skip_sorted: bool = True, skip_correction: bool = True,
@@ -979,11 +980,12 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
             (``need_target_complement``): the target column is then ``(alpha - beta) - alpha q``
             instead of ``alpha exp(zh_y - lse) - beta``, which cancels for confident tokens.
         need_dx, need_dw, need_db: which gradients to compute (nothing else is allocated).
-        skip_threshold: None (exact) or ``t > 0``: a ``BLOCK_M x BLOCK_V`` tile whose
-            ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with ``beta != 0``
-            and whose rows all have ``gamma = 0`` is skipped in the dx and dW products (what replaces
-            it: ``skip_correction``).  For CCE's rule
-            "every probability below eps" pass ``t = eps * max_i |alpha_i|``.
+        skip_threshold: None (exact), or ``t > 0`` as a number or as a one-element float32 tensor on
+            the inputs' device (the kernel reads it: no host synchronisation): a ``BLOCK_M x BLOCK_V``
+            tile whose ``|alpha_i exp(zh_ij - lse_i)|`` are all ``< t``, that holds no target with
+            ``beta != 0`` and whose rows all have ``gamma = 0`` is skipped in the dx and dW products
+            (what replaces it: ``skip_correction``).  For CCE's rule "every probability below eps" pass
+            ``t = eps * max_i |alpha_i|``.
         skip_sorted, skip_correction: with ``skip_threshold``, tile the vocabulary in
             :func:`skip_order` (default) instead of its natural order, and replace each skipped tile by
             its first-order part (default) instead of zero: the dx rows get the tile's row sums of
@@ -1020,9 +1022,15 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     _check_vector(beta, "beta", N, torch.float32, dev, optional=True)
     _check_vector(gamma, "gamma", N, torch.float32, dev, optional=True)
     _check_vector(target_complement, "target_complement", N, torch.float32, dev, optional=True)
-    if skip_threshold is not None and not (isinstance(skip_threshold, (int, float))
-                                           and math.isfinite(skip_threshold) and skip_threshold > 0):
-        raise ValueError(f"skip_threshold must be None or a finite number > 0; got {skip_threshold!r}")
+    if isinstance(skip_threshold, torch.Tensor):
+        if skip_threshold.numel() != 1 or skip_threshold.dtype != torch.float32 or skip_threshold.device != dev:
+            raise ValueError(f"skip_threshold as a tensor must have one float32 element on {dev}; got shape "
+                             f"{tuple(skip_threshold.shape)}, {skip_threshold.dtype} on {skip_threshold.device}")
+    elif skip_threshold is not None:
+        if not (isinstance(skip_threshold, (int, float)) and math.isfinite(skip_threshold) and skip_threshold > 0):
+            raise ValueError(f"skip_threshold must be None, a finite number > 0 or a float32 tensor; got "
+                             f"{skip_threshold!r}")
+        skip_threshold = torch.full((1,), float(skip_threshold), dtype=torch.float32, device=dev)
     if dw_dtype not in (torch.float32, weight.dtype):
         raise ValueError(f"dw_dtype must be torch.float32 or the weight's dtype {weight.dtype}; got {dw_dtype}")
     allowed = (torch.float16, torch.bfloat16) if x.dtype == torch.bfloat16 else (x.dtype,)
@@ -1101,7 +1109,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
 
     def matmul(a, stride_a, b, stride_b, c, lo, stride_c, M, Nn, K, accumulate, tile_flags, flag_m,
                flag_k, bperm=None, cperm=None, extra=None, b_scale=None):
-        """``tile_flags``: the chunk's keep-flags as ``[M tile, K tile]`` (a view of ``flags``)."""
+        """``tile_flags``: the chunk's keep-flags as ``[M tile, K tile]`` (a view of ``flags``), or None."""
         grid = (triton.cdiv(M, mcfg.block_m) * triton.cdiv(Nn, mcfg.block_n),)
         a2, b2 = extra if extra is not None else (None, None)
         klist = kcount = None
@@ -1124,7 +1132,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
             x, weight, bias, target, class_weight, lse, alpha, beta, gamma, target_complement, scale,
             delta, flags, dbpart, order, rowsum, colsum,
             r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C, n_vb, n_rb,
-            ignore_index, softcap_f, float(skip_threshold) if has_skip else 0.0,
+            ignore_index, softcap_f, skip_threshold,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_CW=class_weight is not None, HAS_BETA=beta is not None, HAS_GAMMA=gamma is not None,
             HAS_Q=beta is not None and target_complement is not None, WRITE_DELTA=need_delta, NEED_DB=with_db,
@@ -1147,7 +1155,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
                 x_means[r0] = _tile_means(x[r0:r0 + nr], None, nr, BM)
             extra = (colsum[:nc, :triton.cdiv(nr, BM)], x_means[r0])
         rows = positions(v0, nc)
-        tile_flags = flags[:triton.cdiv(nr, BM), :triton.cdiv(nc, BV)].t() if has_skip else flags
+        tile_flags = flags[:triton.cdiv(nr, BM), :triton.cdiv(nc, BV)].t() if has_skip else None
         matmul(delta, (1, C), x[r0:r0 + nr], (D, 1), dw if rows is not None else dw[v0:v0 + nc], None,
                (D, 1), nc, D, nr, r0 > 0, tile_flags, BV, BM, cperm=rows, extra=extra, b_scale=x_scale)
 
@@ -1171,12 +1179,11 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
                 # across vocabulary chunks a 16-bit dx accumulates as the pair dx + dx_lo
                 extra = None
                 if corrected:
-                    w_means = (_tile_means(weight[v0:v0 + nc], None, nc, BV) if rows is None
-                               else _tile_means(weight, rows, nc, BV))
+                    w_means = _tile_means(weight if rows is not None else weight[v0:v0 + nc], rows, nc, BV)
                     extra = (rowsum[:nr, :nvb], w_means)
                 matmul(delta, (C, 1), weight if rows is not None else weight[v0:v0 + nc], (D, 1),
                        dx[r0:r0 + nr], dx_lo, (D, 1), nr, D, nc, ci > 0,
-                       flags[:nrb, :nvb] if has_skip else flags, BM, BV, bperm=rows, extra=extra,
+                       flags[:nrb, :nvb] if has_skip else None, BM, BV, bperm=rows, extra=extra,
                        b_scale=w_scale)
             if need_dw and ci < first_late:
                 dw_chunk(r0, nr, v0, nc)

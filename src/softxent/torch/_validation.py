@@ -14,7 +14,6 @@ would break the graph: there an out-of-range class index is not diagnosed by sof
 from __future__ import annotations
 
 import functools
-
 import math
 import numbers
 
@@ -163,9 +162,10 @@ def check_impl(impl) -> None:
 def check_skip_threshold(skip_threshold, impl: str) -> None:
     if skip_threshold is None:
         return
-    if not (isinstance(skip_threshold, str) and skip_threshold == "auto") and (
-            isinstance(skip_threshold, (bool, str)) or not isinstance(skip_threshold, numbers.Real)
-            or not (0.0 < float(skip_threshold) < 1.0)):
+    is_auto = isinstance(skip_threshold, str) and skip_threshold == "auto"
+    is_number = (isinstance(skip_threshold, numbers.Real) and not isinstance(skip_threshold, bool)
+                 and 0.0 < float(skip_threshold) < 1.0)
+    if not (is_auto or is_number):
         raise ValueError(f"skip_threshold must be None, 'auto' or a number in (0, 1); got {skip_threshold!r}")
     if impl not in ("triton", "auto"):
         raise ValueError(f"skip_threshold (the Triton backward's block skip) needs impl='triton' or "
