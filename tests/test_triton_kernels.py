@@ -7,7 +7,9 @@ softxent.loss, and the kernels' contract
 ``delta = (alpha softmax(zh) - beta onehot(y) - gamma cw) (1 - tanh^2)``; the plain mean case is also
 checked against softxent.loss.cross_entropy_with_grad.
 
-Tolerances: float32 inputs -- relative 1e-5 (float32 accumulation, float32 delta).  16-bit inputs --
+Tolerances: float32 inputs -- relative 1e-5 plus 3x the error delta inherits from float32 logits and
+lse (``float32_logit_floor``; measured: the kernels' error is 0.9x it in the median, at most 1.6x, over
+100 peaked draws, where it reached 1.1e-5 by itself).  16-bit inputs --
 the forward accumulates in float32 from the same operands (1e-5 again); the gradients round delta to the
 input dtype before the products and dx once more at the end, like PyTorch's own backward of F.linear, so
 their error must stay within 1.5x that of "round delta, multiply exactly, round dx" -- with the rounding
@@ -105,7 +107,23 @@ def reference(x, W, b, y, *, ignore_index, softcap, cw, alpha=None, beta=None, g
             delta -= f64(gamma)[:, None] * cw64[None, :]
         delta *= dcap
         out.update(delta=delta, dx=delta @ W64, dw=delta.T @ x64, db=delta.sum(axis=0))
+        out["f32_floor"] = float32_logit_floor(x64, W64, b, softcap, zh, p, out["lse"], a, dcap, out)
     return out
+
+
+def float32_logit_floor(x64, W64, b, softcap, zh, p, lse, a, dcap, out):
+    """The relative dx and dW errors that delta inherits from logits and lse held in float32 (any
+    float32 implementation: z accumulated in float32, lse stored in float32), to first order
+    ``d delta = alpha p (dzh - dlse) (1 - tanh^2)``.  On peaked, Zipf-like data dW's frequent-class
+    columns cancel and this floor alone reaches 1e-5 (measured: 1.1e-5 on 1 draw in 100)."""
+    z32 = (x64.astype(np.float32) @ W64.T.astype(np.float32)).astype(np.float64)
+    if b is not None:
+        z32 = z32 + f64(b)
+    zh32 = z32 if softcap is None else softcap * np.tanh(z32 / softcap)
+    dlse = lse.astype(np.float32).astype(np.float64) - lse
+    dd = a[:, None] * p * ((zh32 - zh) - dlse[:, None]) * dcap
+    return {name: np.linalg.norm(g) / max(np.linalg.norm(out[name]), 1e-300)
+            for name, g in (("dx", dd @ W64), ("dw", dd.T @ x64))}
 
 
 def rel(a, ref):
@@ -157,7 +175,7 @@ def check_backward(got, ref, x, W, need):
         assert g.dtype == out_dtype, (name, g.dtype)
         err = rel(f64(g), ref[name])
         if dtype == torch.float32:
-            tol = 1e-5
+            tol = 1e-5 + 3.0 * ref["f32_floor"][name]
         else:
             floor = rounding_floor(ref["delta"] if name == "dx" else ref["delta"].T, other, dtype, out_dtype)
             tol = 1.5 * floor + 1e-6
