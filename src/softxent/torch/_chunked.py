@@ -260,8 +260,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grads_now:
             f = factor.to(cdt)
             grads = _Gradients(x, V, cdt, cfg.need_dx, cfg.need_dw, need_db)
-        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, V, cfg.softcap, grads_now and cfg.softcap is not None,
-                                                cfg.max_chunk_bytes):
+        # A backward that recomputes the logits chunks them as if keeping tanh: the forward chunks the
+        # same way, so both see bitwise the same z (BLAS rounding depends on the chunk's shape) and
+        # exp(zhat - lse) is consistent with lse (V = 1: exactly 1, a zero gradient)
+        keep_tanh = cfg.softcap is not None and (cfg.need_dx or cfg.need_dw or need_db)
+        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, V, cfg.softcap, keep_tanh, cfg.max_chunk_bytes):
             tc = terms[i0:i1]
             z_t[i0:i1] = zb.gather(1, tc.idx[:, None])[:, 0]
             if z_ws is not None:
