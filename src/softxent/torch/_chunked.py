@@ -27,13 +27,13 @@ with nothing requiring a gradient) forward computes the loss only.
 
 Peak extra memory (bytes, beyond the inputs and the returned gradients), with ``R`` rows per chunk::
 
-    R V 4 (1 + [softcap and a gradient is computed])    the chunk buffer(s): <= max_chunk_bytes
+    R V 4 (1 + [softcap and a gradient is needed])      the chunk buffer(s): <= max_chunk_bytes
   + V D 4 [W is float16/bfloat16]                        the float32 copy of W
   + V D 4 [dW needed and W is not float32]               the float32 dW accumulator (cast once at the end)
   + R D 4 [x is float16/bfloat16]                        float32 copies of a chunk of x and of its dx
   + O(N + V)                                             per-row and per-class vectors
 
-    R = clamp(max_chunk_bytes // (V 4 (1 + [softcap and a gradient is computed])), 1, N)
+    R = clamp(max_chunk_bytes // (V 4 (1 + [softcap and a gradient is needed])), 1, N)
 
 (float64 inputs count 8 bytes per element instead of 4).  In the gradients-in-forward schedule the
 returned gradients (``dx`` N D, ``dW`` V D, ``db`` V, in the inputs' dtypes) exist from forward on
