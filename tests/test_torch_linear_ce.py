@@ -123,22 +123,35 @@ def check(impl, x, w, b, y, *, tol=TOL32, grad_output=None, rng=None, **kw):
     if grad_output is None:
         grad_output = (torch.tensor(float(rng.uniform(0.3, 2.0)), dtype=torch.float64) if red != "none"
                        else torch.from_numpy(rng.uniform(-2, 2, out_shape)))
+    err, (loss, dx, dw, db, lse) = errors(impl, x, w, b, y, grad_output, **kw)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert loss.dtype == cdt and tuple(loss.shape) == (out_shape if red == "none" else ())
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert err["loss"] <= tol, ("loss", err["loss"])
+    assert err["dx"] <= tol, ("dx", err["dx"])
+    assert err["dw"] <= tol, ("dW", err["dw"])
+    if b is not None:
+        assert db.dtype == b.dtype
+        assert err["db"] <= tol, ("db", err["db"])
+    if lse is not None:
+        assert tuple(lse.shape) == out_shape and not lse.requires_grad
+        assert err["lse"] <= tol
+
+
+def errors(impl, x, w, b, y, grad_output, **kw):
+    """``impl``'s relative errors against the float64 reference -- ``loss``, ``dx``, ``dw`` (and ``db``,
+    ``lse`` when present; gradients against the sums of absolute terms) -- and its outputs."""
     ref_kw = {k: v for k, v in kw.items() if k not in ("max_chunk_bytes", "return_lse")}
     loss_r, dx_r, dw_r, db_r, lse_r, (s_dx, s_dw, s_db) = reference(
         x, w, b, y, grad_output=grad_output.numpy(), with_scales=True, **ref_kw)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    loss, dx, dw, db, lse = run(impl, x, w, b, y, grad_output.to(cdt), **kw)
-    assert loss.dtype == cdt and tuple(loss.shape) == (out_shape if red == "none" else ())
-    assert dx.dtype == x.dtype and dw.dtype == w.dtype
-    assert rel_err(loss, loss_r) <= tol, ("loss", rel_err(loss, loss_r))
-    assert rel_err(dx, dx_r, s_dx) <= tol, ("dx", rel_err(dx, dx_r, s_dx))
-    assert rel_err(dw, dw_r, s_dw) <= tol, ("dW", rel_err(dw, dw_r, s_dw))
+    out = loss, dx, dw, db, lse = run(impl, x, w, b, y, grad_output.to(cdt), **kw)
+    err = {"loss": rel_err(loss, loss_r), "dx": rel_err(dx, dx_r, s_dx), "dw": rel_err(dw, dw_r, s_dw)}
     if b is not None:
-        assert db.dtype == b.dtype
-        assert rel_err(db, db_r, s_db) <= tol, ("db", rel_err(db, db_r, s_db))
+        err["db"] = rel_err(db, db_r, s_db)
     if lse is not None:
-        assert tuple(lse.shape) == out_shape and not lse.requires_grad
-        assert rel_err(lse, lse_r.reshape(out_shape)) <= tol
+        err["lse"] = rel_err(lse, lse_r.reshape(lse.shape))
+    return err, out
 
 
 # --------------------------------------------------------------------------------------------------

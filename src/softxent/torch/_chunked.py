@@ -146,13 +146,18 @@ def _capped_logits(prod, xc, buf, tanh_buf, softcap):
             torch.mul(tanh_buf, softcap, out=buf)
 
 
-def _logit_chunks(prod, x, n_classes, softcap, keep_tanh, max_chunk_bytes):
+def _logit_chunks(prod, x, n_classes, softcap, need_grad, keep_tanh, max_chunk_bytes):
     """For each chunk of rows of ``x``: ``(i0, i1, xc, zb, tb)`` with ``xc`` the rows ``i0:i1`` in the
     compute dtype, ``zb = zhat`` of those rows and, when ``keep_tanh``, ``tb = tanh(z / c)`` (else None).
-    ``zb`` and ``tb`` are views of buffers reused by every chunk (sized by :func:`chunk_rows`), so the
-    caller may overwrite them in place before asking for the next chunk."""
+    ``zb`` and ``tb`` are views of buffers reused by every chunk, so the caller may overwrite them in
+    place before asking for the next chunk.
+
+    The rows per chunk (:func:`chunk_rows`) leave room for the tanh buffer whenever a gradient is needed
+    with a softcap, whether or not this pass keeps it: a forward and the backward that recomputes its
+    logits then chunk alike and see bitwise the same ``z`` (BLAS rounding depends on the chunk's shape),
+    so ``exp(zhat - lse)`` agrees with the forward's ``lse`` (V = 1: exactly 1, a zero gradient)."""
     N = x.shape[0]
-    n_buf = 2 if keep_tanh else 1
+    n_buf = 2 if (softcap is not None and need_grad) else 1
     R = chunk_rows(N, n_classes, torch.finfo(prod.cdt).bits // 8, n_buf, max_chunk_bytes)
     buf = torch.empty(min(R, N), n_classes, dtype=prod.cdt, device=x.device)
     tbuf = torch.empty_like(buf) if keep_tanh else None
@@ -250,7 +255,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         cw = None if class_weight is None else class_weight.to(cdt)
         factor = rt.reduction_factor(cfg.reduction, terms.omega, normalizer)
         need_db = cfg.need_db and bias is not None
-        grads_now = cfg.reduction != "none" and (cfg.need_dx or cfg.need_dw or need_db)
+        need_grad = cfg.need_dx or cfg.need_dw or need_db
+        grads_now = cfg.reduction != "none" and need_grad
         prod = _Products(x, weight, bias, cdt)
 
         lse = torch.empty(N, dtype=cdt, device=dev)
@@ -260,11 +266,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grads_now:
             f = factor.to(cdt)
             grads = _Gradients(x, V, cdt, cfg.need_dx, cfg.need_dw, need_db)
-        # A backward that recomputes the logits chunks them as if keeping tanh: the forward chunks the
-        # same way, so both see bitwise the same z (BLAS rounding depends on the chunk's shape) and
-        # exp(zhat - lse) is consistent with lse (V = 1: exactly 1, a zero gradient)
-        keep_tanh = cfg.softcap is not None and (cfg.need_dx or cfg.need_dw or need_db)
-        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, V, cfg.softcap, keep_tanh, cfg.max_chunk_bytes):
+        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, V, cfg.softcap, need_grad,
+                                                grads_now and cfg.softcap is not None, cfg.max_chunk_bytes):
             tc = terms[i0:i1]
             z_t[i0:i1] = zb.gather(1, tc.idx[:, None])[:, 0]
             if z_ws is not None:
@@ -285,7 +288,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         recompute_inputs = None
         if grads_now:
             ctx.save_for_backward(*grads.in_input_dtypes(weight, bias))
-        elif cfg.need_dx or cfg.need_dw or need_db:
+        elif need_grad:
             recompute_inputs = (x, weight, bias, terms.idx, cw)
         return finish_forward(ctx, terms, lse, z_t, z_ws, factor, cfg.reduction, cfg.z_loss, cdt,
                               recompute_inputs)
@@ -311,7 +314,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_db = cfg.need_db and bias is not None
         prod = _Products(x, weight, bias, cdt)
         grads = _Gradients(x, weight.shape[0], cdt, cfg.need_dx, cfg.need_dw, need_db)
-        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, weight.shape[0], cfg.softcap,
+        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, weight.shape[0], cfg.softcap, True,
                                                 cfg.softcap is not None, cfg.max_chunk_bytes):
             zb.sub_(st.lse[i0:i1, None]).exp_()
             _finish_delta(zb, st.alpha[i0:i1], st.beta[i0:i1],
