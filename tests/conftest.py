@@ -31,3 +31,16 @@ try:
     settings.load_profile("softxent")
 except ImportError:  # hypothesis is in the test extra; a bare install can still run the plain tests
     pass
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", action="store_true", default=False,
+                     help="run the fuzz suites at full size (thousands of cases) instead of CI's fixed-seed few "
+                          "hundred")
+
+
+@pytest.fixture(scope="session")
+def fuzz_scale(request) -> int:
+    """How many cases a fuzz test draws: 1 in the suite (fixed seeds, a few hundred cases in all), about 20
+    with ``pytest --fuzz`` (thousands)."""
+    return 20 if request.config.getoption("--fuzz") else 1
