@@ -61,6 +61,18 @@ def _error(msg: str) -> None:
     typer.echo(f"softxent: error: {msg}", err=True)
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """The usage-error types that typer reports itself (exit 2 with its usage text).  Recent typer versions
+    vendor click (``typer._click``) and the ``cli`` extra does not install click, so the types are found
+    from typer's own ``BadParameter``; a separately installed click's are added when it is importable."""
+    types = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        import click
+    except ImportError:
+        return types
+    return types + (click.exceptions.ClickException,)
+
+
 @contextlib.contextmanager
 def _handled(debug: bool):
     """Turn exceptions into one-line messages and exit codes (2: bad input, 130: Ctrl-C, 1: a bug)."""
@@ -70,9 +82,7 @@ def _handled(debug: bool):
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException) or debug:
+        if isinstance(exc, _click_exceptions()) or debug:
             raise
         if isinstance(exc, (UserInputError, ValueError, OSError)):
             # UserInputError: our checks; ValueError: the estimator's and scikit-learn's input checks
@@ -376,11 +386,109 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
     console.print(f"model  → {out / 'model.safetensors'} + {out / 'model.json'}")
 
 
+_FLAG_OF_PARAM = {"random_state": "--seed"}
+
+
+def _flag(param: str) -> str:
+    return _FLAG_OF_PARAM.get(param, "--" + param.replace("_", "-"))
+
+
+def _check_train_options(*, alpha, l1_ratio, solver, max_iter, tol, batch_size, learning_rate, class_weight, seed,
+                         test_size, impute, checkpoint_every, fmt):
+    """Check the values given on the command line (None: not given) with the estimator's own constraints
+    and the command's; the message names the flag.  Returns --learning-rate as the estimator takes it."""
+    import math
+
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from ..estimator import SoftmaxRegression
+    from ..solvers import SOLVERS
+
+    lr = learning_rate
+    if lr is not None and lr != "auto":
+        try:
+            lr = float(lr)
+        except ValueError:
+            raise UserInputError(f"--learning-rate must be 'auto' or a positive number; got {learning_rate!r}") from None
+    if class_weight is not None and class_weight not in ("balanced", "none"):
+        raise UserInputError(f"--class-weight must be 'balanced' or 'none'; got {class_weight!r}")
+    if solver is not None and solver not in ("auto", *SOLVERS):
+        import difflib
+
+        close = difflib.get_close_matches(solver, ("auto", *SOLVERS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserInputError(f"--solver must be one of auto, {', '.join(SOLVERS)}; got {solver!r}{hint}")
+    given = {"alpha": alpha, "l1_ratio": l1_ratio, "solver": solver, "max_iter": max_iter, "tol": tol,
+             "batch_size": batch_size, "learning_rate": lr,
+             "class_weight": None if class_weight in (None, "none") else class_weight, "random_state": seed}
+    try:
+        SoftmaxRegression(**{k: v for k, v in given.items() if v is not None})._validate_params()
+    except InvalidParameterError as exc:
+        raise UserInputError(_flag_message(str(exc))) from None
+    for name, value in (("alpha", alpha), ("tol", tol), ("learning_rate", lr)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"{_flag(name)} must be a finite number; got {value}")
+    if test_size is not None and not 0.0 <= test_size < 1.0:
+        raise UserInputError(f"--test-size must be in [0, 1) (the held-out share of the rows); got {test_size}")
+    if impute is not None and impute not in ("mean", "none"):
+        raise UserInputError(f"--impute must be 'mean' or 'none'; got {impute!r}")
+    if not checkpoint_every >= 0 or math.isinf(checkpoint_every):
+        raise UserInputError(f"--checkpoint-every must be a finite number of seconds >= 0; got {checkpoint_every}")
+    _check_format(fmt)
+    return lr
+
+
+def _check_format(fmt) -> None:
+    from .data import FORMATS
+
+    if fmt is not None and fmt not in FORMATS:
+        raise UserInputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+
+
+def _flag_message(text: str) -> str:
+    """scikit-learn's "The 'alpha' parameter of SoftmaxRegression must be X. Got Y instead." in the
+    command line's words: "--alpha must be X; got Y"."""
+    import re
+
+    m = re.match(r"The '(\w+)' parameter of \w+ must be (.*)\. Got (.*) instead\.?$", " ".join(text.split()))
+    if m is None:
+        return text
+    return f"{_flag(m.group(1))} must be {m.group(2)}; got {m.group(3)}"
+
+
+def _check_writable_folder(folder: Path, flag: str) -> None:
+    """Fail early, naming the user's path, when ``folder`` cannot be created or written: by making (and
+    removing) a scratch folder in it, or in its nearest existing ancestor.  Creates nothing that stays."""
+    import tempfile
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is" if probe == folder else f"cannot be created: {str(probe)!r} is"
+        raise UserInputError(f"{flag} {str(folder)!r} {what} not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".softxent-write-check-", dir=probe))
+    except OSError as exc:
+        where = "" if probe == folder else f" (in {str(probe)!r})"
+        raise UserInputError(f"{flag} {str(folder)!r} is not writable{where}: {exc.strerror or exc}") from None
+
+
 def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, tol, batch_size, learning_rate,
            class_weight, seed, standardize, categorical, impute, out, resume, force, checkpoint_every, report,
            quiet, debug, use_dask=False, scheduler=None):
     import numpy as np
 
+    # every option is checked before any data is read or any folder made (a bad flag costs nothing)
+    lr = _check_train_options(alpha=alpha, l1_ratio=l1_ratio, solver=solver, max_iter=max_iter, tol=tol,
+                              batch_size=batch_size, learning_rate=learning_rate, class_weight=class_weight,
+                              seed=seed, test_size=test_size, impute=impute, checkpoint_every=checkpoint_every,
+                              fmt=fmt)
+    if out is not None or not resume:
+        _check_writable_folder(out if out is not None else Path("runs"), "--out")
     dask_mode = bool(use_dask or scheduler)
     if dask_mode:
         if not data:
@@ -401,18 +509,6 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
     from .data import Preprocessing, load_data, split_target, train_test_indices
     from .model_io import MODEL_JSON, SavedModel, load_model, save_model
 
-    if impute is not None and impute not in ("mean", "none"):
-        raise DataError(f"unknown --impute {impute!r}; expected 'mean' (or 'none')")
-    if checkpoint_every < 0:
-        raise UserInputError(f"--checkpoint-every must be >= 0 seconds; got {checkpoint_every}")
-    lr = learning_rate
-    if lr is not None and lr != "auto":
-        try:
-            lr = float(lr)
-        except ValueError:
-            raise UserInputError(f"--learning-rate must be 'auto' or a positive number; got {learning_rate!r}") from None
-    if class_weight is not None and class_weight not in ("balanced", "none"):
-        raise UserInputError(f"--class-weight must be 'balanced' or 'none'; got {class_weight!r}")
 
     # ---- the output folder, and the model to resume ------------------------------------------------
     previous = None
@@ -430,6 +526,8 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
             raise UserInputError(f"{str(out)!r} already holds a model; continue it with --resume, overwrite it with "
                                  "--force, or choose another --out")
     prev_train = previous.meta.get("training", {}) if previous else {}
+    if previous is not None and not data:
+        data, fmt = _resume_data(prev_train, out, fmt)
     prev_params = previous.meta.get("estimator", {}).get("params", {}) if previous else {}
 
     def pick(name, value):
@@ -497,7 +595,6 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
         est = SoftmaxRegression(**params)
     prev_curve = list(previous.loss_curve) if previous is not None else []
     prev_iter = int(previous.meta.get("estimator", {}).get("n_iter", len(prev_curve))) if previous else 0
-    out.mkdir(parents=True, exist_ok=True)
     base_meta = {
         "training": {"data": raw.sources, "format": raw.fmt, "n_rows": raw.n_rows, "n_train": len(tr),
                      "n_test": len(te), "test_size": test_size, "seed": seed,
@@ -513,8 +610,12 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
         return SavedModel(classes=classes, coef=coef, intercept=intercept, preprocessing=pre,
                           loss_curve=np.asarray(curve, dtype=np.float64), target=target_name, status=status, meta=meta)
 
+    def save(model):  # the folder is made with its first model: a run that fails before leaves nothing
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(out, model)
+
     def save_checkpoint(last, curve):
-        save_model(out, model_of(last[0], last[1], prev_curve + curve, "checkpoint",
+        save(model_of(last[0], last[1], prev_curve + curve, "checkpoint",
                                  {"objective": curve[-1] if curve else None}))
 
     progress = None if quiet else _progress()
@@ -560,7 +661,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
             raise typer.Exit(EXIT_INTERRUPTED)
         coef, intercept = (est.coef_, est.intercept_) if hasattr(est, "coef_") else monitor.last
         with _sigint_deferred():
-            save_model(out, model_of(np.asarray(coef, dtype=np.float64), np.asarray(intercept, dtype=np.float64),
+            save(model_of(np.asarray(coef, dtype=np.float64), np.asarray(intercept, dtype=np.float64),
                                      prev_curve + monitor.curve, "interrupted",
                                      {"objective": monitor.curve[-1], "fit_seconds": fit_s}))
         err_console.print(f"[yellow]Interrupted after {len(monitor.curve)} iterations (objective "
@@ -585,7 +686,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                      "complete", extra)
     model.meta["metrics"] = {k: m.to_json() for k, m in metrics.items()}
     with _sigint_deferred():
-        save_model(out, model)
+        save(model)
 
     console.print(f"solver {est.solver_}: {len(curve) - len(prev_curve)} iterations"
                   + (f" (+{len(prev_curve)} before --resume)" if prev_curve else "")
@@ -631,6 +732,24 @@ def _npz_key(model, target):
     if model is not None and model.meta.get("training", {}).get("format") == "npz":
         return model.target
     return None
+
+
+def _resume_data(prev_train: dict, out: Path, fmt):
+    """``--resume`` without DATA: the data the model in ``out`` was trained on, as its model.json recorded
+    it (the bundled digits, or the same files if they are still there)."""
+    sources = [str(s) for s in prev_train.get("data") or []]
+    kind = prev_train.get("format")
+    if kind == "digits":
+        return None, fmt
+    missing = [s for s in sources if not Path(s).exists()]
+    if not sources or missing:
+        shown = ", ".join(repr(s) for s in (missing or sources)[:3]) or "(not recorded)"
+        raise UserInputError(f"--resume without DATA trains on the data recorded in {str(out)!r}, but "
+                             f"{shown} {'is' if len(missing) == 1 else 'are'} not there; give the data path: "
+                             f"softxent train DATA --out {out} --resume")
+    err_console.print(f"note: --resume without DATA: training on the data recorded in the model "
+                      f"({', '.join(sources[:3])}{', ...' if len(sources) > 3 else ''})")
+    return sources, fmt if fmt is not None else kind
 
 
 def _check_resume_conflicts(previous, **given) -> None:
@@ -717,6 +836,12 @@ def predict(
 
         if output is not None and output.suffix.lower() not in (".csv", ".parquet"):
             raise UserInputError(f"--output must end in .csv or .parquet; got {str(output)!r}")
+        _check_format(fmt)
+        if output is not None:
+            if output.is_dir():
+                raise UserInputError(f"--output {str(output)!r} is a folder; give a file name ending in .csv or "
+                                     ".parquet")
+            _check_writable_folder(output.parent, f"--output {str(output)!r}: its folder")
         model = _load_model(model_dir)
         raw, features, _, _ = _model_data(model, data, fmt, target, required=False)
         X = model.preprocessing.transform(features)
@@ -735,14 +860,17 @@ def predict(
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
             return
-        if output.suffix.lower() == ".parquet":
-            import io
+        try:
+            if output.suffix.lower() == ".parquet":
+                import io
 
-            buf = io.BytesIO()
-            frame.to_parquet(buf, index=False)
-            atomic_write_bytes(output, buf.getvalue())
-        else:
-            atomic_write_text(output, frame.to_csv(index=False))
+                buf = io.BytesIO()
+                frame.to_parquet(buf, index=False)
+                atomic_write_bytes(output, buf.getvalue())
+            else:
+                atomic_write_text(output, frame.to_csv(index=False))
+        except OSError as exc:  # the message names the user's path, not the temporary file beside it
+            raise UserInputError(f"cannot write --output {str(output)!r}: {exc.strerror or exc}") from None
         err_console.print(f"{len(frame)} predictions → {output}")
 
 
@@ -760,6 +888,9 @@ def evaluate(
     with _handled(debug):
         from .report import ReportContent, build_plots, compute_metrics, per_class_rows, write_report
 
+        _check_format(fmt)
+        if report:
+            _check_writable_folder(out if out is not None else Path("runs"), "--out")
         model = _load_model(model_dir)
         raw, features, y, _ = _model_data(model, data, fmt, target, required=True)
         X = model.preprocessing.transform(features)
