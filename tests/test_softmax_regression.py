@@ -1,5 +1,6 @@
 """SoftmaxRegression and LinearSoftmaxObjective: the optimum, the derivatives, the options, bad input."""
 
+import re
 import warnings
 
 import numpy as np
@@ -380,9 +381,14 @@ def test_partial_fit_streams_and_checks_labels():
 
 def test_convergence_warning_says_what_to_try():
     X, y, _ = _digits()
-    with pytest.warns(ConvergenceWarning, match=r"scaling the features.*max_iter.*newton-cg") as record:
-        SoftmaxRegression(alpha=1e-6, max_iter=3).fit(X * 16, y)
+    norms = []
+    with pytest.warns(ConvergenceWarning, match=r"gradient's max-norm is \S+, above tol=1e-06.*max_iter.*"
+                                                  r"newton-cg.*scaling them") as record:
+        SoftmaxRegression(alpha=1e-6, max_iter=3, callback=lambda info: norms.append(info.grad_norm)).fit(X * 16, y)
     assert record[0].filename == __file__  # the warning points at the caller's fit(), not inside softxent
+    # the reported max-norm is the final iterate's (the criterion the solvers share), as the callback saw it
+    reported = float(re.search(r"max-norm is (\S+),", str(record[0].message)).group(1))
+    assert reported == pytest.approx(norms[-1], rel=1e-2) and reported > 1e-6
 
 
 @pytest.mark.parametrize("solver", FULL_BATCH + MINIBATCH)
@@ -392,7 +398,7 @@ def test_every_solver_warns_when_it_runs_out_of_iterations(solver):
     X, y, _ = _digits()
     kw = {"l1_ratio": 0.5} if solver == "proximal" else {}
     with pytest.warns(ConvergenceWarning,
-                      match=rf"solver='{solver}'\) did not converge within max_iter=2 .*scaling the features"
+                      match=rf"solver='{solver}'\) did not converge within max_iter=2 .*scaling them"
                       ) as record:
         m = SoftmaxRegression(alpha=1e-6, solver=solver, max_iter=2, tol=1e-12, **kw).fit(X * 16, y)
     assert record[0].filename == __file__
@@ -416,7 +422,7 @@ def test_unscaled_separable_data_gives_finite_probabilities(solver):
         obj = LinearSoftmaxObjective(X, y, 2)
         loss, g = obj.loss_gradient(obj.pack(m.coef_, m.intercept_))
         if warned:
-            assert "scaling the features" in str(warned[0].message)
+            assert "scaling them" in str(warned[0].message)
         else:
             assert np.abs(g).max() <= 10 * tol or loss <= 1e-9, (np.abs(g).max(), loss, m.n_iter_)
         proba = m.predict_proba(X)

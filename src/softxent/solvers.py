@@ -20,9 +20,13 @@ solver          when to use it
                 rotation invariant, so slower than sgd on correlated or collinear features.
 ==============  ==================================================================================
 
-Full-batch solvers, and sgd / adam in ``fit``, stop when the gradient (with L1: the gradient mapping) is
-at most ``tol`` in max-norm; the plain minibatch epochs when the epoch loss has not improved by ``tol``
-for ``n_iter_no_change`` epochs.  Each reports every iteration to a
+Convergence is judged by one criterion for every solver (:func:`converged`): full-batch solvers, and sgd /
+adam in ``fit``, have converged when the gradient (with L1: the gradient mapping) is at most ``tol`` in
+max-norm, or when they stalled at the objective's rounding (no step changes it by more than a few ulps:
+L-BFGS-B's ``ftol`` stop or failed line search, a collapsed trust region, a backtracking step below 1e-20),
+where no solver can do better in the data's precision; a solver that used up ``max_iter`` before either has
+not.  The plain minibatch epochs of ``partial_fit`` stop when the epoch loss has not improved by ``tol`` for
+``n_iter_no_change`` epochs.  Each reports every iteration to a
 :class:`Monitor`, which keeps the last completed iterate (an interrupted fit keeps it) and the curve.
 """
 
@@ -36,7 +40,7 @@ import numpy as np
 from scipy.linalg.blas import get_blas_funcs
 from scipy.optimize import minimize
 
-__all__ = ["IterationInfo", "Monitor", "SolverResult", "SOLVERS", "FULL_BATCH_SOLVERS",
+__all__ = ["IterationInfo", "Monitor", "SolverResult", "SOLVERS", "converged", "FULL_BATCH_SOLVERS",
            "MINIBATCH_SOLVERS", "run_solver", "minibatch_epochs", "svrg_epochs"]
 
 FULL_BATCH_SOLVERS = ("lbfgs", "newton-cg", "gd", "proximal")
@@ -69,10 +73,12 @@ class Monitor:
         self.decorate = decorate
         self.curve: list[float] = []
         self.last_w = None
+        self.last_grad_norm = math.nan  # the optimality measure at the last iterate (for the warnings)
         self.t0 = time.perf_counter()
 
     def step(self, w, objective: float, grad_norm: float) -> bool:
         self.last_w = np.array(w, dtype=np.float64, copy=True)
+        self.last_grad_norm = float(grad_norm)
         self.curve.append(float(objective))
         if self.callback is None:
             return False
@@ -95,6 +101,12 @@ def _rounding(obj, f: float) -> float:
     """How much an objective value near ``f`` can be off by rounding: a few ulps of the data's dtype
     (float32 data computes its logits and losses in float32)."""
     return 8 * float(np.finfo(getattr(obj, "dtype", np.float64)).eps) * abs(f)
+
+
+def converged(optimality: float, tol: float, *, stalled: bool = False) -> bool:
+    """The convergence criterion of every solver: the max-norm of the gradient (with L1: of the gradient
+    mapping) is at most ``tol``, or the solver ``stalled`` at the objective's rounding."""
+    return bool(stalled or optimality <= tol)
 
 
 def _inf_norm(g) -> float:
@@ -120,10 +132,11 @@ def _lbfgs(obj, w0, *, max_iter, tol, monitor, **_):
                    options={"maxiter": max_iter, "maxfun": max(15000, 2 * max_iter), "gtol": tol,
                             "ftol": 64 * np.finfo(float).eps, "maxls": 50})
     g_norm = _inf_norm(last["g"]) if "g" in last else np.inf
-    # status 0: converged; 99: stopped by the callback; 2 (abnormal line search) counts as converged
-    # only when the gradient is small anyway (the line search ran into rounding at the optimum).
-    converged = res.status in (0, 99) or g_norm <= 10 * tol
-    return SolverResult(res.x, int(res.nit), bool(converged), str(res.message))
+    # status 0: the projected gradient's max-norm <= gtol = tol, or the relative decrease <= ftol = 64 eps
+    # (stalled at rounding); 2: no line-search step decreases f (stalled); 99: stopped by the callback;
+    # 1: max_iter used up.
+    ok = res.status == 99 or converged(g_norm, tol, stalled=res.status in (0, 2))
+    return SolverResult(res.x, int(res.nit), ok, str(res.message))
 
 
 # --------------------------------------------------------------------------------------- newton-cg
@@ -297,8 +310,8 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
         if monitor.step(w, f, _inf_norm(g)):
             return SolverResult(w, it, True, "stopped by callback")
         if radius < 1e-14:
-            return SolverResult(w, it, _inf_norm(g) <= 10 * tol, "trust region collapsed")
-    return SolverResult(w, max_iter, _inf_norm(g) <= tol)
+            return SolverResult(w, it, converged(_inf_norm(g), tol, stalled=True), "trust region collapsed")
+    return SolverResult(w, max_iter, converged(_inf_norm(g), tol))
 
 
 # ---------------------------------------------------------------------------------------------- gd
@@ -313,7 +326,7 @@ def _gd(obj, w0, *, max_iter, tol, monitor, learning_rate=None, **_):
     fixed = learning_rate is not None
     step = float(learning_rate) if fixed else 1.0 / _lipschitz_guess(obj)
     for it in range(1, max_iter + 1):
-        if _inf_norm(g) <= tol:
+        if converged(_inf_norm(g), tol):
             return SolverResult(w, it - 1, True)
         if fixed:
             w = w - step * g
@@ -332,6 +345,8 @@ def _gd(obj, w0, *, max_iter, tol, monitor, learning_rate=None, **_):
                 if f_new <= f - 0.5 * step * gg + slack or step < 1e-20:
                     break
                 step *= 0.5
+            if step < 1e-20:  # no step decreases f beyond its rounding: stalled at w, the last accepted
+                return SolverResult(w, it - 1, converged(_inf_norm(g), tol, stalled=True), "stalled")
             w, f, g = w_new, f_new, g_new
         if not np.isfinite(f):
             raise FloatingPointError(
@@ -339,7 +354,7 @@ def _gd(obj, w0, *, max_iter, tol, monitor, learning_rate=None, **_):
                 "learning_rate or learning_rate=None (backtracking)")
         if monitor.step(w, f, _inf_norm(g)):
             return SolverResult(w, it, True, "stopped by callback")
-    return SolverResult(w, max_iter, _inf_norm(g) <= tol)
+    return SolverResult(w, max_iter, converged(_inf_norm(g), tol))
 
 
 # ---------------------------------------------------------------------------------------- proximal
@@ -369,7 +384,7 @@ def _proximal(obj, w0, *, max_iter, tol, monitor, **_):
         x, F_x, t = x_new, F_new, t_new
         if monitor.step(x, F_x, grad_map):
             return SolverResult(x, it, True, "stopped by callback")
-        if grad_map <= tol:
+        if converged(grad_map, tol):
             return SolverResult(x, it, True)
         f_y, g_y = obj.loss_gradient(y)
         L *= 0.9                          # let the step grow again
@@ -613,4 +628,4 @@ def svrg_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, ba
             return w, e + 1, True
         if validation is not None and _no_improvement(state, score, tol, n_iter_no_change):
             return w, e + 1, True
-    return w, n_epochs, optimality <= tol
+    return w, n_epochs, converged(optimality, tol)

@@ -32,6 +32,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="softxent: softmax cross-entropy, softmax regression and its tools.")
 console = Console()
 err_console = Console(stderr=True)
+for _c in (console, err_console):  # in a log or a pipe, long lines stay whole instead of wrapping at 80 columns
+    _c.soft_wrap = not _c.is_terminal
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -237,7 +239,44 @@ class _FitMonitor:
         return False
 
 
+class _PhaseLines:
+    """The progress display without a terminal (CI logs, pipes): a plain line when the fit starts and one
+    when it ends, instead of a bar redrawn in place (which a log records cut at its width)."""
+
+    def __init__(self, console):
+        self.console, self.fields, self.t0 = console, {}, time.monotonic()
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        f = self.fields
+        if exc[0] is None:
+            self.console.print(f"{f['description']}: {f.get('completed', 0)}/{f['total']}, objective "
+                               f"{f['objective']}, |grad| {f['grad']}, {time.monotonic() - self.t0:.2f} s",
+                               highlight=False)
+        return False
+
+    def add_task(self, description, **fields):
+        self.fields = {"description": description, **fields}
+        self.console.print(f"{description}: fitting (at most {fields.get('total')} iterations)", highlight=False)
+        return 0
+
+    def update(self, task, **fields):
+        self.fields.update(fields)
+
+
+def _finish_progress(progress, task, est, n_done: int, converged: bool) -> None:
+    """The bar ends full, saying how the solver stopped (it may stop long before max_iter)."""
+    if progress is not None:
+        progress.update(task, total=max(n_done, 1), completed=n_done,
+                        description=f"{est.solver_} {'converged' if converged else 'did not converge'}")
+
+
 def _progress():
+    if not err_console.is_terminal:
+        return _PhaseLines(err_console)
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                                TimeElapsedColumn)
     from rich.text import Text
@@ -303,7 +342,7 @@ def train(
 
 
 def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_iter, tol, batch_size, learning_rate,
-                   class_weight, seed, standardize, out, force, quiet, scheduler):
+                   class_weight, seed, standardize, out, force, quiet, scheduler, report):
     """``train --dask``: read the files lazily, standardise with the data's mean/std, fit with the objective as
     one map-reduce per evaluation (softxent.dask), save the same model files.  No held-out split: the files
     are assumed too large to reshuffle; evaluate on separate files with ``softxent evaluate``."""
@@ -350,25 +389,33 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
                                 "random_state": seed}.items() if v is not None}
     est = SoftmaxRegression(**params)
     progress = None if quiet else _progress()
-    task = progress.add_task(est.solver, total=est.max_iter, objective="-", grad="-") if progress else None
+    task = progress.add_task(est._resolve_solver(), total=est.max_iter, objective="-", grad="-") if progress else None
     monitor = _FitMonitor(progress, task, 0.0, lambda last, curve: None, describe=lambda: f"{est.solver} iteration")
     est.set_params(callback=monitor)
     t_fit = time.perf_counter()
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with progress if progress is not None else contextlib.nullcontext():
             fit_dask(est, X_fit, y, client=client)
+            _finish_progress(progress, task, est, len(monitor.curve),
+                             not any(issubclass(w.category, ConvergenceWarning) for w in caught))
     fit_s = time.perf_counter() - t_fit
     est.set_params(callback=None)
+    notes = ([_not_converged_note(est, monitor.curve, do_std)]
+             if any(issubclass(w.category, ConvergenceWarning) for w in caught) else [])
+    _show_warnings(w for w in caught if not issubclass(w.category, ConvergenceWarning))
+    # one Dask pass for every row's log-probabilities: the metrics and the report's plots use them
     logp = np.asarray(client.compute(est.predict_log_proba(X_fit), sync=True))
-    metrics = {"train": compute_metrics(np.searchsorted(est.classes_, y_np), logp)}
+    y_idx = np.searchsorted(est.classes_, y_np)
+    metrics = {"train": compute_metrics(y_idx, logp)}
     meta = {"training": {"data": sources, "format": kind, "n_rows": int(len(y_np)), "n_train": int(len(y_np)),
                          "n_test": 0, "test_size": 0.0, "seed": seed, "dask": True,
                          "command": _command_line()},
             "estimator": {"class": "softxent.SoftmaxRegression", "params": _json_params(est), "solver": est.solver_,
                           "n_iter": int(est.n_iter_), "objective": float(est.objective_), "fit_seconds": fit_s,
-                          "converged": not any(issubclass(w.category, Warning) and "converge" in str(w.message)
-                                               for w in caught)},
+                          "converged": not notes},
             "metrics": {k: m.to_json() for k, m in metrics.items()}}
     model = SavedModel(classes=est.classes_, coef=np.asarray(est.coef_, dtype=np.float64),
                        intercept=np.asarray(est.intercept_, dtype=np.float64), preprocessing=pre,
@@ -377,13 +424,16 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
     out.mkdir(parents=True, exist_ok=True)
     with _sigint_deferred():
         save_model(out, model)
-    for w in caught:
-        if "converge" in str(w.message):
-            console.print(f"[yellow]warning:[/yellow] {' '.join(str(w.message).split())}")
     console.print(f"solver {est.solver_}: {est.n_iter_} iterations, objective {est.objective_:.8g}; "
                   f"{fit_s:.2f} s fitting on Dask, {load_s:.2f} s scanning")
+    for note in notes + _constant_model_notes(logp, est.alpha):
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
     console.print(_metrics_table(metrics))
     console.print(f"model  → {out / 'model.safetensors'} + {out / 'model.json'}")
+    if report:  # no held-out split on Dask: the plots score the training rows
+        _write_train_report(out, model, f"{len(sources)} {kind} file(s) on Dask", list(est.loss_curve_), y_idx,
+                            logp, "train", metrics, [("rows", str(len(y_np))), ("fit time", f"{fit_s:.2f} s on Dask"),
+                                                     ("converged", "yes" if not notes else "no — " + notes[0])])
 
 
 _FLAG_OF_PARAM = {"random_state": "--seed"}
@@ -504,7 +554,8 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
             return _train_on_dask(stack, data=data, target=target, fmt=fmt, alpha=alpha, l1_ratio=l1_ratio,
                                   solver=solver, max_iter=max_iter, tol=tol, batch_size=batch_size,
                                   learning_rate=learning_rate, class_weight=class_weight, seed=seed,
-                                  standardize=standardize, out=out, force=force, quiet=quiet, scheduler=scheduler)
+                                  standardize=standardize, out=out, force=force, quiet=quiet, scheduler=scheduler,
+                                  report=report)
 
     from .data import Preprocessing, load_data, split_target, train_test_indices
     from .model_io import MODEL_JSON, SavedModel, load_model, save_model
@@ -572,9 +623,12 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
             raise DataError(f"--resume: the training split's classes {_show_classes(np.unique(y_tr))} differ from "
                             f"the model's {_show_classes(previous.classes)}")
     else:
-        pre = Preprocessing.fit(_rows(features, tr), categorical=bool(categorical),
-                                impute=None if impute in (None, "none") else impute,
-                                standardize=True if standardize is None else standardize, raw=raw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pre = Preprocessing.fit(_rows(features, tr), categorical=bool(categorical),
+                                    impute=None if impute in (None, "none") else impute,
+                                    standardize=True if standardize is None else standardize, raw=raw)
+        _show_warnings(caught)
     X_tr = pre.transform(_rows(features, tr))
     X_te = pre.transform(_rows(features, te)) if len(te) else None
     load_s = time.perf_counter() - t0
@@ -621,7 +675,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
     progress = None if quiet else _progress()
     task = None
     if progress is not None:
-        task = progress.add_task(str(params["solver"]), total=params["max_iter"], objective="-", grad="-")
+        task = progress.add_task(est._resolve_solver(), total=params["max_iter"], objective="-", grad="-")
     unit = "epoch" if params["solver"] in ("sgd", "adam") else "iteration"
     monitor = _FitMonitor(progress, task, checkpoint_every, save_checkpoint,
                           describe=lambda: f"{getattr(est, 'solver_', params['solver'])} {unit}")
@@ -637,11 +691,8 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
         try:
             with progress if progress is not None else contextlib.nullcontext():
                 est.fit(X_tr, y_tr)
-                if progress is not None:  # the bar ends full: the solver has stopped
-                    done = len(monitor.curve)
-                    unconverged = any(issubclass(w.category, ConvergenceWarning) for w in caught)
-                    progress.update(task, total=max(done, 1), completed=done,
-                                    description=f"{est.solver_} {'did not converge' if unconverged else 'converged'}")
+                _finish_progress(progress, task, est, len(monitor.curve),
+                                 not any(issubclass(w.category, ConvergenceWarning) for w in caught))
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -649,10 +700,9 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                 signal.signal(signal.SIGINT, previous_handler)
     fit_s = time.perf_counter() - t_fit
     est.set_params(callback=None)
-    notes = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
-    for w in caught:  # anything else the fit warned about is shown, once
-        if not issubclass(w.category, (ConvergenceWarning, DeprecationWarning)):
-            err_console.print(f"[yellow]warning:[/yellow] {' '.join(str(w.message).split())}")
+    notes = ([_not_converged_note(est, monitor.curve, pre.standardize)]
+             if any(issubclass(w.category, ConvergenceWarning) for w in caught) else [])
+    _show_warnings(w for w in caught if not issubclass(w.category, ConvergenceWarning))
 
     if interrupted:
         if not monitor.curve:
@@ -671,7 +721,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
         raise typer.Exit(EXIT_INTERRUPTED)
 
     # ---- metrics, model, report ---------------------------------------------------------------------
-    from .report import ReportContent, build_plots, compute_metrics, per_class_rows, write_report
+    from .report import compute_metrics
 
     classes = est.classes_
     logp_tr = est.predict_log_proba(X_tr)
@@ -691,29 +741,32 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
     console.print(f"solver {est.solver_}: {len(curve) - len(prev_curve)} iterations"
                   + (f" (+{len(prev_curve)} before --resume)" if prev_curve else "")
                   + f", objective {est.objective_:.8g}; {fit_s:.2f} s fitting, {load_s:.2f} s loading")
-    for note in notes:
-        console.print(f"[yellow]warning:[/yellow] {' '.join(note.split())}")
-    if notes:
-        console.print("hint: on the command line, raise --max-iter, keep --standardize on, or try --solver newton-cg; "
-                      "--resume continues from where this run stopped")
+    for note in notes + _constant_model_notes(logp_tr, est.alpha):
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
     console.print(_metrics_table(metrics))
     console.print(f"model  → {out / 'model.safetensors'} + {out / 'model.json'}")
     if report:
-        labels = [str(c) for c in classes]
         split = "held-out" if logp_te is not None else "train"
         y_eval, logp_eval = (y_te, logp_te) if logp_te is not None else (y_tr, logp_tr)
-        y_idx = np.searchsorted(classes, y_eval)
-        plots = build_plots(loss_curve=curve, y_idx=y_idx, log_proba=logp_eval, labels=labels, split=split,
-                            coef=est.coef_, image_shape=pre.image_shape)
-        content = ReportContent(
-            title=f"softxent train — {raw.describe()}",
-            summary=_summary_rows(model, raw.describe(), extra_rows=[
-                ("rows (train / held-out)", f"{len(tr)} / {len(te)}"),
-                ("fit time", f"{fit_s:.2f} s"),
-                ("converged", "yes" if not notes else "no — " + " ".join(notes[0].split()))]),
-            metrics=metrics, plots=plots, per_class=per_class_rows(y_idx, logp_eval, labels), per_class_split=split)
-        path = write_report(out, content)
-        console.print(f"report → {path} (+ {len(plots)} PNGs)")
+        _write_train_report(out, model, raw.describe(), curve, np.searchsorted(classes, y_eval), logp_eval, split,
+                            metrics, [("rows (train / held-out)", f"{len(tr)} / {len(te)}"),
+                                      ("fit time", f"{fit_s:.2f} s"),
+                                      ("converged", "yes" if not notes else "no — " + notes[0])])
+
+
+def _write_train_report(out, model, data_desc: str, curve, y_idx, logp, split: str, metrics, extra_rows) -> None:
+    """report.html and the PNGs of a training run (local or on Dask), scored on ``split``'s rows."""
+    from .report import ReportContent, build_plots, per_class_rows, write_report
+
+    labels = [str(c) for c in model.classes]
+    plots = build_plots(loss_curve=curve, y_idx=y_idx, log_proba=logp, labels=labels, split=split,
+                        coef=model.coef, image_shape=model.preprocessing.image_shape)
+    content = ReportContent(title=f"softxent train — {data_desc}",
+                            summary=_summary_rows(model, data_desc, extra_rows=extra_rows),
+                            metrics=metrics, plots=plots, per_class=per_class_rows(y_idx, logp, labels),
+                            per_class_split=split)
+    path = write_report(out, content)
+    console.print(f"report → {path} (+ {len(plots)} PNGs)")
 
 
 def _command_line() -> str | None:
@@ -732,6 +785,52 @@ def _npz_key(model, target):
     if model is not None and model.meta.get("training", {}).get("format") == "npz":
         return model.target
     return None
+
+
+# A model whose probabilities differ by less than this between all training rows predicts the same for
+# every row: numerically constant (the penalty has overwhelmed the data, or the features carry nothing).
+CONSTANT_MODEL_SPREAD = 1e-6
+
+
+def _constant_model_notes(log_proba, alpha) -> list[str]:
+    """A warning when the fitted model is (numerically) constant over the training rows."""
+    import numpy as np
+
+    if len(log_proba) < 2:
+        return []
+    P = np.exp(log_proba)
+    spread = float(np.max(P.max(axis=0) - P.min(axis=0)))
+    if spread >= CONSTANT_MODEL_SPREAD:
+        return []
+    return [f"the fitted model is (numerically) constant: its probabilities differ by at most {spread:.1e} between "
+            f"training rows, so every row gets the same prediction (the class frequencies). --alpha {alpha:g} is "
+            "probably too strong for this data (the default is 1e-4); or the features carry no information."]
+
+
+def _not_converged_note(est, curve, standardized: bool) -> str:
+    """The command line's words for a fit that used up --max-iter before the convergence criterion held
+    (softxent.solvers.converged, the same for every solver): how far it got, and what to do here."""
+    unit = "epoch" if est.solver_ in ("sgd", "adam") else "iteration"
+    g = getattr(est, "_final_optimality", float("nan"))
+    recent = ""
+    if len(curve) > 10:
+        recent = f"; the objective fell by {curve[-11] - curve[-1]:.1e} over the last 10 {unit}s"
+    what = (f"{est.solver_} stopped at --max-iter {est.max_iter} {unit}s before the gradient's max-norm reached "
+            f"--tol {est.tol} (it is {g:.1e}{recent}).")
+    if standardized:
+        todo = ("The features are standardised already: continue with --resume and a larger --max-iter, or use "
+                "--solver lbfgs (the default) or newton-cg, which need far fewer iterations.")
+    else:
+        todo = ("Standardise the features (drop --no-standardize), continue with --resume and a larger "
+                "--max-iter, or use --solver newton-cg (it copes best with unscaled features).")
+    return f"{what} {todo}"
+
+
+def _show_warnings(caught) -> None:
+    """Warnings caught during a step, one line each on stderr (deprecations are for developers)."""
+    for w in caught:
+        if not issubclass(w.category, DeprecationWarning):
+            err_console.print(f"[yellow]warning:[/yellow] {' '.join(str(w.message).split())}", highlight=False)
 
 
 def _resume_data(prev_train: dict, out: Path, fmt):

@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 MISSING_CATEGORY = "<missing>"
+# A text column at least this share of whose non-missing cells are numbers is a numeric column with some
+# bad cells (a typo, a unit, a stray 'n/a'), not a category: one-hot encoding it would silently turn one
+# feature into one column per distinct value.
+MOSTLY_NUMERIC = 0.9
 
 # format -> recognised suffixes (the last suffix, after stripping one compression suffix)
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -440,6 +444,17 @@ class Preprocessing:
             if not cols:
                 raise DataError("the data has no feature columns besides the target")
             non_numeric = [c for c in cols if not _numeric_column(features[c])]
+            mostly_numeric = {c: share for c in non_numeric
+                              if (share := _numeric_share(features[c])) >= MOSTLY_NUMERIC}
+            if mostly_numeric and not categorical:
+                for c in mostly_numeric:
+                    _parse_numeric(features[c], c)  # raises, naming the bad cells
+            for c, share in mostly_numeric.items():
+                import warnings
+
+                warnings.warn(f"--categorical one-hot encodes column {c!r} although {share:.0%} of its cells are "
+                              f"numbers ({features[c].nunique()} distinct values, one feature each); if the other "
+                              "cells are mistakes, fix or blank them instead", UserWarning, stacklevel=2)
             if non_numeric and not categorical:
                 examples = []
                 for c in non_numeric[:8]:
@@ -524,14 +539,7 @@ class Preprocessing:
                     blocks.append(block)
                 else:
                     if not _numeric_column(col):
-                        import pandas as pd
-
-                        num = pd.to_numeric(col, errors="coerce")
-                        bad = num.isna() & col.notna()
-                        if bad.any():
-                            raise DataError(f"feature column {c!r} must be numeric (as in training) but holds "
-                                            f"{str(col[bad].iloc[0])!r}")
-                        col = num
+                        col = _parse_numeric(col, c)
                     blocks.append(col.to_numpy(dtype=np.float64, na_value=np.nan).reshape(-1, 1))
             return np.hstack(blocks) if blocks else np.zeros((len(features), 0))
         if _is_frame(features):
@@ -614,6 +622,41 @@ def _numeric_column(s) -> bool:
     import pandas as pd
 
     return bool(pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s))
+
+
+def _numeric_share(col) -> float:
+    """The share of the non-missing cells of a text column that parse as numbers (0 if none is present)."""
+    import pandas as pd
+
+    present = col.notna()
+    n = int(present.sum())
+    return float(pd.to_numeric(col[present], errors="coerce").notna().sum()) / n if n else 0.0
+
+
+def _parse_numeric(col, name: str, limit: int = 5):
+    """A text column of a numeric feature as numbers; a cell that is no number is an error that names it:
+    its row (counting data rows from 1, the header excluded), the column and the value."""
+    import pandas as pd
+
+    num = pd.to_numeric(col, errors="coerce")
+    bad = num.isna() & col.notna()
+    if bad.any():
+        where = np.flatnonzero(bad.to_numpy())
+        cells = ", ".join(f"row {_row_number(col.index[i])} {_clip(col.iloc[i])!r}" for i in where[:limit])
+        more = f", ... ({len(where)} cells in all)" if len(where) > limit else ""
+        raise DataError(f"feature column {name!r} holds numbers and {len(where)} cell(s) that are not: {cells}{more}"
+                        "; fix those cells, or blank them (a blank cell is a missing value, which --impute mean "
+                        "fills)")
+    return num
+
+
+def _row_number(label) -> str:
+    return str(label + 1) if isinstance(label, (int, np.integer)) else repr(label)
+
+
+def _clip(value, width: int = 40) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _category_strings(s) -> list[str]:
