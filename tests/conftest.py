@@ -44,3 +44,16 @@ def fuzz_scale(request) -> int:
     """How many cases a fuzz test draws: 1 in the suite (fixed seeds, a few hundred cases in all), about 20
     with ``pytest --fuzz`` (thousands)."""
     return 20 if request.config.getoption("--fuzz") else 1
+
+
+@pytest.fixture(autouse=True)
+def _no_debris_in_the_checkout():
+    """Tests write only under tmp_path: a test that leaves a new entry in the working folder's ``runs/``
+    (the command line's default output folder) fails."""
+    from pathlib import Path
+
+    runs = Path.cwd() / "runs"
+    before = set(os.listdir(runs)) if runs.is_dir() else set()
+    yield
+    after = set(os.listdir(runs)) if runs.is_dir() else set()
+    assert after <= before, f"the test left {sorted(after - before)} in {runs}"

@@ -34,12 +34,19 @@ def parquet_parts(tmp_path):
 
 def test_train_dask_equals_in_memory(parquet_parts):
     runner = CliRunner()
-    opts = ["--target", "label", "--solver", "newton-cg", "--tol", "1e-10", "--alpha", "1e-3", "-q", "--no-report"]
+    opts = ["--target", "label", "--solver", "newton-cg", "--tol", "1e-10", "--alpha", "1e-3"]
     res = runner.invoke(app, ["train", str(parquet_parts / "parts" / "*.parquet"), "--dask",
                               "--out", str(parquet_parts / "m_dask"), *opts])
     assert res.exit_code == 0, res.output
+    # the same report and plots as in memory (scored on the training rows), and a progress display that ends
+    # in a finished state (without a terminal: a line when the fit starts, one when it ends)
+    assert (parquet_parts / "m_dask" / "report.html").stat().st_size > 10_000
+    assert {p.name for p in (parquet_parts / "m_dask").glob("*.png")} >= {"objective_curve.png",
+                                                                          "confusion_matrix.png"}
+    n_iter = load_model(parquet_parts / "m_dask").meta["estimator"]["n_iter"]
+    assert f"newton-cg converged: {n_iter}/{n_iter}" in res.stderr, res.stderr
     res2 = runner.invoke(app, ["train", str(parquet_parts / "all.parquet"), "--test-size", "0",
-                               "--out", str(parquet_parts / "m_mem"), *opts])
+                               "--out", str(parquet_parts / "m_mem"), *opts, "-q", "--no-report"])
     assert res2.exit_code == 0, res2.output
     a, b = load_model(parquet_parts / "m_dask"), load_model(parquet_parts / "m_mem")
     assert list(a.classes) == ["ant", "bee", "cat"]

@@ -446,15 +446,18 @@ class Preprocessing:
             non_numeric = [c for c in cols if not _numeric_column(features[c])]
             mostly_numeric = {c: share for c in non_numeric
                               if (share := _numeric_share(features[c])) >= MOSTLY_NUMERIC}
-            if mostly_numeric and not categorical:
+            if not categorical:  # numeric columns read as text: parsed as numbers (bad cells are named)
                 for c in mostly_numeric:
-                    _parse_numeric(features[c], c)  # raises, naming the bad cells
+                    _parse_numeric(features[c], c)
+                non_numeric = [c for c in non_numeric if c not in mostly_numeric]
+                mostly_numeric = {}
             for c, share in mostly_numeric.items():
                 import warnings
 
-                warnings.warn(f"--categorical one-hot encodes column {c!r} although {share:.0%} of its cells are "
-                              f"numbers ({features[c].nunique()} distinct values, one feature each); if the other "
-                              "cells are mistakes, fix or blank them instead", UserWarning, stacklevel=2)
+                how_many = f"{min(share, 0.99):.0%} of its cells are" if share < 1 else "its training cells are all"
+                warnings.warn(f"--categorical one-hot encodes column {c!r} although {how_many} numbers "
+                              f"({features[c].nunique()} distinct values, one feature each); if the cells that are "
+                              "not numbers are mistakes, fix or blank them instead", UserWarning, stacklevel=2)
             if non_numeric and not categorical:
                 examples = []
                 for c in non_numeric[:8]:

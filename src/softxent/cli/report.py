@@ -28,6 +28,7 @@ __all__ = [
     "Metrics",
     "compute_metrics",
     "reliability_bins",
+    "wilson_interval",
     "plot_objective_curve",
     "plot_confusion_matrix",
     "plot_reliability",
@@ -170,6 +171,24 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], *, title: str) -> b
     return _png(fig)
 
 
+# Reliability bins holding fewer rows than this are drawn faint and hatched: their accuracy is noise.
+RELIABILITY_MIN_ROWS = 10
+
+
+def wilson_interval(acc: np.ndarray, counts: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval of a proportion ``acc`` measured on ``counts`` rows (95 % for z = 1.96);
+    (0, 1) for an empty bin.  Unlike acc ± z·se it stays inside [0, 1] and is wide for a bin of few rows."""
+    acc = np.nan_to_num(np.asarray(acc, dtype=np.float64))
+    n = np.asarray(counts, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = 1 + z * z / n
+        centre = (acc + z * z / (2 * n)) / denom
+        half = z * np.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / denom
+    lo = np.where(n > 0, np.clip(centre - half, 0, 1), 0.0)
+    hi = np.where(n > 0, np.clip(centre + half, 0, 1), 1.0)
+    return np.minimum(lo, acc), np.maximum(hi, acc)
+
+
 def plot_reliability(log_proba: np.ndarray, y_idx: np.ndarray, *, title: str, n_bins: int = 10) -> bytes:
     """Reliability diagram: accuracy against mean top-label confidence per bin, and the bin counts."""
     plt = _pyplot()
@@ -180,8 +199,20 @@ def plot_reliability(log_proba: np.ndarray, y_idx: np.ndarray, *, title: str, n_
     fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.2, 6.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
     centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
     ok = counts > 0
-    ax.bar(centres[ok], acc[ok], width=edges[1] - edges[0], edgecolor="black", alpha=0.7, label="accuracy")
+    few = ok & (counts < RELIABILITY_MIN_ROWS)
+    full = ok & ~few
+    ax.bar(centres[full], acc[full], width=width, edgecolor="black", alpha=0.7, label="accuracy")
+    if few.any():  # a bin of a handful of rows says little: drawn faint and hatched, its count written on it
+        ax.bar(centres[few], acc[few], width=width, edgecolor="black", color="white", hatch="//", alpha=0.6,
+               label=f"accuracy, bin of < {RELIABILITY_MIN_ROWS} rows")
+    lo, hi = wilson_interval(acc, counts)
+    ax.errorbar(centres[ok], acc[ok], yerr=[acc[ok] - lo[ok], hi[ok] - acc[ok]], fmt="none", ecolor="black",
+                capsize=2, lw=0.8, label="95 % interval (Wilson)")
+    for x, n in zip(centres[ok], counts[ok]):  # each bin's rows, at the foot of its bar
+        ax.annotate(f"n={int(n)}", (x, 0.0), textcoords="offset points", xytext=(0, 3), ha="center",
+                    fontsize=6.5, color="#202020")
     ax.plot(mean_conf[ok], acc[ok], "o-", color="#d62728", label="(mean confidence, accuracy)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -337,7 +368,9 @@ def build_plots(*, loss_curve, y_idx, log_proba, labels: list[str], split: str, 
         plots.append(Plot("reliability", f"Reliability diagram ({split})",
                           plot_reliability(log_proba, y_idx, title=f"reliability ({split})"),
                           "Accuracy against the predicted probability of the top class, in 10 bins; "
-                          "on the diagonal means calibrated."))
+                          "on the diagonal means calibrated.  The number on a bar is its rows; bins of "
+                          f"fewer than {RELIABILITY_MIN_ROWS} rows are hatched; whiskers are 95 % "
+                          "(Wilson) intervals."))
     if coef is not None and image_shape is not None:
         plots.append(Plot("coef_images", "Each class's row of Θ as an image",
                           plot_coef_images(coef, tuple(image_shape), labels),
