@@ -9,13 +9,24 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 # and any other version pulls gigabytes of CUDA wheels.
 TORCH  ?= torch==2.13.0
 
+# what `make demo` alone installs (the cli extra), kept apart: `make test` runs a smoke suite against it
+DEMO_VENV ?= .venv-demo
+
 .PHONY: demo test venv clean
 
+# $(1): the folder of a virtual environment with only the command line (`make demo`'s install)
+define cli_only_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
+	$(1)/bin/python -m pip -q --disable-pip-version-check install -e '.[cli]'
+	touch $(1)/.core
+endef
+
 $(VENV)/.core: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
-	$(PIP) install -e '.[cli]'
-	touch $@
+	$(call cli_only_venv,$(VENV))
+
+$(DEMO_VENV)/.core: pyproject.toml
+	$(call cli_only_venv,$(DEMO_VENV))
 
 $(VENV)/.all: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +40,8 @@ venv: $(VENV)/.all
 demo: $(VENV)/.core
 	$(VENV)/bin/softxent train
 
-test: $(VENV)/.all
-	$(PY) -m pytest -q
+test: $(VENV)/.all $(DEMO_VENV)/.core
+	SOFTXENT_DEMO_VENV=$(DEMO_VENV) $(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .hypothesis

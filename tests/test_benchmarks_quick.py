@@ -100,3 +100,11 @@ def test_skip_accuracy_kernels_quick():
     assert len(rows) == 6
     exact = rows["exact"]
     assert exact["dropped_tiles"] == 0 and exact["dx_err"] < 1e-2 and exact["dW_err"] < 1e-2
+
+
+def test_cli_startup_quick():
+    pytest.importorskip("typer")
+    _run("cli_startup.py", timeout=600)
+    rows = {r["command"]: r for r in _json("cli_startup_quick")["rows"]}
+    assert rows["softxent train iris -q --no-report"]["median_s"] > 0
+    assert rows["softxent train iris -q --no-report"]["starting_s"] > 0  # the CLI reports its start-up
