@@ -63,6 +63,7 @@ def iris_csv(tmp_path):
     (["--test-size", "1"], "--test-size"), (["--test-size", "nan"], "--test-size"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--format", "xls"], "--format"),
     (["--impute", "median"], "--impute"), (["--class-weight", "heavy"], "--class-weight"),
+    (["--solver", "lbfgs", "--l1-ratio", "0.5"], "--solver proximal"),
 ])
 def test_bad_option_is_refused_before_data_or_folders(tmp_path, monkeypatch, args, flag):
     """The data path does not exist: an error about the option proves it was checked first; the working

@@ -471,10 +471,17 @@ def _check_train_options(*, alpha, l1_ratio, solver, max_iter, tol, batch_size, 
     given = {"alpha": alpha, "l1_ratio": l1_ratio, "solver": solver, "max_iter": max_iter, "tol": tol,
              "batch_size": batch_size, "learning_rate": lr,
              "class_weight": None if class_weight in (None, "none") else class_weight, "random_state": seed}
+    est = SoftmaxRegression(**{k: v for k, v in given.items() if v is not None})
     try:
-        SoftmaxRegression(**{k: v for k, v in given.items() if v is not None})._validate_params()
+        est._validate_params()
     except InvalidParameterError as exc:
         raise UserInputError(_flag_message(str(exc))) from None
+    if solver is not None and l1_ratio is not None:
+        try:
+            est._resolve_solver()
+        except ValueError:
+            raise UserInputError(f"--solver {solver} handles only the L2 penalty (--l1-ratio 0); got --l1-ratio "
+                                 f"{l1_ratio}: use --solver proximal (or sgd / adam) for L1 and elastic net") from None
     for name, value in (("alpha", alpha), ("tol", tol), ("learning_rate", lr)):
         if isinstance(value, float) and not math.isfinite(value):
             raise UserInputError(f"{_flag(name)} must be a finite number; got {value}")
