@@ -125,14 +125,14 @@ def test_svmlight_index_base_is_detected_and_kept_for_prediction(tmp_path):
 # model files
 # --------------------------------------------------------------------------------------------------
 def test_model_round_trip_is_exact(tmp_path):
-    m = random_model(classes=["b", "a<&>", "c"], impute=True)
+    m = random_model(classes=["a<&>", "b", "c"], impute=True)
     save_model(tmp_path, m)
     back = load_model(tmp_path)
     for name in ("coef", "intercept", "loss_curve"):
         np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
     np.testing.assert_array_equal(back.preprocessing.mean, m.preprocessing.mean)
     np.testing.assert_array_equal(back.preprocessing.impute_values, m.preprocessing.impute_values)
-    assert back.classes.tolist() == ["b", "a<&>", "c"] and back.target == "y" and back.status == "complete"
+    assert back.classes.tolist() == ["a<&>", "b", "c"] and back.target == "y" and back.status == "complete"
     X = np.random.default_rng(3).standard_normal((4, 5))
     np.testing.assert_allclose(back.predict_proba(X), softmax(X @ m.coef.T + m.intercept), rtol=1e-15)
 
