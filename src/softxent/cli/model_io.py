@@ -355,7 +355,7 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     and its SHA-256 compared.  Errors name the file and the rule, never the bytes found.
     """
     d = resolve_model_dir(path)
-    for _ in range(3):
+    for _ in range(5):
         try:
             return _load_once(d)
         except _ChangedWhileReading:
@@ -364,7 +364,7 @@ def load_model(path: str | os.PathLike) -> SavedModel:
             where = f": {exc.filename}" if exc.filename else f" in {str(d)!r}"
             raise ModelFileError(f"cannot read the model folder ({exc.strerror or type(exc).__name__}{where})") \
                 from None
-    raise ModelFileError(f"{str(d)!r} kept changing while it was read (is a training run saving into it?); "
+    raise ModelFileError(f"{str(d)!r} kept changing while it was read (5 times; is a training run saving into it?); "
                          "try again")
 
 
@@ -400,7 +400,9 @@ def _load_once(d: Path) -> SavedModel:
     layout = validate(meta, str(jpath))
 
     tensors, problem = None, None
-    for name in (MODEL_TENSORS, _staged_name(layout.tensor_sha256)):  # see save_model: the staged copy
+    # see save_model: between its steps 2 and 3 the tensors are under the staged name; the primary name
+    # once more for a reader that looked just before a save's step 3 and at the staged name just after it
+    for name in (MODEL_TENSORS, _staged_name(layout.tensor_sha256), MODEL_TENSORS):
         try:
             tensors = _read_tensors(d / name, real_dir, layout)
             break
