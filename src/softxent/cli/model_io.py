@@ -9,16 +9,18 @@
 ``model.json`` holds the format name and version, the softxent version, the classes (with their type, so
 that ints stay ints and strings stay strings), the feature names and preprocessing, the estimator's
 parameters, the solver, the objective, the metrics, the training data's description and the run's status
-(``complete``, ``interrupted`` or ``checkpoint``), plus the SHA-256 and the shapes of the tensors.
+(``complete``, ``interrupted`` or ``checkpoint``), the SHA-256, size and shapes of the tensors, and (format
+version 2) a checksum of all of that (:mod:`.model_schema`).
 
-Loading never executes code: JSON is parsed with :mod:`json`, the tensor file's header is validated by
-hand (size, offsets, dtypes) before :mod:`safetensors` reads it, and every tensor's shape is checked
-against ``model.json``.  A corrupt, truncated or mismatched file, or one written by a newer format version,
-raises :class:`~softxent.cli.errors.ModelFileError` with a one-line reason.
+Loading never executes code and reads nothing unbounded: only regular files inside the folder; model.json
+parsed strictly, its checksum verified and its schema validated; the tensor file's size, 8-byte header
+length and JSON header checked against model.json before its body is read once, then its SHA-256.  Every
+problem raises :class:`~softxent.cli.errors.ModelFileError` with a one-line reason that never quotes the
+file's bytes.
 
-Files are written atomically: a temporary file in the same folder, fsync, then ``os.replace``; the tensor
-file is written first and ``model.json`` (which carries its checksum) last, so a folder whose
-``model.json`` parses always points at the tensors it was written with.
+Saving is one step (:func:`save_model`): the tensors are staged under their SHA-256, ``model.json`` is the
+commit point, and the loader finds the tensors under either name, so the folder holds the old model or the
+new one at every instant.
 """
 
 from __future__ import annotations
@@ -384,7 +386,8 @@ def _load_once(d: Path) -> SavedModel:
         raise ModelFileError(f"{jpath} is not a softxent model file (its 'format' is not {FORMAT_NAME!r})")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ModelFileError(f"{jpath} is corrupt: format_version must be a positive integer; got {version!r}")
+        raise ModelFileError(f"{jpath} is corrupt: format_version must be a positive integer; got "
+                             f"{repr(version)[:40]}")
     if version > FORMAT_VERSION:
         written_by = meta.get("softxent_version")
         written_by = written_by if isinstance(written_by, str) and len(written_by) <= 40 else "?"
@@ -447,7 +450,9 @@ def _open_member(d: Path, real_dir: str, name: str) -> int | None:
     try:
         fd = os.open(target, flags)
     except FileNotFoundError:
-        raise ModelFileError(f"{p} is a dangling symbolic link") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ModelFileError(f"{p} is a dangling symbolic link") from None
+        raise _ChangedWhileReading from None  # renamed away between lstat and open: a save in progress
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ModelFileError(f"{p} is a symbolic link loop") from None
