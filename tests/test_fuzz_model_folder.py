@@ -481,6 +481,12 @@ def entry_cases(world, name: str):
             world["refs"]["image" if name == "table" else "table"]["folder"] / MODEL_JSON, f / MODEL_JSON)),
         ("the folder is empty", lambda f: [p.unlink() for p in list(f.iterdir())]),
         ("model.json is 300 MiB (sparse)", lambda f: os.truncate(f / MODEL_JSON, 300 * 2**20)),
+        ("model.json is 16 MiB of one JSON list of zeros", lambda f: (f / MODEL_JSON).write_bytes(
+            b"[" + b"0," * (8 * 2**20 - 1) + b"0]")),
+        ("model.json is a list of 2**20 mixed values", lambda f: (f / MODEL_JSON).write_bytes(
+            b"[" + b'0,"",0.5,{},' * (2**18 - 8) + b"0]")),
+        ("model.json is 16 MiB of escapes in one string", lambda f: (f / MODEL_JSON).write_bytes(
+            b'["' + b"\\n" * (8 * 2**20 - 8) + b'"]')),
         ("model.json is format version 1 (no checksum)", lambda f: _as_version_1(f)),
     ]
     for label, mutate in mutations:
@@ -558,8 +564,9 @@ ISSUE_CASES = {
     "JSON nested 100000 deep": (lambda f: (f / MODEL_JSON).write_text("[" * 100_000), "nested deeper than 16"),
     "a value nested 30 deep (sealed)": (_sealed(lambda m: m["training"].update(command=_nested(30))),
                                         "nested deeper than 16"),
-    "a shape of 2**70 (sealed)": (_sealed(lambda m: m["tensors"]["shapes"].update(coef=[2**70, 1])), "22 digits"),
-    "a 5000-digit integer": (_text('"n_iter": ', '"n_iter": ' + "7" * 5000 + ", \"x\": "), "5000 digits"),
+    "a shape of 2**70 (sealed)": (_sealed(lambda m: m["tensors"]["shapes"].update(coef=[2**70, 1])),
+                                  "an integer beyond int64"),
+    "a 5000-digit integer": (_text('"n_iter": ', '"n_iter": ' + "7" * 5000 + ", \"x\": "), "an integer beyond int64"),
     "duplicate classes (sealed)": (_sealed(lambda m: m["classes"].update(values=["ant", "ant", "cat"])),
                                    "sorted and distinct"),
     "a NaN class": (_text('"values": ["ant"', '"values": [NaN'), "NaN, which is not JSON"),

@@ -25,9 +25,10 @@ import numpy as np
 
 from .errors import ModelFileError
 
-__all__ = ["MAX_DEPTH", "ModelLayout", "parse_strict", "canonical_sha256", "verify_checksum", "validate"]
+__all__ = ["MAX_DEPTH", "MAX_VALUES", "ModelLayout", "parse_strict", "canonical_sha256", "verify_checksum", "validate"]
 
 MAX_DEPTH = 16  # model.json written by softxent nests 4 deep (metrics -> split -> value)
+MAX_VALUES = 2**20  # JSON values in one file: a model of ~500 000 features (input_columns + feature_names)
 INT64 = 2**63
 MAX_DIM = 2**40  # any tensor dimension; far above a real model, far below an overflow
 STATUSES = ("complete", "interrupted", "checkpoint")
@@ -43,34 +44,25 @@ class _Invalid(Exception):
 # --------------------------------------------------------------------------------------------------
 # strict JSON
 # --------------------------------------------------------------------------------------------------
+def _no_constant(name: str):
+    raise _Invalid(f"{name}, which is not JSON")
+
+
 def _no_duplicates(pairs):
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise _Invalid(f"the key {_show(k)} appears twice in one object")
-        obj[k] = v
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Invalid(f"the key {_show(dup)} twice in one object")
     return obj
 
 
-def _int64(text: str) -> int:
-    digits = len(text.lstrip("-"))
-    if digits > 19:
-        raise _Invalid(f"an integer with {digits} digits (at most int64 is allowed)")
-    v = int(text)
-    if not -INT64 <= v < INT64:
-        raise _Invalid("an integer outside the int64 range")
-    return v
-
-
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise _Invalid(f"a number that overflows a float64 ({len(text)} characters)")
-    return v
-
-
-def _no_constant(name: str):
-    raise _Invalid(f"{name}, which is not JSON")
+# all of these run over the whole text at C speed (regex, NumPy, json.dumps): a file built of millions of
+# tiny values costs about what json.loads itself costs, not a Python loop per value
+_STRING = re.compile(rb'"[^"]*"')  # once escaped backslashes and quotes are gone (no per-escape regex state)
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")  # beyond int64 (no number softxent writes has such a run)
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b"[]{},:")))
+_DIGITS_19 = re.compile(rb"(?<![0-9.eE+-])-?[0-9]{19}(?![0-9.eE])")  # an integer token of 19 digits
 
 
 def parse_strict(data: bytes, where: str):
@@ -80,46 +72,43 @@ def parse_strict(data: bytes, where: str):
     except UnicodeDecodeError as exc:
         raise ModelFileError(f"{where} is corrupt (not UTF-8 text: byte {exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_int64, parse_float=_finite_float,
-                         parse_constant=_no_constant)
+        _check_text(data)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        # inf (a float that overflowed: '1e999') and lone surrogates ('\ud800') cannot be written back
+        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{where} is corrupt or truncated (invalid JSON: {exc.msg} at line {exc.lineno}, "
                              f"column {exc.colno})") from None
     except RecursionError:
-        raise ModelFileError(f"{where} is corrupt (JSON nested deeper than {MAX_DEPTH} levels)") from None
+        raise ModelFileError(f"{where} is corrupt (its JSON holds values nested deeper than {MAX_DEPTH} levels)") \
+            from None
     except _Invalid as exc:
         raise ModelFileError(f"{where} is corrupt (its JSON holds {exc})") from None
-    except ValueError as exc:  # what the json module raises beyond JSONDecodeError (e.g. int digit limits)
-        raise ModelFileError(f"{where} is corrupt (invalid JSON: {type(exc).__name__})") from None
-    try:
-        _check_tree(obj)
-    except _Invalid as exc:
-        raise ModelFileError(f"{where} is corrupt: {exc}") from None
+    except UnicodeEncodeError:
+        raise ModelFileError(f"{where} is corrupt (its JSON holds a string that is not valid Unicode: a lone "
+                             "surrogate)") from None
+    except ValueError:  # from json.dumps: a float that overflowed to inf
+        raise ModelFileError(f"{where} is corrupt (its JSON holds a number that overflows a float64)") from None
     return obj
 
 
-def _check_tree(root) -> None:
-    """Nesting depth and strings that are valid Unicode (a lone surrogate cannot be printed or written)."""
-    stack = [(root, 1, "")]
-    while stack:
-        node, depth, path = stack.pop()
-        if depth > MAX_DEPTH:
-            raise _Invalid(f"JSON nested deeper than {MAX_DEPTH} levels (at {path or 'the top'})")
-        if isinstance(node, dict):
-            for k, v in node.items():
-                _check_text(k, path)
-                stack.append((v, depth + 1, f"{path}.{k}" if path else k))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(node))
-        elif isinstance(node, str):
-            _check_text(node, path)
-
-
-def _check_text(s: str, path: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Invalid(f"{path or 'a key'} holds a string that is not valid Unicode (a lone surrogate)") from None
+def _check_text(data: bytes) -> None:
+    """Before parsing: the number of values, the nesting depth, and integers beyond int64 (3.10 would convert
+    a million digits in quadratic time; 3.11+ refuses over 4300 with a ValueError of its own)."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    bare = _STRING.sub(b'""', unescaped)  # brackets, commas and digits inside strings do not count
+    structure = bare.translate(None, _NOT_STRUCTURE)
+    if len(structure) > MAX_VALUES:  # each value but the first follows a ',' or ':' or opens with '[' / '{'
+        raise _Invalid(f"more than {MAX_VALUES} values (a model.json lists its classes and features, each once)")
+    if _LONG_DIGITS.search(bare):
+        raise _Invalid("an integer beyond int64 (20 digits or more)")
+    for m in _DIGITS_19.finditer(bare):
+        if not -INT64 <= int(m.group()) < INT64:
+            raise _Invalid("an integer beyond int64")
+    b = np.frombuffer(structure.translate(None, b",:"), dtype=np.uint8)
+    depth = np.cumsum(np.where((b == ord("[")) | (b == ord("{")), 1, -1), dtype=np.int64)
+    if len(depth) and int(depth.max()) > MAX_DEPTH:
+        raise _Invalid(f"values nested deeper than {MAX_DEPTH} levels")
 
 
 def canonical_sha256(meta: dict) -> str:
