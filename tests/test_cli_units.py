@@ -137,6 +137,21 @@ def test_model_round_trip_is_exact(tmp_path):
     np.testing.assert_allclose(back.predict_proba(X), softmax(X @ m.coef.T + m.intercept), rtol=1e-15)
 
 
+def test_extreme_numbers_the_writer_writes_load_back(tmp_path):
+    """The loader's strict JSON accepts every number the writer can write (floats with 20-digit fractions,
+    subnormals, int64's ends) — and refuses one past int64."""
+    m = random_model()
+    values = [1.2345678901234567e-4, 5e-324, -0.0, 1.7976931348623157e308, 2**63 - 1, -(2**63), 0.1 + 0.2]
+    m.meta = {"estimator": {"n_iter": 2**63 - 1, "objective": 1.2345678901234567e-4}, "extreme": values}
+    save_model(tmp_path, m)
+    assert "0.00012345678901234567" in (tmp_path / "model.json").read_text()  # a 20-digit run, not an integer
+    back = load_model(tmp_path)
+    assert back.meta["extreme"] == values and back.meta["estimator"]["n_iter"] == 2**63 - 1
+    m.meta["extreme"] = [2**63]
+    with pytest.raises(ModelFileError, match="int64"):
+        save_model(tmp_path, m)
+
+
 def test_loader_reads_no_pickle_and_validates_the_header(tmp_path):
     save_model(tmp_path, random_model())
     t = tmp_path / "model.safetensors"

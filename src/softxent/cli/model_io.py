@@ -250,6 +250,14 @@ def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
     validate(meta, "the model", saving=True)  # what the loader would refuse is never written
     meta["checksum"] = {"sha256": canonical_sha256(meta)}
     text = _dumps(meta) + "\n"
+    try:  # the loader's own limits and parser on the very text: a model that saves is a model that loads
+        data = text.encode("utf-8")
+        if len(data) > MAX_JSON_BYTES:
+            raise ModelFileError(f"{MODEL_JSON} would be {len(data)} bytes, over the {MAX_JSON_BYTES} a model.json "
+                                 "may have (about half a million features)")
+        parse_strict(data, MODEL_JSON)
+    except (ModelFileError, UnicodeEncodeError) as exc:
+        raise ModelFileError(f"the model cannot be saved: {exc}") from None
     d.mkdir(parents=True, exist_ok=True)
     with _folder_lock(d):
         staged = d / _staged_name(tensor_sha)

@@ -60,9 +60,8 @@ def _no_duplicates(pairs):
 # all of these run over the whole text at C speed (regex, NumPy, json.dumps): a file built of millions of
 # tiny values costs about what json.loads itself costs, not a Python loop per value
 _STRING = re.compile(rb'"[^"]*"')  # once escaped backslashes and quotes are gone (no per-escape regex state)
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")  # beyond int64 (no number softxent writes has such a run)
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b"[]{},:")))
-_DIGITS_19 = re.compile(rb"(?<![0-9.eE+-])-?[0-9]{19}(?![0-9.eE])")  # an integer token of 19 digits
+_LONG_INT = re.compile(rb"(?<![0-9.eE+-])-?[0-9]{19,}(?![0-9.eE])")  # an integer token (not a float's digits)
 
 
 def parse_strict(data: bytes, where: str):
@@ -100,11 +99,10 @@ def _check_text(data: bytes) -> None:
     structure = bare.translate(None, _NOT_STRUCTURE)
     if len(structure) > MAX_VALUES:  # each value but the first follows a ',' or ':' or opens with '[' / '{'
         raise _Invalid(f"more than {MAX_VALUES} values (a model.json lists its classes and features, each once)")
-    if _LONG_DIGITS.search(bare):
-        raise _Invalid("an integer beyond int64 (20 digits or more)")
-    for m in _DIGITS_19.finditer(bare):
-        if not -INT64 <= int(m.group()) < INT64:
-            raise _Invalid("an integer beyond int64")
+    for m in _LONG_INT.finditer(bare):
+        token = m.group()
+        if len(token.lstrip(b"-")) > 19 or not -INT64 <= int(token) < INT64:
+            raise _Invalid(f"an integer beyond int64 ({len(token.lstrip(b'-'))} digits)")
     b = np.frombuffer(structure.translate(None, b",:"), dtype=np.uint8)
     depth = np.cumsum(np.where((b == ord("[")) | (b == ord("{")), 1, -1), dtype=np.int64)
     if len(depth) and int(depth.max()) > MAX_DEPTH:
