@@ -54,7 +54,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fo
 CASE_SECONDS = 10
 CASE_BYTES = 2**30
 SECRET = b"SECRET-0123456789-outside-the-folder\n"
-STATS = collections.Counter()
+# what judge() reports, by a phrase of its message; counted (zeros included) for the summary line
+FAILURE_KINDS = ("hang", "crash", "checker died", "took", "peak memory", "read outside", "but info exited",
+                 "exited", "not one error line", "traceback", "echoes outside", "did not exit 2",
+                 "silently different", "different predict output")
+STATS = collections.Counter({f"failed: {k}": 0 for k in FAILURE_KINDS})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +269,9 @@ def run_cases(world, name: str, cases, request) -> None:
                                                                                    result["load"])] += 1
             STATS["max peak KiB"] = max(STATS["max peak KiB"], result.get("peak_kib", 0))
             STATS["max seconds x1000"] = max(STATS["max seconds x1000"], int(1000 * result["seconds"]))
+            for problem in broken:
+                kind = next((k for k in FAILURE_KINDS if k in problem), "other failure")
+                STATS[f"failed: {kind}"] += 1
             if broken:
                 failures.append(f"{label}: {'; '.join(broken)}")
             _remove(folder)
@@ -282,7 +289,7 @@ def report(request):
     yield
     tr = request.config.pluginmanager.getplugin("terminalreporter")
     if tr is not None and STATS["cases"]:
-        tr.write_line("model-folder fuzz: " + ", ".join(f"{k}: {v}" for k, v in sorted(STATS.items())))
+        tr.write_line("model-folder fuzz: " + ", ".join(f"{k}: {v}" for k, v in STATS.items()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def _load_model(path):
 
 def _print_load_notes(model) -> None:
     for note in model.notes:  # e.g. an old format version
-        err_console.print(f"note: {note}", markup=False, highlight=False)
+        err_console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _model_data(model, data: Optional[List[str]], fmt: Optional[str], target: Optional[str], *, required: bool):
