@@ -102,7 +102,7 @@ def test_train_csv_writes_model_report_and_predict_round_trips_string_labels(tmp
     assert "<script" not in page
 
     meta = json.loads((out / "model.json").read_text())
-    assert meta["format"] == "softxent-model" and meta["format_version"] == 1
+    assert meta["format"] == "softxent-model" and meta["format_version"] == 2
     assert meta["softxent_version"] == __import__("softxent").__version__
     assert meta["classes"] == {"type": "str", "values": ["cat", "dog", "eel"]}
     assert meta["features"]["feature_names"] == ["f0", "f1", "f2", "f3"]
@@ -349,11 +349,14 @@ def _copy_model(src, dst):
 
 
 def _rewrite(dst, tensors=None, meta_edit=None):
-    """Rewrite the model pair by hand (tensors and/or model.json), keeping the checksum consistent."""
+    """Rewrite the model pair by hand (tensors and/or model.json), keeping both checksums consistent: what a
+    deliberate edit looks like, so that the checks behind the checksums are what is tested."""
     import hashlib
 
     from safetensors.numpy import load as st_load
     from safetensors.numpy import save as st_save
+
+    from softxent.cli.model_schema import canonical_sha256
 
     meta = json.loads((dst / "model.json").read_text())
     if tensors is not None:
@@ -361,9 +364,10 @@ def _rewrite(dst, tensors=None, meta_edit=None):
         t.update(tensors)
         blob = st_save(t)
         (dst / "model.safetensors").write_bytes(blob)
-        meta["tensors"]["sha256"] = hashlib.sha256(blob).hexdigest()
+        meta["tensors"].update(sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
     if meta_edit is not None:
         meta_edit(meta)
+    meta["checksum"] = {"sha256": canonical_sha256(meta)}
     (dst / "model.json").write_text(json.dumps(meta))
 
 
@@ -375,7 +379,7 @@ def test_corrupt_models_are_refused_with_one_line(trained_npz_model, tmp_path, c
     expect = {
         "json-garbage": ("corrupt",), "json-truncated": ("corrupt or truncated",),
         "tensors-truncated": ("truncated",), "tensors-bitflip": ("corrupt", "SHA-256"),
-        "newer-version": ("format version 99", "newer", "upgrade"), "wrong-shape": ("'coef'", "shape (3, 5)"),
+        "newer-version": ("format version 99", "newer", "upgrade"), "wrong-shape": ("'coef'", "shape [3, 5]"),
         "tensors-missing": ("no model.safetensors",), "not-a-model": ("not a softxent model",),
         "nan-coef": ("NaN",),
     }[case]

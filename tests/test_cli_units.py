@@ -125,16 +125,31 @@ def test_svmlight_index_base_is_detected_and_kept_for_prediction(tmp_path):
 # model files
 # --------------------------------------------------------------------------------------------------
 def test_model_round_trip_is_exact(tmp_path):
-    m = random_model(classes=["b", "a<&>", "c"], impute=True)
+    m = random_model(classes=["a<&>", "b", "c"], impute=True)
     save_model(tmp_path, m)
     back = load_model(tmp_path)
     for name in ("coef", "intercept", "loss_curve"):
         np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
     np.testing.assert_array_equal(back.preprocessing.mean, m.preprocessing.mean)
     np.testing.assert_array_equal(back.preprocessing.impute_values, m.preprocessing.impute_values)
-    assert back.classes.tolist() == ["b", "a<&>", "c"] and back.target == "y" and back.status == "complete"
+    assert back.classes.tolist() == ["a<&>", "b", "c"] and back.target == "y" and back.status == "complete"
     X = np.random.default_rng(3).standard_normal((4, 5))
     np.testing.assert_allclose(back.predict_proba(X), softmax(X @ m.coef.T + m.intercept), rtol=1e-15)
+
+
+def test_extreme_numbers_the_writer_writes_load_back(tmp_path):
+    """The loader's strict JSON accepts every number the writer can write (floats with 20-digit fractions,
+    subnormals, int64's ends) — and refuses one past int64."""
+    m = random_model()
+    values = [1.2345678901234567e-4, 5e-324, -0.0, 1.7976931348623157e308, 2**63 - 1, -(2**63), 0.1 + 0.2]
+    m.meta = {"estimator": {"n_iter": 2**63 - 1, "objective": 1.2345678901234567e-4}, "extreme": values}
+    save_model(tmp_path, m)
+    assert "0.00012345678901234567" in (tmp_path / "model.json").read_text()  # a 20-digit run, not an integer
+    back = load_model(tmp_path)
+    assert back.meta["extreme"] == values and back.meta["estimator"]["n_iter"] == 2**63 - 1
+    m.meta["extreme"] = [2**63]
+    with pytest.raises(ModelFileError, match="int64"):
+        save_model(tmp_path, m)
 
 
 def test_loader_reads_no_pickle_and_validates_the_header(tmp_path):

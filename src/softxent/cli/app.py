@@ -185,10 +185,16 @@ def _load_model(path):
     from .model_io import load_model
 
     model = load_model(path)
+    _print_load_notes(model)
     if model.status != "complete":
         err_console.print(f"note: {model.path} holds the {model.status} model of a run that did not finish "
                           f"({model.meta.get('estimator', {}).get('n_iter', '?')} iterations)")
     return model
+
+
+def _print_load_notes(model) -> None:
+    for note in model.notes:  # e.g. an old format version
+        err_console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _model_data(model, data: Optional[List[str]], fmt: Optional[str], target: Optional[str], *, required: bool):
@@ -1052,8 +1058,9 @@ def info(
         from .model_io import MODEL_JSON, MODEL_TENSORS, load_model
 
         model = load_model(model_dir)
+        _print_load_notes(model)
         if as_json:
-            sys.stdout.write((model.path / MODEL_JSON).read_text(encoding="utf-8"))
+            sys.stdout.write(model.json_text)  # the bytes that were validated, not a second read
             return
         est = model.meta.get("estimator", {})
         train_meta = model.meta.get("training", {})
@@ -1077,14 +1084,18 @@ def info(
             ("split", f"{train_meta.get('n_train', '?')} train / {train_meta.get('n_test', '?')} held-out "
                       f"(test_size {train_meta.get('test_size', '?')}, seed {train_meta.get('seed', '?')})"),
         ]
+        def num(v) -> str:  # metrics are numbers or null (an infinite log-loss is saved as null)
+            return "?" if v is None else f"{v:.4f}"
+
         for split, m in model.meta.get("metrics", {}).items():
-            rows.append((f"metrics ({split})", f"accuracy {m.get('accuracy', 0):.4f}, log-loss "
-                                               f"{m.get('log_loss', 0):.4f}, macro-F1 {m.get('macro_f1', 0):.4f}"))
-        tens = model.path / MODEL_TENSORS
-        rows += [("files", f"{MODEL_JSON}, {MODEL_TENSORS} ({tens.stat().st_size} bytes)"),
+            rows.append((f"metrics ({split})", f"accuracy {num(m.get('accuracy'))}, log-loss "
+                                               f"{num(m.get('log_loss'))}, macro-F1 {num(m.get('macro_f1'))}"))
+        rows += [("files", f"{MODEL_JSON}, {MODEL_TENSORS} ({model.tensor_bytes} bytes)"),
                  ("written by", f"softxent {model.meta.get('softxent_version', '?')}")]
+        from rich.text import Text
+
         for k, v in rows:
-            table.add_row(k, v)
+            table.add_row(Text(k), Text(v))  # Text: names from the model are not rich markup
         console.print(table)
 
 

@@ -9,24 +9,31 @@
 ``model.json`` holds the format name and version, the softxent version, the classes (with their type, so
 that ints stay ints and strings stay strings), the feature names and preprocessing, the estimator's
 parameters, the solver, the objective, the metrics, the training data's description and the run's status
-(``complete``, ``interrupted`` or ``checkpoint``), plus the SHA-256 and the shapes of the tensors.
+(``complete``, ``interrupted`` or ``checkpoint``), the SHA-256, size and shapes of the tensors, and (format
+version 2) a checksum of all of that (:mod:`.model_schema`).
 
-Loading never executes code: JSON is parsed with :mod:`json`, the tensor file's header is validated by
-hand (size, offsets, dtypes) before :mod:`safetensors` reads it, and every tensor's shape is checked
-against ``model.json``.  A corrupt, truncated or mismatched file, or one written by a newer format version,
-raises :class:`~softxent.cli.errors.ModelFileError` with a one-line reason.
+Loading never executes code and reads nothing unbounded: only regular files inside the folder; model.json
+parsed strictly, its checksum verified and its schema validated; the tensor file's size, 8-byte header
+length and JSON header checked against model.json before its body is read once, then its SHA-256.  Every
+problem raises :class:`~softxent.cli.errors.ModelFileError` with a one-line reason that never quotes the
+file's bytes.
 
-Files are written atomically: a temporary file in the same folder, fsync, then ``os.replace``; the tensor
-file is written first and ``model.json`` (which carries its checksum) last, so a folder whose
-``model.json`` parses always points at the tensors it was written with.
+Saving is one step (:func:`save_model`): the tensors are staged under their SHA-256, ``model.json`` is the
+commit point, and the loader finds the tensors under either name, so the folder holds the old model or the
+new one at every instant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +43,7 @@ import numpy as np
 
 from .data import Preprocessing
 from .errors import ModelFileError
+from .model_schema import canonical_sha256, parse_strict, validate, verify_checksum
 
 __all__ = [
     "FORMAT_NAME",
@@ -53,11 +61,11 @@ __all__ = [
 ]
 
 FORMAT_NAME = "softxent-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.json carries a checksum of its own content; the folder is saved as one step
 MODEL_JSON = "model.json"
 MODEL_TENSORS = "model.safetensors"
-_DTYPES = {"F64": 8, "F32": 4}
-_MAX_HEADER = 100 * 2**20
+MAX_JSON_BYTES = 16 * 2**20  # with model_schema.MAX_VALUES: ~500 000 features; the worst such file parses in ~1 s
+_MAX_HEADER = 2**20  # the safetensors JSON header; softxent's own is under 1 KiB
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +162,9 @@ class SavedModel:
     status: str = "complete"
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    json_text: str | None = None  # model.json as loaded and validated (what ``info --json`` prints)
+    tensor_bytes: int = 0  # the size of the tensor file that was loaded
+    notes: list[str] = field(default_factory=list)  # what the loader wants the user to know (old format)
 
     @property
     def n_classes(self) -> int:
@@ -189,7 +200,21 @@ class SavedModel:
 
 
 def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
-    """Write ``model.safetensors`` then ``model.json`` into ``directory`` (created), atomically each."""
+    """Write the model folder so that at every instant it holds the old model or the new one, whole.
+
+    The protocol (``model.json``, written last, is the commit point; it names the tensors by SHA-256):
+
+    1. the new tensors go to ``.model.safetensors.<sha256>`` beside the old files (atomically: temporary
+       file, fsync, rename, fsync of the folder);
+    2. ``model.json`` is replaced atomically — from here on the folder holds the new model, its tensors
+       found under the staged name until
+    3. the staged file is renamed to ``model.safetensors``;
+    4. leftovers of earlier interrupted saves (staged files, temporary files) are removed.
+
+    A process killed at any step leaves the old model (before 2) or the new one (after 2); :func:`load_model`
+    looks for the tensors under both names and takes the one whose SHA-256 ``model.json`` names.  Saves into
+    one folder are serialised by an advisory lock on the folder (POSIX).
+    """
     from safetensors.numpy import save as st_save
 
     from .. import __version__
@@ -200,11 +225,12 @@ def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
         "coef": np.ascontiguousarray(model.coef, dtype=np.float64),
         "intercept": np.ascontiguousarray(model.intercept, dtype=np.float64),
         "loss_curve": np.ascontiguousarray(model.loss_curve, dtype=np.float64).reshape(-1),
-        **{n: np.ascontiguousarray(v) for n, v in model.preprocessing.tensors().items()},
+        **{n: np.ascontiguousarray(v, dtype=np.float64) for n, v in model.preprocessing.tensors().items()},
     }
     _check_shapes(tensors, k, dim, model.preprocessing.impute is not None, where="the model to save")
     blob = st_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
-    meta = {
+    tensor_sha = hashlib.sha256(blob).hexdigest()
+    meta = _jsonable({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "softxent_version": __version__,
@@ -216,19 +242,69 @@ def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
         **{key: v for key, v in model.meta.items() if key not in _RESERVED},
         "tensors": {
             "file": MODEL_TENSORS,
-            "sha256": hashlib.sha256(blob).hexdigest(),
+            "sha256": tensor_sha,
             "bytes": len(blob),
             "shapes": {n: list(v.shape) for n, v in tensors.items()},
         },
-    }
-    text = _dumps(_jsonable(meta)) + "\n"
-    atomic_write_bytes(d / MODEL_TENSORS, blob)
-    atomic_write_text(d / MODEL_JSON, text)
+    })
+    validate(meta, "the model", saving=True)  # what the loader would refuse is never written
+    meta["checksum"] = {"sha256": canonical_sha256(meta)}
+    text = _dumps(meta) + "\n"
+    try:  # the loader's own limits and parser on the very text: a model that saves is a model that loads
+        data = text.encode("utf-8")
+        if len(data) > MAX_JSON_BYTES:
+            raise ModelFileError(f"{MODEL_JSON} would be {len(data)} bytes, over the {MAX_JSON_BYTES} a model.json "
+                                 "may have (about half a million features)")
+        parse_strict(data, MODEL_JSON)
+    except (ModelFileError, UnicodeEncodeError) as exc:
+        raise ModelFileError(f"the model cannot be saved: {exc}") from None
+    d.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(d):
+        staged = d / _staged_name(tensor_sha)
+        atomic_write_bytes(staged, blob)
+        atomic_write_text(d / MODEL_JSON, text)
+        os.replace(staged, d / MODEL_TENSORS)
+        _fsync_dir(d)
+        _remove_leftovers(d)
     return d
 
 
+def _staged_name(tensor_sha: str) -> str:
+    return f".{MODEL_TENSORS}.{tensor_sha}"
+
+
+# the names save_model (and format version 1's atomic writes) give their staged and temporary files
+_LEFTOVER = re.compile(r"\.\.?model\.(json|safetensors)\..+\Z")
+
+
+def _remove_leftovers(d: Path) -> None:
+    """Remove staged and temporary files of interrupted saves (called with the lock held, after the commit)."""
+    for entry in os.scandir(d):
+        if _LEFTOVER.match(entry.name) and not entry.is_dir(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+@contextlib.contextmanager
+def _folder_lock(d: Path):
+    """An exclusive advisory lock (flock) on the folder for one save; a no-op where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 _RESERVED = {"format", "format_version", "softxent_version", "written", "status", "classes", "target",
-             "features", "tensors"}
+             "features", "tensors", "checksum"}
 
 
 def _jsonable(x):
@@ -264,7 +340,7 @@ def _dumps(obj, indent: int = 0) -> str:
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The model folder for MODEL: the folder itself, or the folder of a model.json / model.safetensors."""
     p = Path(path)
-    if p.is_file() and p.name in (MODEL_JSON, MODEL_TENSORS):
+    if p.name in (MODEL_JSON, MODEL_TENSORS) and (p.is_file() or p.is_symlink()):
         return p.parent
     if not p.exists():
         raise ModelFileError(f"no such model folder: {str(p)!r}")
@@ -274,72 +350,223 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+class _ChangedWhileReading(Exception):
+    """model.json was replaced while the folder was being read (a save in progress): read it again."""
+
+
 def load_model(path: str | os.PathLike) -> SavedModel:
-    """Read and validate a model folder; every problem is a :class:`ModelFileError` with a one-line reason."""
+    """Read and validate a model folder; every problem is a :class:`ModelFileError` with a one-line reason.
+
+    Order of checks, so that nothing is read that its header does not declare:
+    model.json (a regular file inside the folder, at most :data:`MAX_JSON_BYTES`) -> strict JSON -> format
+    and version -> checksum of the metadata (version 2) -> schema; then the tensor file: its size must be
+    the ``tensors.bytes`` model.json declares, its 8-byte header length and JSON header must describe exactly
+    the tensors and shapes model.json lists, and only then is the body read, into one buffer of that size,
+    and its SHA-256 compared.  Errors name the file and the rule, never the bytes found.
+    """
     d = resolve_model_dir(path)
+    for _ in range(5):
+        try:
+            return _load_once(d)
+        except _ChangedWhileReading:
+            continue
+        except OSError as exc:  # unreadable entries, a symlink loop, a folder removed meanwhile, ...
+            where = f": {exc.filename}" if exc.filename else f" in {str(d)!r}"
+            raise ModelFileError(f"cannot read the model folder ({exc.strerror or type(exc).__name__}{where})") \
+                from None
+    raise ModelFileError(f"{str(d)!r} kept changing while it was read (5 times; is a training run saving into it?); "
+                         "try again")
+
+
+def _load_once(d: Path) -> SavedModel:
+    real_dir = os.path.realpath(d)
     jpath, tpath = d / MODEL_JSON, d / MODEL_TENSORS
-    if not jpath.is_file():
+    fd = _open_member(d, real_dir, MODEL_JSON)
+    if fd is None:
         raise ModelFileError(f"{str(d)!r} holds no {MODEL_JSON}; is it a folder written by 'softxent train'?")
-    try:
-        meta = json.loads(jpath.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ModelFileError(f"{jpath} is corrupt (not UTF-8 text)") from None
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{jpath} is corrupt or truncated (invalid JSON: {exc.msg} at line {exc.lineno}, "
-                             f"column {exc.colno})") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise ModelFileError(f"{jpath} is {size} bytes; a model.json is at most {MAX_JSON_BYTES} bytes")
+        raw_json = _read_exact(f, size, jpath)
+    meta = parse_strict(raw_json, str(jpath))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{jpath} is not a softxent model file (its 'format' is not {FORMAT_NAME!r})")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ModelFileError(f"{jpath} is corrupt: format_version must be a positive integer; got {version!r}")
+        raise ModelFileError(f"{jpath} is corrupt: format_version must be a positive integer; got "
+                             f"{repr(version)[:40]}")
     if version > FORMAT_VERSION:
+        written_by = meta.get("softxent_version")
+        written_by = written_by if isinstance(written_by, str) and len(written_by) <= 40 else "?"
         raise ModelFileError(f"{jpath} has model format version {version}, newer than this softxent "
-                             f"({meta.get('softxent_version', '?')} wrote it; this softxent reads up to version "
+                             f"({written_by} wrote it; this softxent reads up to version "
                              f"{FORMAT_VERSION}); upgrade softxent to load it")
-    try:
-        classes = classes_from_json(meta["classes"])
-        feats = meta["features"]
-        n_features = len(feats["feature_names"])
-        tinfo = meta["tensors"]
-        expected_sha = str(tinfo["sha256"])
-        status = str(meta.get("status", "complete"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{jpath} is corrupt: missing or malformed entry ({type(exc).__name__}: {exc})") from None
-    if len(classes) < 2:
-        raise ModelFileError(f"{jpath} is corrupt: a model needs at least 2 classes; it lists {len(classes)}")
-    if not tpath.is_file():
-        raise ModelFileError(f"{str(d)!r} holds no {MODEL_TENSORS} (model.json is there); the model is incomplete")
-    blob = tpath.read_bytes()
-    _validate_safetensors(blob, tpath)
-    actual_sha = hashlib.sha256(blob).hexdigest()
-    if actual_sha != expected_sha:
-        raise ModelFileError(f"{tpath} is corrupt: its SHA-256 does not match the one in {MODEL_JSON} "
-                             "(the file was changed or damaged after it was written)")
-    from safetensors.numpy import load as st_load
+    notes = []
+    if version >= 2:
+        verify_checksum(meta, str(jpath))
+    else:
+        notes.append(f"{jpath} has model format version 1, which has no checksum of its own content: damage to it "
+                     "cannot be detected; save the model again (e.g. train --resume) to upgrade it")
+    layout = validate(meta, str(jpath))
 
-    try:
-        raw = st_load(blob)
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ModelFileError(f"{tpath} is corrupt ({_first_line(exc)})") from None
-    tensors = {n: np.asarray(v, dtype=np.float64) for n, v in raw.items()}
-    impute = feats.get("impute")
-    _check_shapes(tensors, len(classes), n_features, impute is not None, where=str(tpath))
-    for name in ("coef", "intercept", "feature_mean", "feature_scale"):
-        if not np.all(np.isfinite(tensors[name])):
+    tensors, problem = None, None
+    # see save_model: between its steps 2 and 3 the tensors are under the staged name; the primary name
+    # once more for a reader that looked just before a save's step 3 and at the staged name just after it
+    for name in (MODEL_TENSORS, _staged_name(layout.tensor_sha256), MODEL_TENSORS):
+        try:
+            tensors = _read_tensors(d / name, real_dir, layout)
+            break
+        except (ModelFileError, OSError) as exc:
+            problem = problem or exc  # the primary file's problem is the one to report
+    if tensors is None:
+        if _read_json_again(d, real_dir) != raw_json:
+            raise _ChangedWhileReading
+        raise problem
+    for name in ("coef", "intercept", "feature_mean", "feature_scale", "impute_values"):
+        if name in tensors and not np.all(np.isfinite(tensors[name])):
             raise ModelFileError(f"{tpath} is corrupt: tensor {name!r} holds NaN or infinite values")
     if np.any(tensors["feature_scale"] <= 0):
         raise ModelFileError(f"{tpath} is corrupt: tensor 'feature_scale' has a value <= 0")
-    try:
-        pre = Preprocessing.from_json(feats, tensors)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{jpath} is corrupt: malformed 'features' ({type(exc).__name__}: {exc})") from None
-    if pre.image_shape is not None and pre.image_shape[0] * pre.image_shape[1] != n_features:
-        raise ModelFileError(f"{jpath} is corrupt: image_shape {list(pre.image_shape)} does not hold "
-                             f"{n_features} features")
+    pre = Preprocessing.from_json(layout.features, tensors)
     rest = {k: v for k, v in meta.items() if k not in _RESERVED or k in ("softxent_version", "written")}
-    return SavedModel(classes=classes, coef=tensors["coef"], intercept=tensors["intercept"], preprocessing=pre,
-                      loss_curve=tensors.get("loss_curve", np.zeros(0)), target=meta.get("target"),
-                      status=status, meta=rest, path=d)
+    return SavedModel(classes=layout.classes, coef=tensors["coef"], intercept=tensors["intercept"],
+                      preprocessing=pre, loss_curve=tensors["loss_curve"], target=layout.target,
+                      status=layout.status, meta=rest, path=d, json_text=raw_json.decode("utf-8"),
+                      tensor_bytes=layout.tensor_bytes, notes=notes)
+
+
+def _open_member(d: Path, real_dir: str, name: str) -> int | None:
+    """An fd for ``d/name`` read-only, or None if there is no such entry.
+
+    Refused with ModelFileError: a symbolic link whose target lies outside the folder (``real_dir``), and
+    anything but a regular file (directory, FIFO, device, socket).  O_NONBLOCK: opening a FIFO must not
+    wait for a writer; O_NOFOLLOW on the resolved path: a link swapped in after the check is not followed.
+    """
+    p = d / name
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return None
+    target = str(p)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.path.realpath(p)
+        if os.path.commonpath([target, real_dir]) != real_dir or target == real_dir:
+            raise ModelFileError(f"{p} is a symbolic link leading out of the model folder; softxent reads only "
+                                 "files inside the folder")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(target, flags)
+    except FileNotFoundError:
+        if stat.S_ISLNK(st.st_mode):
+            raise ModelFileError(f"{p} is a dangling symbolic link") from None
+        raise _ChangedWhileReading from None  # renamed away between lstat and open: a save in progress
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelFileError(f"{p} is a symbolic link loop") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelFileError(f"{p} is not a regular file (a directory, FIFO, device or socket)")
+    return fd
+
+
+def _read_json_again(d: Path, real_dir: str) -> bytes | None:
+    fd = _open_member(d, real_dir, MODEL_JSON)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return _read_exact(f, size, d / MODEL_JSON) if size <= MAX_JSON_BYTES else None
+
+
+def _read_exact(f, n: int, where: Path) -> bytes:
+    """Exactly ``n`` bytes from ``f`` into one buffer (the size was checked before: no more is ever read)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            raise _ChangedWhileReading if where.name == MODEL_JSON else ModelFileError(
+                f"{where} is truncated (it shrank while being read)")
+        got += k
+    return bytes(buf) if where.name == MODEL_JSON else buf
+
+
+def _read_tensors(path: Path, real_dir: str, layout) -> dict:
+    """The tensors of ``path`` if its size, header and SHA-256 are those model.json declares; else
+    ModelFileError.  The size and the header are checked before the body is read; the body is read into one
+    buffer of the declared size and the arrays are views of it (peak memory: the file's size, once).
+    """
+    fd = _open_member(path.parent, real_dir, path.name)
+    if fd is None:
+        raise ModelFileError(f"{str(path.parent)!r} holds no {MODEL_TENSORS} ({MODEL_JSON} is there); the model "
+                             "is incomplete")
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != layout.tensor_bytes:
+            what = "truncated" if size < layout.tensor_bytes else "corrupt"
+            raise ModelFileError(f"{path} is {what}: it has {size} bytes; {MODEL_JSON} says {layout.tensor_bytes}")
+        head = _read_exact(f, 8, path)
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ModelFileError(f"{path} is corrupt (its 8-byte header length is implausible: over "
+                                 f"{min(_MAX_HEADER, size - 8)} bytes)")
+        header_bytes = _read_exact(f, n, path)
+        offsets = _parse_header(bytes(header_bytes), size - 8 - n, layout.tensor_shapes, path)
+        body = _read_exact(f, size - 8 - n, path)
+    digest = hashlib.sha256(head)
+    digest.update(header_bytes)
+    digest.update(body)
+    if digest.hexdigest() != layout.tensor_sha256:
+        raise ModelFileError(f"{path} is corrupt: its SHA-256 does not match the one in {MODEL_JSON} (the file "
+                             "was changed or damaged after it was written)")
+    return {t: np.frombuffer(body, dtype="<f8", count=math.prod(shape), offset=a).reshape(shape)
+            for t, (shape, a) in offsets.items()}
+
+
+def _parse_header(raw: bytes, data_len: int, shapes: dict, path: Path) -> dict:
+    """Check the safetensors JSON header against model.json: each listed tensor F64 with its shape, the
+    tensors tiling the data section exactly.  Returns ``{name: (shape, byte offset)}``."""
+    try:
+        header = parse_strict(raw, f"{path}'s header")
+    except ModelFileError:
+        raise ModelFileError(f"{path} is corrupt (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path} is corrupt (its header is not a JSON object)")
+    extra = header.pop("__metadata__", {})
+    if not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
+        raise ModelFileError(f"{path} is corrupt (its __metadata__ is not an object of strings)")
+    if set(header) != set(shapes):
+        raise ModelFileError(f"{path} does not hold the tensors {MODEL_JSON} lists (it has "
+                             f"{len(header)} tensors; expected {', '.join(sorted(shapes))})")
+    spans, out = [], {}
+    for name, info in header.items():
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
+            raise ModelFileError(f"{path} is corrupt (tensor {name!r}: malformed header entry)")
+        if info["dtype"] != "F64":
+            raise ModelFileError(f"{path}: tensor {name!r} is not F64 (float64), the dtype softxent writes")
+        if info["shape"] != list(shapes[name]):
+            shown = info["shape"] if isinstance(info["shape"], list) and len(info["shape"]) <= 4 else "another"
+            raise ModelFileError(f"{path}: tensor {name!r} has shape {shown} but {MODEL_JSON} says "
+                                 f"{list(shapes[name])}")
+        offs = info["data_offsets"]
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in offs)):
+            raise ModelFileError(f"{path} is corrupt (tensor {name!r}: data_offsets must be two integers)")
+        a, b = offs
+        if not 0 <= a <= b or b - a != 8 * math.prod(shapes[name]):
+            raise ModelFileError(f"{path} is corrupt (tensor {name!r}: its offsets do not fit its shape)")
+        spans.append((a, b))
+        out[name] = (shapes[name], a)
+    end = 0
+    for a, b in sorted(spans):
+        if a != end:
+            raise ModelFileError(f"{path} is corrupt (its tensors overlap or leave gaps in the data)")
+        end = b
+    if end != data_len:
+        raise ModelFileError(f"{path} is corrupt (its tensors cover {end} data bytes; the file has {data_len})")
+    return out
 
 
 def _check_shapes(tensors: dict, k: int, d: int, impute: bool, *, where: str) -> None:
@@ -355,44 +582,3 @@ def _check_shapes(tensors: dict, k: int, d: int, impute: bool, *, where: str) ->
                                  f"× {d} features (expected {shape})")
     if "loss_curve" in tensors and np.ndim(tensors["loss_curve"]) != 1:
         raise ModelFileError(f"{where}: tensor 'loss_curve' must be 1-D; got shape {np.shape(tensors['loss_curve'])}")
-
-
-def _validate_safetensors(blob: bytes, path: Path) -> None:
-    """Check the safetensors layout by hand: 8-byte header length, JSON header, in-bounds data offsets."""
-    size = len(blob)
-    if size < 8:
-        raise ModelFileError(f"{path} is truncated ({size} bytes; a safetensors file starts with an 8-byte header "
-                             "length)")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > _MAX_HEADER:
-        raise ModelFileError(f"{path} is corrupt (header length {n} bytes is implausible)")
-    if 8 + n > size:
-        raise ModelFileError(f"{path} is truncated (its header needs {8 + n} bytes; the file has {size})")
-    try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelFileError(f"{path} is corrupt (its header is not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path} is corrupt (its header is not a JSON object)")
-    data_len = size - 8 - n
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        except (KeyError, TypeError, ValueError):
-            raise ModelFileError(f"{path} is corrupt (tensor {name!r} has a malformed header entry)") from None
-        if dtype not in _DTYPES:
-            raise ModelFileError(f"{path}: tensor {name!r} has dtype {dtype}; a softxent model holds F64/F32")
-        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b) or b - a != count * _DTYPES[dtype]:
-            raise ModelFileError(f"{path} is corrupt (tensor {name!r}: offsets {a}..{b} do not fit shape {shape})")
-        end = max(end, b)
-    if end > data_len:
-        raise ModelFileError(f"{path} is truncated (its tensors need {end} data bytes; the file has {data_len})")
-
-
-def _first_line(exc: BaseException) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0] if s else type(exc).__name__
