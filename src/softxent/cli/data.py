@@ -26,7 +26,9 @@ training split only.  Sparse (svmlight) data is scaled but not centred, so it st
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -115,6 +117,9 @@ def expand_paths(args: list[str]) -> list[Path]:
             if p.is_dir():
                 raise DataError(f"data path {arg!r} is a directory; give the data files (a glob such as "
                                 f"'{arg.rstrip('/')}/*.csv' takes them all)")
+            if not p.is_file():  # /dev/zero never ends, a FIFO may never open: neither has a size to bound
+                raise DataError(f"data path {arg!r} is not a regular file (a device, FIFO or socket); "
+                                "give a data file")
             out.append(p)
             continue
         if any(c in arg for c in "*?["):
@@ -194,8 +199,6 @@ def _too_large(path: Path, what: str) -> DataError:
 def check_decompressed_size(path: Path) -> None:
     """Stream a compressed file once (constant memory) and raise a DataError when it expands beyond
     :func:`_expansion_limit` or is damaged; uncompressed files pass untouched."""
-    import bz2
-    import gzip
     import lzma
     import zipfile
     import zlib
@@ -205,15 +208,7 @@ def check_decompressed_size(path: Path) -> None:
         return
     limit = _expansion_limit(path)
     try:
-        if suffix == ".zip":
-            with zipfile.ZipFile(path) as zf:
-                members = [m for m in zf.infolist() if not m.is_dir()]
-                if len(members) != 1:
-                    raise DataError(f"{str(path)!r} must hold exactly one file; it holds {len(members)}")
-                stream = zf.open(members[0])
-        else:
-            stream = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix](path, "rb")
-        with stream:
+        with _open_binary(path) as stream:
             total = 0
             while chunk := stream.read(1 << 20):
                 total += len(chunk)
@@ -235,12 +230,37 @@ def _check_parquet_size(path: Path) -> None:
         raise _too_large(path, f"claims {claimed:,} uncompressed bytes")
 
 
+@contextlib.contextmanager
+def _open_binary(path: Path):
+    """``path`` opened for reading bytes, through its compression (by suffix); a zip's one member."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if len(members) != 1:
+                raise DataError(f"{str(path)!r} must hold exactly one file; it holds {len(members)}")
+            with zf.open(members[0]) as stream:
+                yield stream
+        return
+    with {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)(path, "rb") as stream:
+        yield stream
+
+
 def raw_csv_header(path: Path, sep: str) -> list[str]:
     """The header row as written (pandas renames a repeated name ``a`` to ``a.1``, hiding duplicates)."""
-    import pandas as pd
+    import csv
 
-    first = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False)
-    return [str(v) for v in first.iloc[0].tolist()] if len(first) else []
+    with _open_binary(path) as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+        try:
+            return next(csv.reader(text, delimiter=sep), [])
+        except csv.Error as exc:
+            raise DataError(f"cannot parse the header of {str(path)!r}: {_first_line(exc)}") from None
 
 
 def _duplicates(names: list[str]) -> list[str]:
@@ -256,7 +276,13 @@ def _read_table(path: Path, kind: str):
     try:
         if kind == "parquet":
             _check_parquet_size(path)
-            return pd.read_parquet(path)
+            df = pd.read_parquet(path)
+            for c in df.columns:  # Arrow checks string bytes only when they are converted: check them now
+                if hasattr(df[c].array, "__arrow_array__"):
+                    import pyarrow as pa
+
+                    pa.array(df[c].array).validate(full=True)
+            return df
         check_decompressed_size(path)
         name = path.name.lower()
         sep = "\t" if ".tsv" in name else ","
@@ -710,6 +736,10 @@ class Preprocessing:
             if missing:
                 raise DataError(f"the data lacks the model's feature column(s) {_list_columns(missing)} "
                                 f"(the data has: {_list_columns(list(features.columns))})")
+            if not self.categorical:
+                chosen = features[self.input_columns]
+                if all(_numeric_dtype(t) for t in chosen.dtypes):  # one conversion, not one per column
+                    return chosen.to_numpy(dtype=np.float64, na_value=np.nan)
             blocks = []
             for c in self.input_columns:
                 col = features[c]
@@ -814,9 +844,13 @@ def _is_frame(x) -> bool:
 
 
 def _numeric_column(s) -> bool:
+    return _numeric_dtype(s.dtype)
+
+
+def _numeric_dtype(dtype) -> bool:
     import pandas as pd
 
-    return bool(pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s))
+    return bool(pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
 
 
 def _category_strings(s) -> list[str]:
