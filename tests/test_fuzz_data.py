@@ -429,6 +429,11 @@ def test_predict_proba_is_finite_for_huge_coefficients_and_features():
     assert np.allclose(P[:2], [[1, 0, 0], [0, 1, 0]])
     assert np.allclose(P[2], _reference_softmax(est.intercept_[None, :])[0])
     assert np.all(np.isfinite(est.predict_log_proba(np.array([[1e308, -1e308]]))))
+    # finite logits (1e308, -1e308, 0) whose spread overflows: log_softmax's z - max z must not be -inf
+    est.coef_ = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])
+    est.intercept_ = np.zeros(3)
+    logp = est.predict_log_proba(np.array([[1e308, 0.0]]))
+    assert np.all(np.isfinite(logp)) and logp[0, 0] == 0.0 and logp[0, 2] == -1e308
 
 
 def test_cross_entropy_of_extreme_logits_matches_mpmath():
@@ -506,3 +511,47 @@ def test_devices_fifos_npy_expressions_and_zip_traversal_are_refused(tmp_path):
         else:
             _judge(code, err, None, str(path))
     assert not (tmp_path.parent / "escaped.csv").exists()
+
+
+def _solver_on_raw_objective(solver, X, y):
+    """A solver on the objective itself, past the estimator's scale check: it must stop, with an error or an
+    unconverged result (the estimator's check then says why)."""
+    from softxent.objective import LinearSoftmaxObjective
+    from softxent.solvers import Monitor, NonFiniteObjectiveError, run_solver
+
+    obj = LinearSoftmaxObjective(X, y, 3, alpha=1e-4, l1_ratio=0.5 if solver == "proximal" else 0.0)
+    try:
+        result = run_solver(solver, obj, np.zeros(obj.n_coef), max_iter=100, tol=1e-6, monitor=Monitor(100))
+    except NonFiniteObjectiveError as exc:
+        return str(exc)
+    return None if result.converged else "not converged"
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "newton-cg", "gd", "proximal"])
+def test_solvers_stop_on_a_non_finite_objective(solver):
+    """The proximal fit used to loop forever here, newton-cg to raise UnboundLocalError."""
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    big = X.copy()
+    big[0, 0] = 1.7e308
+    for data in (X * 1e300, big):
+        message, _ = isolated(_solver_on_raw_objective, solver, data, y)
+        assert message == "not converged" or ("non-finite" in message and "Scale the features" in message)
+
+
+def test_gd_never_accepts_an_ascent_step_on_large_features():
+    """Features of 1e150 are within float64's range: every step is below 1e-20, which the old absolute floor
+    accepted whatever it did to the objective (it climbed to 1e175)."""
+    import warnings
+
+    from sklearn.datasets import load_iris
+
+    from softxent import SoftmaxRegression
+
+    X, y = load_iris(return_X_y=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = SoftmaxRegression(solver="gd", max_iter=200).fit(X * 1e150, y)
+    curve = np.asarray(est.loss_curve_)
+    assert np.all(np.diff(curve) <= 1e-12 * np.abs(curve[:-1])) and est.objective_ < math.log(3)

@@ -449,17 +449,19 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------------------ predict
     def _logits(self, X, finite: bool = False):
-        """``z = X Theta^T + b``; with ``finite``, rows where that overflows (or turns NaN as +inf - inf)
-        are replaced by their shifted logits ``z_i - max_k z_ik`` computed without overflow (see
-        :func:`_overflow_free_logits`): the same softmax and argmax, and finite probabilities for any
-        finite input."""
+        """``z = X Theta^T + b``; with ``finite``, rows where that overflows (or turns NaN as +inf - inf, or
+        ``max z - min z`` overflows) are replaced by their shifted logits ``z_i - max_k z_ik`` computed
+        without overflow (see :func:`_overflow_free_logits`): the same softmax and argmax, and finite
+        probabilities and log-probabilities for any finite input."""
         check_is_fitted(self)
         X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], reset=False)
         coef = self.coef_.astype(X.dtype, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
             z = np.asarray(X @ coef.T) + self.intercept_.astype(X.dtype, copy=False)
-        if finite:
-            bad = np.flatnonzero(~np.all(np.isfinite(z), axis=1))
+        if finite:  # rows whose logits, or their spread (log_softmax's z - max z), overflow
+            with np.errstate(over="ignore", invalid="ignore"):
+                spread = np.max(z, axis=1, initial=-np.inf) - np.min(z, axis=1, initial=np.inf)
+            bad = np.flatnonzero(~np.isfinite(spread) | ~np.all(np.isfinite(z), axis=1))
             if bad.size:
                 z[bad] = _overflow_free_logits(X[bad], self.coef_, self.intercept_, z.dtype)
         return z
