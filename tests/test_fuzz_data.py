@@ -454,11 +454,6 @@ def test_cross_entropy_of_extreme_logits_matches_mpmath():
         assert got == want or math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-300), (z, t, got, want)
 
 
-def test_figures(fuzz_scale):
-    """The counts of this module's cases, for benchmarks/RESULTS.md (printed with ``pytest -s``)."""
-    print("\nfuzz figures:", dict(FIGURES))
-    assert FIGURES["hangs"] == 0
-
 
 def test_damaged_files_exit_2_in_a_real_process(tmp_path):
     """Issue 18's exit-1 cases, through ``python -m softxent.cli`` with this checkout's sources."""
@@ -555,3 +550,11 @@ def test_gd_never_accepts_an_ascent_step_on_large_features():
         est = SoftmaxRegression(solver="gd", max_iter=200).fit(X * 1e150, y)
     curve = np.asarray(est.loss_curve_)
     assert np.all(np.diff(curve) <= 1e-12 * np.abs(curve[:-1])) and est.objective_ < math.log(3)
+
+
+
+def test_figures(fuzz_scale):
+    """The counts of this module's cases, for benchmarks/RESULTS.md (printed with ``pytest -s``); last in the
+    module, so that it sees every case."""
+    print("\nfuzz figures:", dict(FIGURES))
+    assert FIGURES["hangs"] == 0

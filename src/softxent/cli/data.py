@@ -737,7 +737,9 @@ class Preprocessing:
                 raise DataError(f"the data lacks the model's feature column(s) {_list_columns(missing)} "
                                 f"(the data has: {_list_columns(list(features.columns))})")
             if not self.categorical:
-                chosen = features[self.input_columns]
+                # selecting columns costs per column (a frame read from CSV holds one block per column)
+                same = list(features.columns) == self.input_columns
+                chosen = features if same else features[self.input_columns]
                 if all(_numeric_dtype(t) for t in chosen.dtypes):  # one conversion, not one per column
                     return chosen.to_numpy(dtype=np.float64, na_value=np.nan)
             blocks = []
