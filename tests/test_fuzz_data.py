@@ -323,6 +323,22 @@ def test_held_out_labels_are_never_mapped_to_another_class(tmp_path):
     assert code == 0, err
 
 
+def test_a_finite_1e308_feature_trains_and_predicts(tmp_path):
+    """It was reported as 'contains infinity' (the column's mean and standard deviation overflowed)."""
+    from sklearn.datasets import load_iris
+
+    frame = load_iris(as_frame=True).frame
+    frame.iloc[3, 0] = 1.7e308
+    path = tmp_path / "big.csv"
+    frame.to_csv(path, index=False)
+    model = tmp_path / "m"
+    code, err, _ = _cli_case(["train", path, "--target", "target", "--out", model, "-q", "--no-report",
+                              "--test-size", "0"], None, str(path), 0)
+    assert code == 0, err
+    code, err, check = _cli_case(["predict", model, path, "--proba"], str(model), str(path), 0)
+    assert code == 0 and check is None, (err, check)
+
+
 def test_report_prints_mathtext_labels_as_written(tmp_path):
     path = tmp_path / "tex.csv"
     rng = np.random.default_rng(1)
