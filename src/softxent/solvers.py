@@ -107,13 +107,13 @@ MAX_BACKTRACKS = 200
 
 
 class NonFiniteObjectiveError(ValueError):
-    """The objective or its gradient became infinite or NaN during a fit: the data's scale overflows
-    float64 (a ValueError, so that callers treat it as bad input)."""
+    """The objective or its gradient became infinite or NaN during a fit: the data's scale overflows the
+    floating-point range of its dtype (a ValueError, so that callers treat it as bad input)."""
 
     def __init__(self, solver: str, value, where: str):
         super().__init__(
-            f"solver {solver!r}: {where} gave a non-finite value ({value}); the data's scale overflows float64 "
-            "(features or sample weights too large). Scale the features (e.g. "
+            f"solver {solver!r}: {where} gave a non-finite value ({value}); the data's scale overflows the "
+            "floating-point range (features or sample weights too large). Scale the features (e.g. "
             "sklearn.preprocessing.StandardScaler) and keep sample weights within a sane range")
 
 
@@ -253,6 +253,8 @@ def _steihaug_cg(hessp, g, precond, radius, tol, max_cg):
             step = ry / dhd
             p_mp_next = p_mp + 2.0 * step * d_mp + step * step * d_md
         if dhd <= 0 or p_mp_next >= radius2:
+            if not d_md > 0:  # d has no length in the M-norm (float32 underflow on extreme features)
+                return p, r, True
             # tau >= 0 with ||p + tau d||_M = radius
             b, c = 2.0 * d_mp, p_mp - radius2
             tau = (-b + math.sqrt(max(b * b - 4.0 * d_md * c, 0.0))) / (2.0 * d_md)
