@@ -686,16 +686,26 @@ class Preprocessing:
         if self.impute == "mean":
             X = self._fill(X)
         X = self.standardise(X)
-        vals = X.data if sp.issparse(X) else X
-        if not np.all(np.isfinite(vals)):
-            coo = sp.coo_matrix(X) if sp.issparse(X) else None
-            i, j = ((coo.row[~np.isfinite(coo.data)][0], coo.col[~np.isfinite(coo.data)][0]) if coo is not None
-                    else np.argwhere(~np.isfinite(X))[0])
-            row = features.index[i] if _is_frame(features) else i
-            raise DataError(f"row {row}: feature {self.feature_names[j]!r} = {self.encode(_rows_at(features, [i]))[0, j]:g} "
-                            f"is beyond float64's range once standardised (mean {self.mean[j]:.6g}, scale "
-                            f"{self.scale[j]:.6g}); softxent cannot score it: remove or rescale that value")
+        self._check_standardised(X, features)
         return X
+
+    def _check_standardised(self, X, features) -> None:
+        """Name the first value that standardising took beyond float64 (1.7e308 with a training scale below
+        1): no model can score that row."""
+        vals = X.data if sp.issparse(X) else X
+        if np.all(np.isfinite(vals)):
+            return
+        if sp.issparse(X):
+            coo = sp.coo_matrix(X)
+            k = np.flatnonzero(~np.isfinite(coo.data))[0]
+            i, j = coo.row[k], coo.col[k]
+        else:
+            i, j = np.argwhere(~np.isfinite(X))[0]
+        row = features.index[i] if _is_frame(features) else i
+        value = self.encode(_rows_at(features, [i]))[0, j]
+        raise DataError(f"row {row}: feature {self.feature_names[j]!r} = {value:g} is beyond float64's range once "
+                        f"standardised (mean {self.mean[j]:.6g}, scale {self.scale[j]:.6g}); softxent cannot score "
+                        "it: remove or rescale that value")
 
     #: Largest feature value (after standardising) a model is trained or applied on: squares of larger
     #: ones overflow float64 (1.3e154 squared is 1.7e308), and with them the objective.
