@@ -35,6 +35,7 @@ from .solvers import (
     SOLVERS,
     MinibatchState,
     Monitor,
+    NonFiniteObjectiveError,
     minibatch_epochs,
     run_solver,
     svrg_epochs,
@@ -63,6 +64,49 @@ _CONVERGENCE_ADVICE = (
     "far fewer iterations than gd, sgd and adam; newton-cg copes best with ill-conditioned data), or, if the "
     "features are not scaled, scaling them (e.g. sklearn.preprocessing.StandardScaler)."
 )
+
+
+def _tame_weights(sw):
+    """``sw`` divided by its largest entry when that lies outside [1e-100, 1e100]: the objective divides by
+    ``S = sum(sw)`` and so depends only on the weights' ratios, but ``S`` (or ``s_i CE_i``) overflows for
+    weights near 1e308 and loses digits for weights near 1e-308."""
+    top = float(np.max(sw, initial=0.0))
+    return sw / sw.dtype.type(top) if top > 0 and not 1e-100 <= top <= 1e100 else sw
+
+
+def _check_scale(obj, X) -> None:
+    """A ValueError when the features are so large that ``||x_i||^2`` overflows float64 (|x| above about
+    1e154): the gradient, the curvature bound behind every solver's first step and, soon after, the
+    objective are then not finite, and a fit would return a uniform model or NaN."""
+    if np.isfinite(obj.lipschitz_bound()):
+        return
+    values = X.data if sp.issparse(X) else X
+    where = np.unravel_index(np.argmax(np.abs(values)), values.shape) if not sp.issparse(X) else None
+    at = f" (at row {where[0]}, column {where[1]})" if where is not None else ""
+    raise ValueError(
+        f"X holds values up to {float(np.max(np.abs(values))):.3g}{at}, so the squared row norms overflow float64 "
+        "and the objective's gradient and curvature are not finite; scale the features (e.g. "
+        "sklearn.preprocessing.StandardScaler, or divide them by their magnitude)")
+
+
+def _overflow_free_logits(X, coef, intercept, dtype):
+    """The logits of the rows ``X`` shifted by their row maximum, ``z_i - max_k z_ik``, for rows whose
+    ``z = X Theta^T + b`` overflows (a 1e308 feature, or 1e308 coefficients).
+
+    With ``xt_i = [x_i, 1]`` and ``Tt = [Theta, b]`` scaled by their max-abs ``m_i >= 1`` and ``c``,
+    ``t_i = (xt_i / m_i) (Tt / c)^T`` is bounded by ``D + 1`` and ``z_i = m_i c t_i``, so
+    ``z_i - max z_i = m_i c (t_i - max t_i)``: zero for the top class, negative for the others, at worst
+    overflowing to -inf, which is clipped to the most negative float of ``dtype`` so that ``log_softmax``
+    stays finite too.  Softmax and argmax see the same numbers as from the exact logits."""
+    xt = X.toarray() if sp.issparse(X) else np.asarray(X)
+    xt = np.hstack([xt.astype(np.float64), np.ones((xt.shape[0], 1))])
+    m = np.max(np.abs(xt), axis=1, keepdims=True)
+    tt = np.hstack([np.asarray(coef, dtype=np.float64), np.asarray(intercept, dtype=np.float64)[:, None]])
+    c = float(np.max(np.abs(tt), initial=0.0)) or 1.0
+    t = (xt / m) @ (tt / c).T
+    with np.errstate(over="ignore"):
+        shifted = ((t - t.max(axis=1, keepdims=True)) * c) * m
+    return np.maximum(shifted, -np.finfo(dtype).max).astype(dtype)
 
 
 def _is_dask(X) -> bool:
@@ -273,7 +317,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                              f"a total weight of {float(np.sum(sw))}")
         solver = self._resolve_solver()
         self.solver_ = solver
-        obj = self._make_objective(X, y_idx, sw)
+        obj = self._make_objective(X, y_idx, _tame_weights(sw))
+        _check_scale(obj, X)
         w0 = self._initial_w(obj)
 
         def run(monitor):
@@ -316,15 +361,18 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             w = monitor.last_w if monitor.last_w is not None else w0
             self._finish(obj, w, len(monitor.curve), monitor, dtype)
             raise
-        self._finish(obj, w, n_iter, monitor, dtype)
+        self._finish(obj, w, n_iter, monitor, dtype, require_finite=True)
         return converged
 
-    def _finish(self, obj, w, n_iter, monitor, dtype):
+    def _finish(self, obj, w, n_iter, monitor, dtype, require_finite=False):
+        objective = float(obj.objective(np.asarray(w, dtype=np.float64)))
+        if require_finite and not (np.isfinite(objective) and np.all(np.isfinite(w))):
+            raise NonFiniteObjectiveError(self.solver_, objective, "the fitted model's objective")
         self._store(obj, w, dtype)
         self.n_iter_ = int(n_iter)
         self.loss_curve_ = list(monitor.curve)
         self._final_optimality = monitor.last_grad_norm  # what the convergence warning reports
-        self.objective_ = float(obj.objective(np.asarray(w, dtype=np.float64)))
+        self.objective_ = objective
 
     def _fit_minibatch(self, obj, w0, solver, monitor, X, y_idx, sw):
         rng = np.random.default_rng(_seed_sequence(self.random_state, 0))
@@ -379,7 +427,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             sw = sw * cw[y_idx]
         solver = self._resolve_solver(for_partial_fit=True)
         self.solver_ = solver
-        obj = self._make_objective(X, y_idx, sw)
+        obj = self._make_objective(X, y_idx, _tame_weights(sw))
+        _check_scale(obj, X)
         if first:
             w = np.zeros(obj.n_coef)
             self._mb_state = MinibatchState()
@@ -402,12 +451,23 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------------------------ predict
-    def _logits(self, X):
+    def _logits(self, X, finite: bool = False):
+        """``z = X Theta^T + b``; with ``finite``, rows where that overflows (or turns NaN as +inf - inf, or
+        ``max z - min z`` overflows) are replaced by their shifted logits ``z_i - max_k z_ik`` computed
+        without overflow (see :func:`_overflow_free_logits`): the same softmax and argmax, and finite
+        probabilities and log-probabilities for any finite input."""
         check_is_fitted(self)
         X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], reset=False)
         coef = self.coef_.astype(X.dtype, copy=False)
-        z = np.asarray(X @ coef.T)
-        return z + self.intercept_.astype(X.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = np.asarray(X @ coef.T) + self.intercept_.astype(X.dtype, copy=False)
+        if finite:  # rows whose logits, or their spread (log_softmax's z - max z), overflow
+            with np.errstate(over="ignore", invalid="ignore"):
+                spread = np.max(z, axis=1, initial=-np.inf) - np.min(z, axis=1, initial=np.inf)
+            bad = np.flatnonzero(~np.isfinite(spread) | ~np.all(np.isfinite(z), axis=1))
+            if bad.size:
+                z[bad] = _overflow_free_logits(X[bad], self.coef_, self.intercept_, z.dtype)
+        return z
 
     def decision_function(self, X):
         """Logits ``z = X Theta^T + b``, ``(N, K)``; for two classes the log-odds ``z_1 - z_0``, ``(N,)``."""
@@ -424,7 +484,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             from .dask import predict_dask
 
             return predict_dask(self, "predict_proba", X)
-        return softmax(self._logits(X))
+        return softmax(self._logits(X, finite=True))
 
     def predict_log_proba(self, X):
         """``log h(x)`` computed as ``z - lse(z)`` (exact for tiny probabilities)."""
@@ -432,7 +492,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             from .dask import predict_dask
 
             return predict_dask(self, "predict_log_proba", X)
-        return log_softmax(self._logits(X))
+        return log_softmax(self._logits(X, finite=True))
 
     def predict(self, X):
         """The most probable class label for each row."""
@@ -440,5 +500,5 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             from .dask import predict_dask
 
             return predict_dask(self, "predict", X)
-        z = self._logits(X)
+        z = self._logits(X, finite=True)
         return self.classes_[np.argmax(z, axis=1)]

@@ -41,7 +41,7 @@ from scipy.linalg.blas import get_blas_funcs
 from scipy.optimize import minimize
 
 __all__ = ["IterationInfo", "Monitor", "SolverResult", "SOLVERS", "converged", "FULL_BATCH_SOLVERS",
-           "MINIBATCH_SOLVERS", "run_solver", "minibatch_epochs", "svrg_epochs"]
+           "MINIBATCH_SOLVERS", "NonFiniteObjectiveError", "run_solver", "minibatch_epochs", "svrg_epochs"]
 
 FULL_BATCH_SOLVERS = ("lbfgs", "newton-cg", "gd", "proximal")
 MINIBATCH_SOLVERS = ("sgd", "adam")
@@ -113,12 +113,38 @@ def _inf_norm(g) -> float:
     return float(np.max(np.abs(g), initial=0.0))
 
 
+#: Backtracking line searches give up after this many halvings (doublings of L): from a step that a
+#: bound of the Lipschitz constant makes safe, 2**-200 is far below any step a finite objective needs.
+MAX_BACKTRACKS = 200
+
+
+class NonFiniteObjectiveError(ValueError):
+    """The objective or its gradient became infinite or NaN during a fit: the data's scale overflows the
+    floating-point range of its dtype (a ValueError, so that callers treat it as bad input)."""
+
+    def __init__(self, solver: str, value, where: str):
+        super().__init__(
+            f"solver {solver!r}: {where} gave a non-finite value ({value}); the data's scale overflows the "
+            "floating-point range (features or sample weights too large). Scale the features (e.g. "
+            "sklearn.preprocessing.StandardScaler) and keep sample weights within a sane range")
+
+
+def _check_finite(f: float, g, solver: str) -> None:
+    """Raise :class:`NonFiniteObjectiveError` unless ``f`` and the gradient ``g`` are finite."""
+    if not math.isfinite(f):
+        raise NonFiniteObjectiveError(solver, f, "the objective")
+    if not np.all(np.isfinite(g)):
+        raise NonFiniteObjectiveError(solver, "a gradient entry of " + str(g[~np.isfinite(g)][0]), "the gradient")
+
+
 # ------------------------------------------------------------------------------------------- lbfgs
 def _lbfgs(obj, w0, *, max_iter, tol, monitor, **_):
     last = {}
 
     def fun(w):
         f, g = obj.loss_gradient(w)
+        if "g" not in last:  # at w0; later non-finite trial points only make scipy's line search back off
+            _check_finite(f, g, "lbfgs")
         last["w"], last["g"] = w.copy(), g
         return f, g
 
@@ -201,6 +227,8 @@ def _gram_eig(obj):
     if out is None or out[1] <= 0:
         return None
     gram = out[0] / out[1]
+    if not np.all(np.isfinite(gram)):  # features so large that their products overflow: no Gram
+        return None
     lam, U = np.linalg.eigh(gram)
     return np.maximum(lam, 0.0), U, float(np.trace(gram))
 
@@ -232,10 +260,14 @@ def _steihaug_cg(hessp, g, precond, radius, tol, max_cg):
         hd = np.asarray(hessp(d), dtype=work)
         dhd = float(d @ hd)
         d_mp, d_md = float(d @ mp), float(d @ md)  # M symmetric: p.(M d) = d.(M p)
+        if not math.isfinite(dhd):
+            raise NonFiniteObjectiveError("newton-cg", dhd, "a Hessian-vector product")
         if dhd > 0:
             step = ry / dhd
             p_mp_next = p_mp + 2.0 * step * d_mp + step * step * d_md
         if dhd <= 0 or p_mp_next >= radius2:
+            if not d_md > 0:  # d has no length in the M-norm (float32 underflow on extreme features)
+                return p, r, True
             # tau >= 0 with ||p + tau d||_M = radius
             b, c = 2.0 * d_mp, p_mp - radius2
             tau = (-b + math.sqrt(max(b * b - 4.0 * d_md * c, 0.0))) / (2.0 * d_md)
@@ -273,6 +305,7 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
     work = np.float32 if np.dtype(getattr(obj, "dtype", np.float64)) == np.float32 else np.float64
     w = w0.copy()
     f, g = obj.loss_gradient(w, keep_proba=True)
+    _check_finite(f, g, "newton-cg")
     radius = None
     eig = None
     for it in range(1, max_iter + 1):
@@ -306,6 +339,7 @@ def _newton_cg(obj, w0, *, max_iter, tol, monitor, **_):
         # accept descent steps; near the optimum both reductions fall to rounding level, accept those too
         noise = _rounding(obj, f)
         if rho > 1e-4 or (predicted <= noise and f_new <= f + noise):
+            _check_finite(f_new, g_new, "newton-cg")
             w, f, g = w_new, f_new, g_new
         if monitor.step(w, f, _inf_norm(g)):
             return SolverResult(w, it, True, "stopped by callback")
@@ -323,6 +357,7 @@ def _lipschitz_guess(obj) -> float:
 def _gd(obj, w0, *, max_iter, tol, monitor, learning_rate=None, **_):
     w = w0.copy()
     f, g = obj.loss_gradient(w)
+    _check_finite(f, g, "gd")
     fixed = learning_rate is not None
     step = float(learning_rate) if fixed else 1.0 / _lipschitz_guess(obj)
     for it in range(1, max_iter + 1):
@@ -339,14 +374,17 @@ def _gd(obj, w0, *, max_iter, tol, monitor, learning_rate=None, **_):
             slack = _rounding(obj, f)
             if 0.5 * step * gg > 100 * slack:
                 step *= 1.5
-            while True:
+            # A bounded number of halvings, each measured against the first step 1/L, not an absolute
+            # floor: on features of 1e150 every step is below 1e-20, and that floor accepted ascent steps.
+            for _ in range(MAX_BACKTRACKS):
                 w_new = w - step * g
                 f_new, g_new = obj.loss_gradient(w_new)
-                if f_new <= f - 0.5 * step * gg + slack or step < 1e-20:
+                if f_new <= f - 0.5 * step * gg + slack:
                     break
                 step *= 0.5
-            if step < 1e-20:  # no step decreases f beyond its rounding: stalled at w, the last accepted
-                return SolverResult(w, it - 1, converged(_inf_norm(g), tol, stalled=True), "stalled")
+            else:  # no step decreases f beyond its rounding: stalled at w, the last accepted iterate
+                return SolverResult(w, it - 1, converged(_inf_norm(g), tol, stalled=True),
+                                    "stalled: the line search found no descent step")
             w, f, g = w_new, f_new, g_new
         if not np.isfinite(f):
             raise FloatingPointError(
@@ -365,14 +403,17 @@ def _proximal(obj, w0, *, max_iter, tol, monitor, **_):
     L = _lipschitz_guess(obj) * 0.1
     F_x = obj.loss(x) + obj.l1_penalty(x)
     f_y, g_y = obj.loss_gradient(y)
+    _check_finite(F_x, g_y, "proximal")
     for it in range(1, max_iter + 1):
-        while True:
+        for _ in range(MAX_BACKTRACKS):
             x_new = obj.prox_l1(y - g_y / L, 1.0 / L)
             d = x_new - y
             f_new = obj.loss(x_new)
             if f_new <= f_y + float(g_y @ d) + 0.5 * L * float(d @ d) * (1 + 1e-12) + 1e-15 * abs(f_y):
                 break
             L *= 2.0
+        else:  # L grew by 2**MAX_BACKTRACKS past a bound of the Lipschitz constant: f is not finite there
+            raise NonFiniteObjectiveError("proximal", f_new, "the backtracking line search")
         grad_map = _inf_norm(d) * L     # the composite gradient mapping at y
         F_new = f_new + obj.l1_penalty(x_new)
         if F_new > F_x and t > 1.0:      # momentum overshot: restart from x with a plain prox step
@@ -387,6 +428,7 @@ def _proximal(obj, w0, *, max_iter, tol, monitor, **_):
         if converged(grad_map, tol):
             return SolverResult(x, it, True)
         f_y, g_y = obj.loss_gradient(y)
+        _check_finite(f_y, g_y, "proximal")
         L *= 0.9                          # let the step grow again
     return SolverResult(x, max_iter, False)
 
@@ -586,6 +628,7 @@ def svrg_epochs(obj, w, state: MinibatchState, *, method: str, n_epochs: int, ba
     map_step = 1.0 / _lipschitz_guess(obj)
     l1 = _has_l1(obj)
     f, g = obj.loss_gradient(w)
+    _check_finite(f, g, method)
     F = F_low = f + obj.l1_penalty(w)
     velocity = np.zeros_like(w)
     optimality = _optimality(obj, w, g, map_step)

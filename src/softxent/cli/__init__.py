@@ -16,7 +16,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softxent: the command line needs the 'cli' extra ({exc.name} is missing): "
               "pip install 'softxent[cli]'", file=sys.stderr)
         return 2
-    return app(args=argv, prog_name="softxent", standalone_mode=True) or 0
+    except KeyboardInterrupt:  # Ctrl-C while the imports run, before the commands handle it
+        print("softxent: error: interrupted", file=sys.stderr)
+        return 130
+    try:
+        return app(args=argv, prog_name="softxent", standalone_mode=True) or 0
+    except KeyboardInterrupt:  # between typer's parsing and a command's own handler
+        print("softxent: error: interrupted", file=sys.stderr)
+        return 130
 
 
 __all__ = ["main"]

@@ -133,15 +133,15 @@ def _align_labels(y, classes):
     """Labels ``y`` in the type of the model's ``classes`` (CSV may read '1' as 1 and back)."""
     import numpy as np
 
-    kind = classes.dtype.kind
-    if kind in "U" and y.dtype.kind != "U":
+    kind = classes.dtype.kind  # strings: "U", or "O" (data.normalize_labels keeps labels as objects)
+    if kind in "UO" and y.dtype.kind not in "UO":
         return y.astype(str)
-    if kind in "iu" and y.dtype.kind == "U":
+    if kind in "iu" and y.dtype.kind in "UO":
         try:
             return y.astype(np.int64)
         except ValueError:
             return y
-    if kind == "b" and y.dtype.kind == "U":
+    if kind == "b" and y.dtype.kind in "UO":
         return np.array([v == "True" for v in y]) if set(y) <= {"True", "False"} else y
     return y
 
@@ -151,7 +151,8 @@ def _class_indices(y, classes, what: str):
 
     y = _align_labels(y, classes)
     unknown = np.setdiff1d(np.unique(y), classes) if y.dtype.kind == classes.dtype.kind or (
-        y.dtype.kind in "iu" and classes.dtype.kind in "iu") else np.unique(y)
+        y.dtype.kind in "iu" and classes.dtype.kind in "iu") or (
+        y.dtype.kind in "UO" and classes.dtype.kind in "UO") else np.unique(y)
     if unknown.size:
         shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in unknown[:10])
         n = int(np.isin(y, unknown).sum())
@@ -745,7 +746,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
     logp_te = None
     if X_te is not None:
         logp_te = est.predict_log_proba(X_te)
-        metrics["held-out"] = compute_metrics(np.searchsorted(classes, y_te), logp_te)
+        metrics["held-out"] = compute_metrics(_class_indices(y_te, classes, "the held-out split"), logp_te)
     curve = prev_curve + list(getattr(est, "loss_curve_", monitor.curve))
     extra = {"objective": float(est.objective_), "fit_seconds": fit_s, "converged": not notes}
     model = model_of(np.asarray(est.coef_, dtype=np.float64), np.asarray(est.intercept_, dtype=np.float64), curve,

@@ -26,7 +26,9 @@ training split only.  Sparse (svmlight) data is scaled but not centred, so it st
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -64,6 +66,20 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "svmlight": (".svm", ".svmlight", ".libsvm"),
 }
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zip")
+
+# Limits proportional to what a file really holds, so that a small hostile file cannot claim gigabytes
+# (see docs/cli.md, "Limits"): a compressed file may expand to EXPANSION_RATIO times its size, or to
+# EXPANSION_FLOOR bytes when that is more (real CSV compresses 3-20x; a "zip bomb" 1000x); the same
+# bound applies to the uncompressed size a Parquet file's metadata claims and to the arrays of an npz.
+EXPANSION_RATIO = 100
+EXPANSION_FLOOR = 256 << 20
+#: svmlight: the largest feature index accepted is max(SVMLIGHT_MIN_FEATURES, the file's non-zeros):
+#: every column a model learns costs K coefficients, and an index beyond both is a typo or an attack.
+SVMLIGHT_MIN_FEATURES = 1 << 20
+#: tables wider than this are consolidated once after reading (see _load_tables)
+WIDE_TABLE_COLUMNS = 10_000
+#: class labels longer than this are refused (they go into model.json, the report and its plots)
+MAX_LABEL_CHARS = 1000
 
 
 @dataclass
@@ -107,6 +123,9 @@ def expand_paths(args: list[str]) -> list[Path]:
             if p.is_dir():
                 raise DataError(f"data path {arg!r} is a directory; give the data files (a glob such as "
                                 f"'{arg.rstrip('/')}/*.csv' takes them all)")
+            if not p.is_file():  # /dev/zero never ends, a FIFO may never open: neither has a size to bound
+                raise DataError(f"data path {arg!r} is not a regular file (a device, FIFO or socket); "
+                                "give a data file")
             out.append(p)
             continue
         if any(c in arg for c in "*?["):
@@ -171,21 +190,124 @@ def load_data(args: list[str] | None, fmt: str | None = None, *, label_key: str 
     return _load_svmlight(paths, n_features, zero_based)
 
 
+def _expansion_limit(path: Path) -> int:
+    """The most bytes ``path`` may expand to (see ``EXPANSION_RATIO``)."""
+    return max(EXPANSION_RATIO * os.path.getsize(path), EXPANSION_FLOOR)
+
+
+def _too_large(path: Path, what: str) -> DataError:
+    limit = _expansion_limit(path)
+    return DataError(f"{str(path)!r} {what}, more than the limit of {limit:,} bytes (the larger of "
+                     f"{EXPANSION_RATIO}x its {os.path.getsize(path):,} bytes and {EXPANSION_FLOOR >> 20} MiB); "
+                     "decompress it and read the plain file if it is genuine")
+
+
+def check_decompressed_size(path: Path) -> None:
+    """Stream a compressed file once (constant memory) and raise a DataError when it expands beyond
+    :func:`_expansion_limit` or is damaged; uncompressed files pass untouched."""
+    import lzma
+    import zipfile
+    import zlib
+
+    suffix = path.suffix.lower()
+    if suffix not in _COMPRESSION:
+        return
+    limit = _expansion_limit(path)
+    try:
+        with _open_binary(path) as stream:
+            total = 0
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise _too_large(path, f"expands to more than {limit:,} bytes when decompressed")
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, ValueError) as exc:
+        raise DataError(f"cannot decompress {str(path)!r} ({suffix[1:]}): {_first_line(exc)}") from None
+
+
+def _check_parquet_size(path: Path) -> None:
+    """Refuse a Parquet file whose metadata claims more uncompressed bytes than the expansion limit."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    claimed = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if claimed > _expansion_limit(path):
+        raise _too_large(path, f"claims {claimed:,} uncompressed bytes")
+
+
+@contextlib.contextmanager
+def _open_binary(path: Path):
+    """``path`` opened for reading bytes, through its compression (by suffix); a zip's one member."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if len(members) != 1:
+                raise DataError(f"{str(path)!r} must hold exactly one file; it holds {len(members)}")
+            with zf.open(members[0]) as stream:
+                yield stream
+        return
+    with {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)(path, "rb") as stream:
+        yield stream
+
+
+def raw_csv_header(path: Path, sep: str) -> list[str]:
+    """The header row as written (pandas renames a repeated name ``a`` to ``a.1``, hiding duplicates)."""
+    import csv
+
+    with _open_binary(path) as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+        try:
+            return next(csv.reader(text, delimiter=sep), [])
+        except csv.Error as exc:
+            raise DataError(f"cannot parse the header of {str(path)!r}: {_first_line(exc)}") from None
+
+
+def _duplicates(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted (linear: a Counter, not a count per name)."""
+    from collections import Counter
+
+    return sorted(name for name, n in Counter(names).items() if n > 1)
+
+
 def _read_table(path: Path, kind: str):
     import pandas as pd
 
     try:
         if kind == "parquet":
-            return pd.read_parquet(path)
+            _check_parquet_size(path)
+            df = pd.read_parquet(path)
+            for c in df.columns:  # Arrow checks string bytes only when they are converted: check them now
+                if hasattr(df[c].array, "__arrow_array__"):
+                    import pyarrow as pa
+
+                    pa.array(df[c].array).validate(full=True)
+            return df
+        check_decompressed_size(path)
         name = path.name.lower()
         sep = "\t" if ".tsv" in name else ","
+        dup = _duplicates(raw_csv_header(path, sep))
+        if dup:
+            raise DataError(f"{str(path)!r} has duplicate column names: {', '.join(map(repr, dup[:20]))}"
+                            + (f", ... ({len(dup)} in all)" if len(dup) > 20 else ""))
         return pd.read_csv(path, sep=sep)
+    except DataError:
+        raise
     except pd.errors.EmptyDataError:
         raise DataError(f"data file {str(path)!r} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse {str(path)!r} as {kind}: {_first_line(exc)}") from None
-    except (OSError, ValueError, ImportError) as exc:
-        # pyarrow raises ArrowInvalid (a ValueError) on a file that is not Parquet
+    except MemoryError:
+        raise DataError(f"{str(path)!r} does not fit in memory as a {kind} table") from None
+    except Exception as exc:
+        # pyarrow raises ArrowInvalid (a ValueError) on a file that is not Parquet, a JSONDecodeError or a
+        # KeyError on damaged pandas metadata; whatever a reader raises on a file is about that file
         raise DataError(f"cannot read {str(path)!r} as {kind}: {_first_line(exc)}") from None
 
 
@@ -195,8 +317,12 @@ def _load_tables(paths: list[Path], kind: str) -> RawData:
     frames = []
     for p in paths:
         df = _read_table(p, kind)
+        if df.shape[1] > WIDE_TABLE_COLUMNS:
+            # the CSV reader makes one block per column, and every later column selection, drop or
+            # conversion then costs per column (200 000 columns: 14 s for drop); a copy joins them by dtype
+            df = df.copy()
         df.columns = [str(c) for c in df.columns]
-        dup = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+        dup = _duplicates(list(df.columns))  # Parquet keeps repeated names; so may str() of distinct ones
         if dup:
             raise DataError(f"{str(p)!r} has duplicate column names: {', '.join(map(repr, dup))}")
         if frames and list(df.columns) != list(frames[0].columns):
@@ -224,6 +350,8 @@ def _load_npz(paths: list[Path], target: str | None) -> RawData:
         try:
             with np.load(p, allow_pickle=False) as z:
                 keys = list(z.files)
+                for key in ("X", y_key, "feature_names"):
+                    _check_npz_member_size(p, z, key)
                 if "X" not in keys:
                     raise DataError(f"{str(p)!r} has no array 'X' (arrays: {', '.join(keys) or 'none'}); "
                                     "save the features as X (N×D) and the labels as y (N,)")
@@ -269,16 +397,36 @@ def _load_npz(paths: list[Path], target: str | None) -> RawData:
                    feature_names=names, target_name=y_key, note=missing_key_note)
 
 
+def _check_npz_member_size(path: Path, npz, key: str) -> None:
+    """Refuse an npz array whose header declares more bytes than the expansion limit (np.savez_compressed
+    stores a gigabyte of zeros in a megabyte) before NumPy allocates it."""
+    from numpy.lib import format as npy
+
+    name = f"{key}.npy"
+    if name not in npz.zip.namelist():
+        return
+    with npz.zip.open(name) as fp:
+        version = npy.read_magic(fp)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = read_header(fp)
+    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
+    if nbytes > _expansion_limit(path):
+        raise _too_large(path, f"declares an array {key!r} of shape {shape} ({nbytes:,} bytes)")
+
+
 def _load_svmlight(paths: list[Path], n_features: int | None, zero_based: bool | None) -> RawData:
     from sklearn.datasets import load_svmlight_files
 
     files = [str(p) for p in paths]
+    for p in paths:
+        check_decompressed_size(p)
     try:
         if zero_based is None:
             # Read the indices as they are, then decide the way scikit-learn's "auto" does: 1-based when no
             # file uses index 0.  The decision is stored in the model so that predict lines up.
             parts = load_svmlight_files(files, zero_based=True, dtype=np.float64)
             Xs = parts[0::2]
+            _check_svmlight_width(Xs, files)
             zero_based = any(X.nnz and X.indices.min() == 0 for X in Xs) or not any(X.nnz for X in Xs)
             if not zero_based:
                 Xs = [X[:, 1:] for X in Xs]
@@ -287,14 +435,18 @@ def _load_svmlight(paths: list[Path], n_features: int | None, zero_based: bool |
         else:
             parts = load_svmlight_files(files, zero_based=zero_based, dtype=np.float64, n_features=n_features)
             Xs = parts[0::2]
+            _check_svmlight_width(Xs, files, n_features)
     except DataError:
         raise
+    except OverflowError as exc:  # an index of 2**31 or more
+        raise DataError(f"cannot parse {', '.join(files)} as svmlight/libsvm: a feature index or value is too "
+                        f"large ({_first_line(exc)})") from None
     except ValueError as exc:
         msg = _first_line(exc)
         if "n_features was set" in msg:
             raise DataError(f"the svmlight data has more features than the model's {n_features}: {msg}") from None
         raise DataError(f"cannot parse {', '.join(files)} as svmlight/libsvm: {msg}") from None
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, EOFError) as exc:
         raise DataError(f"cannot read {', '.join(files)} as svmlight/libsvm: {_first_line(exc)}") from None
     ys = parts[1::2]
     d = n_features if n_features is not None else max(X.shape[1] for X in Xs)
@@ -306,6 +458,19 @@ def _load_svmlight(paths: list[Path], n_features: int | None, zero_based: bool |
     return RawData(fmt="svmlight", sources=files, X=X, y=np.concatenate(ys),
                    feature_names=[f"f{j + (0 if zero_based else 1)}" for j in range(d)],
                    zero_based=bool(zero_based), target_name="label")
+
+
+def _check_svmlight_width(Xs, files: list[str], n_features: int | None = None) -> None:
+    """Refuse feature indices far beyond what the files hold (see ``SVMLIGHT_MIN_FEATURES``): checked on
+    the sparse matrices as read, before any step allocates per column (1 ``1e8:1`` made a 22 GB fit)."""
+    nnz = sum(X.nnz for X in Xs)
+    width = max((int(X.indices.max()) + 1 for X in Xs if X.nnz), default=0)
+    allowed = max(SVMLIGHT_MIN_FEATURES, nnz, n_features or 0)
+    if width > allowed:
+        at = next(f for f, X in zip(files, Xs) if X.nnz and int(X.indices.max()) + 1 == width)
+        raise DataError(f"{at!r} uses feature index {width - 1:,}, but the data hold only {nnz:,} non-zero values; "
+                        f"softxent accepts indices up to {allowed - 1:,} (the larger of {SVMLIGHT_MIN_FEATURES:,} and "
+                        "the number of non-zeros): a model has one coefficient per class and index")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -339,7 +504,15 @@ def normalize_labels(y, name: str) -> np.ndarray:
             raise DataError(f"the target {name!r} holds non-integer numbers (e.g. {v[frac][0]:g}) — it looks "
                             "continuous, but softxent trains a classifier: give class labels")
         return v.astype(np.int64)
-    return s.astype(str).to_numpy(dtype=str)
+    # An object array of NumPy strings: a fixed-width str array costs every row the longest label's
+    # width (one 100 MB label in a small file asked for 59 GiB); np.str_ keeps .item() and sorting.
+    labels = s.astype(str).to_numpy(dtype=object)
+    lengths = np.fromiter(map(len, labels), dtype=np.int64, count=len(labels))
+    if len(lengths) and lengths.max() > MAX_LABEL_CHARS:
+        row = int(np.argmax(lengths))
+        raise DataError(f"the target {name!r} holds a label of {int(lengths[row]):,} characters (row {row}); class "
+                        f"labels are limited to {MAX_LABEL_CHARS} characters: is {name!r} the label column?")
+    return np.fromiter(map(np.str_, labels), dtype=object, count=len(labels))
 
 
 def split_target(raw: RawData, target: str | None, *, required: bool):
@@ -379,7 +552,8 @@ def _list_columns(cols: list[str], limit: int = 30) -> str:
 
 
 def train_test_indices(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of the training and held-out splits; stratified when every class has >= 2 rows."""
+    """Row indices of the training and held-out splits: every class has a training row (a class of one row
+    is never held out); stratified when there are enough held-out rows for one of each class."""
     n = len(y)
     if not 0.0 <= test_size < 1.0:
         raise DataError(f"--test-size must be in [0, 1); got {test_size}")
@@ -391,10 +565,28 @@ def train_test_indices(y: np.ndarray, test_size: float, seed: int) -> tuple[np.n
         raise DataError(f"--test-size {test_size} leaves no training rows out of {n}")
     from sklearn.model_selection import train_test_split
 
-    _, counts = np.unique(y, return_counts=True)
-    stratify = y if counts.min() >= 2 and n_test >= len(counts) and n - n_test >= len(counts) else None
-    tr, te = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
-    return np.sort(tr), np.sort(te)
+    _, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
+    # A class seen only in the held-out rows could be neither learned nor scored: every class keeps at
+    # least one training row.  A class of one row trains; the others are split stratified when there are
+    # enough held-out rows for one of each, else at random with one row of each class held back first.
+    alone = counts[y_idx] == 1
+    rest = idx[~alone]
+    n_split_classes = int(np.sum(counts >= 2))
+    n_test_rest = n_test
+    if n_test_rest > len(rest) - n_split_classes:
+        raise DataError(f"--test-size {test_size} holds out {n_test} of {n} rows, but every one of the "
+                        f"{len(counts)} classes needs a training row; use a smaller --test-size")
+    if n_split_classes and n_test_rest >= n_split_classes:
+        tr, te = train_test_split(rest, test_size=n_test_rest, random_state=seed, stratify=y_idx[rest])
+    else:
+        rng = np.random.default_rng(seed)
+        order = rest[rng.permutation(len(rest))]
+        _, first = np.unique(y_idx[order], return_index=True)  # one row of each class, held back
+        kept = np.zeros(len(order), dtype=bool)
+        kept[first] = True
+        pool = order[~kept]
+        te, tr = pool[:n_test_rest], np.concatenate([order[kept], pool[n_test_rest:]])
+    return np.sort(np.concatenate([tr, idx[alone]])), np.sort(te)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,12 +681,19 @@ class Preprocessing:
                 m = np.asarray(X.mean(axis=0)).ravel()
                 std = np.sqrt(np.maximum(sq - m * m, 0.0))
             else:
-                mean = X.mean(axis=0)
-                std = X.std(axis=0)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    mean = X.mean(axis=0)
+                    std = X.std(axis=0)
+                huge = ~(np.isfinite(mean) & np.isfinite(std))
+                if huge.any():  # values near 1e308: sums and squares overflow; the column scaled first
+                    top = np.max(np.abs(X[:, huge]), axis=0)
+                    mean[huge] = X[:, huge].__truediv__(top).mean(axis=0) * top
+                    std[huge] = X[:, huge].__truediv__(top).std(axis=0) * top
             pre.mean = mean
             pre.scale = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
         else:
             pre.mean, pre.scale = np.zeros(d), np.ones(d)
+        pre._check_magnitude(pre.standardise(X))
         if raw is not None and raw.image_shape is not None and raw.image_shape[0] * raw.image_shape[1] == d:
             pre.image_shape = tuple(raw.image_shape)
         elif not pre.categorical:
@@ -510,14 +709,56 @@ class Preprocessing:
         self._check_finite(X, fitting=False)
         if self.impute == "mean":
             X = self._fill(X)
-        return self.standardise(X)
+        X = self.standardise(X)
+        self._check_standardised(X, features)
+        return X
+
+    def _check_standardised(self, X, features) -> None:
+        """Name the first value that standardising took beyond float64 (1.7e308 with a training scale below
+        1): no model can score that row."""
+        vals = X.data if sp.issparse(X) else X
+        if np.all(np.isfinite(vals)):
+            return
+        if sp.issparse(X):
+            coo = sp.coo_matrix(X)
+            k = np.flatnonzero(~np.isfinite(coo.data))[0]
+            i, j = coo.row[k], coo.col[k]
+        else:
+            i, j = np.argwhere(~np.isfinite(X))[0]
+        row = features.index[i] if _is_frame(features) else i
+        value = self.encode(_rows_at(features, [i]))[0, j]
+        raise DataError(f"row {row}: feature {self.feature_names[j]!r} = {value:g} is beyond float64's range once "
+                        f"standardised (mean {self.mean[j]:.6g}, scale {self.scale[j]:.6g}); softxent cannot score "
+                        "it: remove or rescale that value")
+
+    #: Largest feature value (after standardising) a model is trained or applied on: squares of larger
+    #: ones overflow float64 (1.3e154 squared is 1.7e308), and with them the objective.
+    MAX_FEATURE_MAGNITUDE = 1e150
+
+    def _check_magnitude(self, X) -> None:
+        """Refuse training features whose squares overflow (the objective would not be finite)."""
+        vals = X.data if sp.issparse(X) else X
+        if not vals.size or float(np.max(np.abs(vals))) <= self.MAX_FEATURE_MAGNITUDE:
+            return
+        col_max = (np.asarray(abs(X).max(axis=0).todense()).ravel() if sp.issparse(X)
+                   else np.max(np.abs(X), axis=0))
+        cols = np.flatnonzero(col_max > self.MAX_FEATURE_MAGNITUDE)
+        shown = ", ".join(f"{self.feature_names[j]!r} (up to {col_max[j]:.3g})" for j in cols[:8])
+        fix = ("rescale those columns" if self.standardize else
+               "standardise them (drop --no-standardize) or rescale those columns")
+        raise DataError(f"feature value(s) beyond {self.MAX_FEATURE_MAGNITUDE:g} in column(s) {shown}"
+                        f"{', ...' if len(cols) > 8 else ''}: their squares overflow float64; {fix}")
 
     def standardise(self, X):
         if not self.standardize:
             return X
         if sp.issparse(X):
             return sp.csr_matrix(X.multiply(1.0 / self.scale))
-        return (X - self.mean) / self.scale
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = (X - self.mean) / self.scale
+            if not np.all(np.isfinite(out)):  # x - mean overflowed (values of both signs near 1e308)
+                out = np.where(np.isfinite(out), out, X / self.scale - self.mean / self.scale)
+        return out
 
     def encode(self, features) -> np.ndarray | sp.csr_matrix:
         """Raw rows -> float64 features (N×D) in the order of ``feature_names``; NaN kept."""
@@ -529,6 +770,12 @@ class Preprocessing:
             if missing:
                 raise DataError(f"the data lacks the model's feature column(s) {_list_columns(missing)} "
                                 f"(the data has: {_list_columns(list(features.columns))})")
+            if not self.categorical:
+                # selecting columns costs per column (a frame read from CSV holds one block per column)
+                same = list(features.columns) == self.input_columns
+                chosen = features if same else features[self.input_columns]
+                if all(_numeric_dtype(t) for t in chosen.dtypes):  # one conversion, not one per column
+                    return chosen.to_numpy(dtype=np.float64, na_value=np.nan)
             blocks = []
             for c in self.input_columns:
                 col = features[c]
@@ -617,14 +864,22 @@ class Preprocessing:
         )
 
 
+def _rows_at(features, rows):
+    return features.iloc[rows] if _is_frame(features) else features[rows]
+
+
 def _is_frame(x) -> bool:
     return hasattr(x, "columns") and hasattr(x, "iloc")
 
 
 def _numeric_column(s) -> bool:
+    return _numeric_dtype(s.dtype)
+
+
+def _numeric_dtype(dtype) -> bool:
     import pandas as pd
 
-    return bool(pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s))
+    return bool(pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
 
 
 def _numeric_share(col) -> float:

@@ -110,6 +110,9 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # files only; never a window
+    # class labels and column names are data, not TeX: a label such as '$x^$' must print as written
+    # (parsed as mathtext it made savefig raise after the model was saved)
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
