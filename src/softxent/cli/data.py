@@ -654,7 +654,7 @@ class Preprocessing:
                 examples = []
                 for c in non_numeric[:8]:
                     v = features[c].dropna()
-                    examples.append(f"{c!r} (e.g. {str(v.iloc[0])!r})" if len(v) else repr(c))
+                    examples.append(f"{c!r} (e.g. {_clip(v.iloc[0])!r})" if len(v) else repr(c))
                 more = f" and {len(non_numeric) - 8} more" if len(non_numeric) > 8 else ""
                 raise DataError(f"non-numeric feature column(s): {', '.join(examples)}{more}; one-hot encode "
                                 "them with --categorical, or drop them from the data")
