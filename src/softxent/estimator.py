@@ -312,7 +312,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                              f"got {classes.tolist()}")
         self.classes_ = classes
         sw = self._fold_class_weight(y_idx, sw, y)
-        if not np.sum(sw) > 0:
+        if not np.any(sw > 0):  # weights are >= 0: no positive one is a zero total (a sum could overflow)
             raise ValueError("sample_weight must not sum to zero (every sample would be ignored); got "
                              f"a total weight of {float(np.sum(sw))}")
         solver = self._resolve_solver()
