@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..loss import PROBA_IGNORE_INDEX_MESSAGE
 from . import _row_terms as rt
 from . import _validation as val
 
@@ -153,6 +154,8 @@ def _cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_in
         raise TypeError(f"{target_name} must hold integer class indices of shape {lead}, or class "
                         f"probabilities (floating) of shape {tuple(logits.shape)}; got dtype "
                         f"{target.dtype} and shape {tuple(target.shape)}")
+    if not index and ignore_index >= 0:
+        raise ValueError(PROBA_IGNORE_INDEX_MESSAGE.format(ignore_index=ignore_index))
     val.check_same_device({"logits": logits, target_name: target})
     dev = logits.device
     cw = val.check_weights_tensor(weight, (K,), "weight", dev)

@@ -10,6 +10,8 @@ classes::
     loss_i  = b_i lse_i - coef_y_i zhat_{i,y_i} - coef_u_i sum_k w_k zhat_ik + z_loss omega_i lse_i^2
     dloss_i/dzhat_ik = a_i h_ik - B_ik,   a_i = b_i + 2 z_loss omega_i lse_i,   b_i = sum_k B_ik
 
+(``V = 1``: ``coef_y = coef_u = b = 0``, since ``h = 1`` makes the target term vanish identically.)
+
 where ``zhat = softcap tanh(z / softcap)`` (or ``z``), ``lse_i = logsumexp_k zhat_ik`` and
 ``h_i = softmax(zhat_i)``; with a softcap the gradient on ``z`` gets the factor ``1 - tanh(z/c)^2``.
 So a row needs only three numbers from the logits (``lse_i``, ``zhat_{i,y_i}`` and, with smoothing,
@@ -64,6 +66,12 @@ def index_terms(target: torch.Tensor, num_classes: int, *, ignore_index: int, la
         omega = torch.where(valid, wy if s is None else s * wy, zero)
         w_sum = cw.sum()
     omega = omega.expand(target.shape).contiguous() if omega.dim() == 0 else omega
+    if num_classes == 1:
+        # One class: h = 1 and lse = zhat, so the target term vanishes whatever B is; dropping it (rather
+        # than forming b h - B, whose float sums need not cancel: -6e-8 with smoothing) gives an exact 0
+        # loss and gradient, as PyTorch does (softxent.loss._coefficients).  The z-loss term remains.
+        zeros = torch.zeros_like(omega)
+        return IndexTerms(idx, omega, zeros, None, zeros)
     eps = float(label_smoothing)
     coef_y = omega * (1.0 - eps)
     coef_u = None
