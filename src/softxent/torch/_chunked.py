@@ -71,6 +71,9 @@ class ChunkConfig:
     need_dx: bool
     need_dw: bool
     need_db: bool
+    z_loss_weighting: str = "class"
+    need_dp: bool = False          # the gradient of probability targets
+    want_correct: bool = False     # return_accuracy: whether each row's target logit is its maximum
 
 
 def chunk_rows(n_rows: int, n_classes: int, itemsize: int, n_buffers: int, max_chunk_bytes: int) -> int:
@@ -119,11 +122,15 @@ class _Products:
         acc.addmm_(delta.t(), xc)
 
 
-def _finish_delta(buf, alpha, beta, gamma, idx, class_weight, tanh_buf):
+def _finish_delta(buf, alpha, beta, gamma, terms, class_weight, tanh_buf):
     """``buf`` holds ``exp(zhat - shift)``; turn it into delta in place (module docstring), where
-    ``alpha_i`` includes the normalisation of the exponentials."""
+    ``alpha_i`` includes the normalisation of the exponentials; ``terms`` (the chunk's rows) give the
+    target: ``beta_i`` at ``y_i``, or ``beta_i w_k p_ik`` for probability targets."""
     buf.mul_(alpha[:, None])
-    buf.scatter_add_(1, idx[:, None], (-beta)[:, None])
+    if terms.proba is not None:
+        buf.addcmul_(rt.class_weighted(terms.proba.to(buf.dtype), class_weight), beta[:, None], value=-1)
+    else:
+        buf.scatter_add_(1, terms.idx[:, None], (-beta)[:, None])
     if gamma is not None:
         if class_weight is None:
             buf.sub_(gamma[:, None])
@@ -146,7 +153,7 @@ def _capped_logits(prod, xc, buf, tanh_buf, softcap):
             torch.mul(tanh_buf, softcap, out=buf)
 
 
-def _logit_chunks(prod, x, n_classes, softcap, need_grad, keep_tanh, max_chunk_bytes):
+def _logit_chunks(prod, x, n_classes, softcap, need_grad, keep_tanh, max_chunk_bytes, proba=False):
     """For each chunk of rows of ``x``: ``(i0, i1, xc, zb, tb)`` with ``xc`` the rows ``i0:i1`` in the
     compute dtype, ``zb = zhat`` of those rows and, when ``keep_tanh``, ``tb = tanh(z / c)`` (else None).
     ``zb`` and ``tb`` are views of buffers reused by every chunk, so the caller may overwrite them in
@@ -155,9 +162,11 @@ def _logit_chunks(prod, x, n_classes, softcap, need_grad, keep_tanh, max_chunk_b
     The rows per chunk (:func:`chunk_rows`) leave room for the tanh buffer whenever a gradient is needed
     with a softcap, whether or not this pass keeps it: a forward and the backward that recomputes its
     logits then chunk alike and see bitwise the same ``z`` (BLAS rounding depends on the chunk's shape),
-    so ``exp(zhat - lse)`` agrees with the forward's ``lse`` (V = 1: exactly 1, a zero gradient)."""
+    so ``exp(zhat - lse)`` agrees with the forward's ``lse`` (V = 1: exactly 1, a zero gradient).
+    With probability targets (``proba``) the rows leave room for three more ``(R, V)`` temporaries (the
+    targets' block in the compute dtype, times the class weights, times the logits)."""
     N = x.shape[0]
-    n_buf = 2 if (softcap is not None and need_grad) else 1
+    n_buf = (2 if (softcap is not None and need_grad) else 1) + (3 if proba else 0)
     R = chunk_rows(N, n_classes, torch.finfo(prod.cdt).bits // 8, n_buf, max_chunk_bytes)
     buf = torch.empty(min(R, N), n_classes, dtype=prod.cdt, device=x.device)
     tbuf = torch.empty_like(buf) if keep_tanh else None
@@ -194,25 +203,27 @@ class _Gradients:
                 None if self.db is None else self.db.to(bias.dtype))
 
 
-def finish_forward(ctx, terms, lse, z_t, z_ws, factor, reduction, z_loss, cdt, recompute_inputs=None):
-    """The end of a fused forward: the loss (in ``cdt``) from the row terms, ``lse`` ``(N,)`` and the
-    target and weighted logit sums ``z_t``, ``z_ws``; ``lse`` marked non-differentiable.  With
-    ``recompute_inputs = (x, weight, bias, target, class_weight)`` also saves what a backward that
-    recomputes the logits needs (read back by :func:`recompute_state`).  Returns ``(loss, lse)``."""
-    row_loss = rt.index_row_loss(terms, lse, z_t, z_ws, z_loss)
-    loss = rt.reduce_loss(row_loss, reduction, factor, cdt)
+def finish_forward(ctx, terms, lse, b_sum, lin, factor, reduction, z_loss, cdt, recompute_inputs=None):
+    """The end of a fused forward: the loss and its z-loss part (in ``cdt``) from the row terms, ``lse``
+    ``(N,)``, ``b_i`` and ``lin_i = sum_k B_ik zhat_ik`` (softxent.torch._row_terms).  With
+    ``recompute_inputs = (x, weight, bias, target, class_weight)`` (``target``: the indices, or the
+    probabilities) also saves what a backward that recomputes the logits needs (read back by
+    :func:`recompute_state`).  Returns ``(loss, z_part)``."""
+    loss = rt.reduce_loss(rt.row_loss(b_sum, lin, terms, lse, z_loss), reduction, factor, cdt)
+    z_part = rt.reduce_loss(rt.z_term(terms, lse, z_loss), reduction, factor, cdt)
     if recompute_inputs is not None:
-        a = rt.softmax_coefficient(terms.b_sum, terms.omega, lse, z_loss)
+        a = rt.softmax_coefficient(b_sum, terms.zeta, lse, z_loss)
         ctx.save_for_backward(*recompute_inputs, lse, a, terms.coef_y, terms.coef_u, factor)
-    ctx.mark_non_differentiable(lse)
-    return loss, lse
+    ctx.mark_non_differentiable(z_part)
+    return loss, z_part
 
 
 class RecomputeState(NamedTuple):
-    """What :func:`finish_forward` saved, with the row coefficients scaled by ``grad_output``: ``alpha = r a``,
-    ``beta = r coef_y``, ``gamma = r coef_u`` (None without label smoothing), all ``(N,)`` and contiguous,
-    ``r_i = grad_output_i`` for ``'none'``, else ``grad_output`` times the reduction's factor
-    (softxent.torch._row_terms)."""
+    """What :func:`finish_forward` saved, with the row coefficients scaled by ``grad_output``: ``alpha = r a
+    + g`` (``g`` the gradient reaching ``lse``), ``beta = r coef_y``, ``gamma = r coef_u`` (None without
+    label smoothing), all ``(N,)`` and contiguous, ``r_i = grad_output_i`` for ``'none'``, else
+    ``grad_output`` times the reduction's factor (softxent.torch._row_terms); ``terms`` the row terms of
+    the target (``idx`` or ``proba``) with ``beta``, ``gamma`` as ``coef_y``, ``coef_u``."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -223,102 +234,171 @@ class RecomputeState(NamedTuple):
     alpha: torch.Tensor
     beta: torch.Tensor
     gamma: torch.Tensor | None
+    r: torch.Tensor
+
+    def terms(self) -> rt.RowTerms:
+        """The scaled coefficients as :class:`_row_terms.RowTerms` (target weights ``r B``)."""
+        proba = self.target if self.target.is_floating_point() else None
+        return rt.RowTerms(self.alpha, self.alpha, self.beta, self.gamma, None,
+                           idx=None if proba is not None else self.target, proba=proba)
 
 
-def recompute_state(ctx, grad_loss, reduction) -> RecomputeState:
+def recompute_state(ctx, grad_loss, grad_lse, reduction) -> RecomputeState:
     """Read back :func:`finish_forward`'s saved tensors and scale them by ``grad_loss`` (in the compute
-    dtype; the product with the float64 factor is rounded once)."""
+    dtype; the product with the float64 factor is rounded once); a None gradient counts as 0."""
     x, weight, bias, target, cw, lse, a, coef_y, coef_u, factor = ctx.saved_tensors
     N = x.shape[0]
     cdt = val.compute_dtype(x.dtype)
-    r = grad_loss.to(cdt)
-    r = r.reshape(N) if reduction == "none" else (r * factor).to(cdt).expand(N)
-    return RecomputeState(x, weight, bias, target, cw, lse, (a * r).contiguous(), (coef_y * r).contiguous(),
-                          None if coef_u is None else (coef_u * r).contiguous())
+    if grad_loss is None:
+        r = torch.zeros(N, dtype=cdt, device=x.device)
+    else:
+        r = grad_loss.to(cdt)
+        r = r.reshape(N) if reduction == "none" else (r * factor).to(cdt).expand(N)
+    alpha = a * r
+    if grad_lse is not None:
+        alpha = alpha + grad_lse.reshape(N).to(cdt)
+    return RecomputeState(x, weight, bias, target, cw, lse, alpha.contiguous(), (coef_y * r).contiguous(),
+                          None if coef_u is None else (coef_u * r).contiguous(), r)
+
+
+def row_terms(target, num_classes, cfg, sample_weight, class_weight, cdt) -> rt.RowTerms:
+    """:class:`_row_terms.RowTerms` of ``target`` (``(N,)`` indices or ``(N, V)`` probabilities)."""
+    if target.is_floating_point():
+        return rt.proba_terms(target, label_smoothing=cfg.label_smoothing, sample_weight=sample_weight,
+                              dtype=cdt)
+    return rt.index_terms(target, num_classes, ignore_index=cfg.ignore_index,
+                          label_smoothing=cfg.label_smoothing, sample_weight=sample_weight,
+                          class_weight=class_weight, dtype=cdt, z_loss_weighting=cfg.z_loss_weighting,
+                          reduction=cfg.reduction)
+
+
+def predicted_class_hits(terms, ignore_index, target) -> torch.Tensor:
+    """The class whose logit each row's accuracy checks: ``y_i`` (index targets), ``argmax_k p_ik``
+    (probability targets), and which rows count (not ignored)."""
+    if terms.proba is not None:
+        return terms.proba.argmax(dim=1), torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    return terms.idx, target != ignore_index
 
 
 @val.first_derivatives_only
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Inputs: x ``(N, D)``, weight ``(V, D)``, bias ``(V,)`` or None, target ``(N,)`` int64, sample weights
-    ``(N,)`` or None, class weights ``(V,)`` or None, normalizer 0-d or None, :class:`ChunkConfig`.
-    Outputs: the loss and lse ``(N,)`` (not differentiable)."""
+    """Inputs: x ``(N, D)``, weight ``(V, D)``, bias ``(V,)`` or None, target ``(N,)`` int64 or ``(N, V)``
+    probabilities, sample weights ``(N,)`` or None, class weights ``(V,)`` or None, normalizer 0-d or
+    None, :class:`ChunkConfig`.  Outputs: the loss, lse ``(N,)`` (differentiable), the z-loss part of the
+    loss and, with ``want_correct``, whether each row's target logit is the row's maximum (``(N,)``
+    bool; empty otherwise); the last two not differentiable."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, sample_weight, class_weight, normalizer, cfg):
+        ctx.set_materialize_grads(False)
         N = x.shape[0]
         V = weight.shape[0]
         cdt = val.compute_dtype(x.dtype)
         dev = x.device
-        terms = rt.index_terms(target, V, ignore_index=cfg.ignore_index,
-                               label_smoothing=cfg.label_smoothing, sample_weight=sample_weight,
-                               class_weight=class_weight, dtype=cdt)
         cw = None if class_weight is None else class_weight.to(cdt)
+        terms = row_terms(target, V, cfg, sample_weight, cw, cdt)
+        proba = terms.proba is not None
         factor = rt.reduction_factor(cfg.reduction, terms.omega, normalizer)
         need_db = cfg.need_db and bias is not None
-        need_grad = cfg.need_dx or cfg.need_dw or need_db
-        grads_now = cfg.reduction != "none" and need_grad
+        need_grad = cfg.need_dx or cfg.need_dw or need_db or cfg.need_dp
+        # gradients in forward need grad_output to be one scalar, and the target's gradient lse
+        grads_now = cfg.reduction != "none" and need_grad and not cfg.need_dp
         prod = _Products(x, weight, bias, cdt)
+        w_sum = float(V) if cw is None else cw.sum()
 
         lse = torch.empty(N, dtype=cdt, device=dev)
-        z_t = torch.empty(N, dtype=cdt, device=dev)
-        z_ws = None if terms.coef_u is None else torch.empty(N, dtype=cdt, device=dev)
+        b_sum = terms.b_sum if not proba else torch.empty(N, dtype=cdt, device=dev)
+        lin = torch.empty(N, dtype=cdt, device=dev)
+        hit_class, counted = predicted_class_hits(terms, cfg.ignore_index, target) if cfg.want_correct \
+            else (None, None)
+        correct = torch.zeros(N if cfg.want_correct else 0, dtype=torch.bool, device=dev)
         grads = f = None
         if grads_now:
             f = factor.to(cdt)
             grads = _Gradients(x, V, cdt, cfg.need_dx, cfg.need_dw, need_db)
         for i0, i1, xc, zb, tb in _logit_chunks(prod, x, V, cfg.softcap, need_grad,
-                                                grads_now and cfg.softcap is not None, cfg.max_chunk_bytes):
+                                                grads_now and cfg.softcap is not None, cfg.max_chunk_bytes,
+                                                proba=proba):
             tc = terms[i0:i1]
-            z_t[i0:i1] = zb.gather(1, tc.idx[:, None])[:, 0]
-            if z_ws is not None:
-                z_ws[i0:i1] = zb.sum(dim=1) if cw is None else zb @ cw
+            z_ws = None if tc.coef_u is None else (zb.sum(dim=1) if cw is None else zb @ cw)
+            if proba:
+                pw = rt.class_weighted(tc.proba.to(cdt), cw)
+                b_sum[i0:i1], lin[i0:i1] = rt.proba_target_sums(tc, pw, zb, w_sum, z_ws)
+                del pw
+            else:
+                lin[i0:i1] = rt.index_target_sum(tc, zb.gather(1, tc.idx[:, None])[:, 0], z_ws)
             m = zb.amax(dim=1)
+            if cfg.want_correct:
+                correct[i0:i1] = (zb.gather(1, hit_class[i0:i1, None])[:, 0] == m) & counted[i0:i1]
             zb.sub_(m[:, None]).exp_()
             s = zb.sum(dim=1)
             lse_c = torch.log(s).add_(m)
             lse[i0:i1] = lse_c
             if grads is None:
                 continue
-            a = rt.softmax_coefficient(tc.b_sum, tc.omega, lse_c, cfg.z_loss)
+            a = rt.softmax_coefficient(b_sum[i0:i1], tc.zeta, lse_c, cfg.z_loss)
             _finish_delta(zb, a * f / s, tc.coef_y * f, None if tc.coef_u is None else tc.coef_u * f,
-                          tc.idx, cw, tb)
+                          tc, cw, tb)
             grads.add_chunk(prod, zb, xc, i0, i1)
         ctx.cfg = cfg
         ctx.grads_now = grads_now
+        ctx.grads = grads.in_input_dtypes(weight, bias) if grads_now else None
         recompute_inputs = None
-        if grads_now:
-            ctx.save_for_backward(*grads.in_input_dtypes(weight, bias))
-        elif need_grad:
-            recompute_inputs = (x, weight, bias, terms.idx, cw)
-        return finish_forward(ctx, terms, lse, z_t, z_ws, factor, cfg.reduction, cfg.z_loss, cdt,
-                              recompute_inputs)
+        if need_grad:  # (also for a gradient reaching lse after gradients in forward)
+            recompute_inputs = (x, weight, bias, target if proba else terms.idx, cw)
+        loss, z_part = finish_forward(ctx, terms, lse, b_sum, lin, factor, cfg.reduction, cfg.z_loss, cdt,
+                                      recompute_inputs)
+        ctx.mark_non_differentiable(correct)
+        return loss, lse, z_part, correct
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        with autocast_off(grad_loss.device.type):
-            return ChunkedLinearCrossEntropy._backward(ctx, grad_loss)
+    def backward(ctx, grad_loss, grad_lse, grad_z_part, grad_correct):
+        with autocast_off(x_device_type(ctx)):
+            return ChunkedLinearCrossEntropy._backward(ctx, grad_loss, grad_lse)
 
     @staticmethod
-    def _backward(ctx, grad_loss):
+    def _backward(ctx, grad_loss, grad_lse):
         cfg = ctx.cfg
         if ctx.grads_now:
-            dx, dw, db = ctx.saved_tensors
             # A 0-d grad_output does not promote: the products keep the gradients' dtypes and are
             # computed at the operation's float32 precision (exact when grad_output is 1).
             g = grad_loss
-            return (None if dx is None else dx * g, None if dw is None else dw * g,
-                    None if db is None else db * g, None, None, None, None, None)
-        st = recompute_state(ctx, grad_loss, cfg.reduction)
-        x, weight, bias = st.x, st.weight, st.bias
-        cdt = val.compute_dtype(x.dtype)
-        need_db = cfg.need_db and bias is not None
-        prod = _Products(x, weight, bias, cdt)
-        grads = _Gradients(x, weight.shape[0], cdt, cfg.need_dx, cfg.need_dw, need_db)
-        for i0, i1, xc, zb, tb in _logit_chunks(prod, x, weight.shape[0], cfg.softcap, True,
-                                                cfg.softcap is not None, cfg.max_chunk_bytes):
-            zb.sub_(st.lse[i0:i1, None]).exp_()
-            _finish_delta(zb, st.alpha[i0:i1], st.beta[i0:i1],
-                          None if st.gamma is None else st.gamma[i0:i1], st.target[i0:i1],
-                          st.class_weight, tb)
-            grads.add_chunk(prod, zb, xc, i0, i1)
-        return (*grads.in_input_dtypes(weight, bias), None, None, None, None, None)
+            grads = tuple(None if t is None else (t * g if g is not None else torch.zeros_like(t))
+                          for t in ctx.grads)
+            if grad_lse is None:
+                return (*grads, None, None, None, None, None)
+            # lse's gradient g_i h_i: one more pass over recomputed logits, without the target
+            st = recompute_state(ctx, None, grad_lse, cfg.reduction)
+            extra = _recomputed_gradients(cfg, st._replace(beta=torch.zeros_like(st.beta), gamma=None))
+            return (*(a if b is None else a + b for a, b in zip(grads, extra[:3])), None, None, None, None,
+                    None)
+        st = recompute_state(ctx, grad_loss, grad_lse, cfg.reduction)
+        return _recomputed_gradients(cfg, st) + (None, None, None, None)
+
+
+def x_device_type(ctx) -> str:
+    return ctx.saved_tensors[0].device.type
+
+
+def _recomputed_gradients(cfg, st: RecomputeState):
+    """``(dx, dW, db, dP)`` from logits recomputed chunk by chunk (``dP``: the probability targets'
+    gradient ``r_i coef_p_i w_k (lse_i - zhat_ik)``, when needed; st.beta is ``r coef_p`` there)."""
+    x, weight, bias = st.x, st.weight, st.bias
+    cdt = val.compute_dtype(x.dtype)
+    need_db = cfg.need_db and bias is not None
+    prod = _Products(x, weight, bias, cdt)
+    V = weight.shape[0]
+    grads = _Gradients(x, V, cdt, cfg.need_dx, cfg.need_dw, need_db)
+    terms = st.terms()
+    proba = terms.proba is not None
+    d_proba = torch.empty_like(terms.proba) if (proba and cfg.need_dp) else None
+    for i0, i1, xc, zb, tb in _logit_chunks(prod, x, V, cfg.softcap, True, cfg.softcap is not None,
+                                            cfg.max_chunk_bytes, proba=proba):
+        zb.sub_(st.lse[i0:i1, None])          # zhat - lse
+        if d_proba is not None:
+            d_proba[i0:i1] = rt.class_weighted(zb * (-st.beta[i0:i1])[:, None], st.class_weight)
+        zb.exp_()
+        _finish_delta(zb, st.alpha[i0:i1], st.beta[i0:i1], None if st.gamma is None else st.gamma[i0:i1],
+                      terms[i0:i1], st.class_weight, tb)
+        grads.add_chunk(prod, zb, xc, i0, i1)
+    return (*grads.in_input_dtypes(weight, bias), d_proba)
