@@ -208,13 +208,12 @@ def finish_forward(ctx, terms, lse, b_sum, lin, factor, reduction, z_loss, cdt, 
     ``(N,)``, ``b_i`` and ``lin_i = sum_k B_ik zhat_ik`` (softxent.torch._row_terms).  With
     ``recompute_inputs = (x, weight, bias, target, class_weight)`` (``target``: the indices, or the
     probabilities) also saves what a backward that recomputes the logits needs (read back by
-    :func:`recompute_state`).  Returns ``(loss, z_part)``."""
+    :func:`recompute_state`).  Returns ``(loss, z_part)`` (the caller marks z_part non-differentiable)."""
     loss = rt.reduce_loss(rt.row_loss(b_sum, lin, terms, lse, z_loss), reduction, factor, cdt)
     z_part = rt.reduce_loss(rt.z_term(terms, lse, z_loss), reduction, factor, cdt)
     if recompute_inputs is not None:
         a = rt.softmax_coefficient(b_sum, terms.zeta, lse, z_loss)
         ctx.save_for_backward(*recompute_inputs, lse, a, terms.coef_y, terms.coef_u, factor)
-    ctx.mark_non_differentiable(z_part)
     return loss, z_part
 
 
@@ -348,7 +347,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             recompute_inputs = (x, weight, bias, target if proba else terms.idx, cw)
         loss, z_part = finish_forward(ctx, terms, lse, b_sum, lin, factor, cfg.reduction, cfg.z_loss, cdt,
                                       recompute_inputs)
-        ctx.mark_non_differentiable(correct)
+        ctx.mark_non_differentiable(z_part, correct)
         return loss, lse, z_part, correct
 
     @staticmethod

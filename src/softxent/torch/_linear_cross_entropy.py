@@ -147,7 +147,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         ctx.cfg = cfg
         loss, z_part = finish_forward(ctx, terms, lse, b_sum, lin, factor, cfg["reduction"], cfg["z_loss"], cdt,
                                       (x, weight, bias, target if proba else terms.idx, cw) if need_grad else None)
-        ctx.mark_non_differentiable(correct)
+        ctx.mark_non_differentiable(z_part, correct)
         return loss, lse, z_part, correct
 
     @staticmethod

@@ -216,8 +216,11 @@ def check_values(*, target=None, num_classes=None, ignore_index=-100, weights=()
         names.append("target")
     for name, w in weights:
         if w is not None and w.numel():
-            flags.append(~((w >= 0) & torch.isfinite(w)).all() if w.is_floating_point()
-                         else (w < 0).any())
+            if w.is_floating_point():  # O(1) memory: amin / amax propagate NaN
+                lo, hi = torch.aminmax(w.reshape(-1))
+                flags.append(~((lo >= 0) & torch.isfinite(hi)))
+            else:
+                flags.append((w < 0).any())
             names.append(name)
     if normalizer is not None:
         flags.append(~((normalizer >= 0) & torch.isfinite(normalizer)))
