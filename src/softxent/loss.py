@@ -648,7 +648,8 @@ _CE_ARGS_DOC = """
         sample_weight: ``(...)`` non-negative per-row weights ``s``; multiplies each row's loss and its
             weight in the 'mean' denominator (composes with ``weight``).
         ignore_index: index targets equal to it contribute nothing (may lie inside ``[0, K)``; that
-            class stays in the softmax).
+            class stays in the softmax).  With probability targets it must be negative (PyTorch's
+            rule: ``ValueError`` otherwise).
         label_smoothing: ``eps`` in [0, 1]; the target becomes ``(1 - eps) y + eps / K`` (PyTorch).
         reduction: ``'none'`` (per-row losses, shape ``(...)``, 0 where ignored), ``'sum'`` or ``'mean'``.
         z_loss: adds ``z_loss * lse(z)**2`` per target (PaLM), weighted like the target.

@@ -14,8 +14,12 @@ Two schedules:
   scalar, so each chunk's delta is formed right after its logits and multiplied into dx / dW / db at
   once; backward only scales those by ``grad_output``.  Three matrix products in all, like the naive
   ``x @ W.T`` + ``F.cross_entropy`` + backward, and one ``exp`` per logit instead of two.
-* recompute -- reduction ``'none'`` (``grad_output`` has one value per row, unknown in forward):
-  forward keeps ``lse`` ``(N,)`` only, backward recomputes each chunk of logits (four products).
+* recompute -- reduction ``'none'`` (``grad_output`` has one value per row, unknown in forward), or a
+  probability target that needs its gradient ``dL/dp_ik = r_i coef_p_i w_k (lse_i - zhat_ik)`` (which
+  needs the complete ``lse``): forward keeps ``lse`` ``(N,)`` only, backward recomputes each chunk of
+  logits (four products).  A gradient reaching a differentiable ``lse`` (``dlse_i/dzhat_i = h_i``) joins
+  ``alpha``; after gradients in forward it costs one more pass over recomputed logits, only when it
+  arrives.
 
 Precision: the math runs in float32 (float64 for float64 inputs).  For float16 / bfloat16 inputs the
 weight is upcast once to float32 (``V D 4`` bytes) and every product runs in float32, so nothing is
@@ -27,13 +31,14 @@ with nothing requiring a gradient) forward computes the loss only.
 
 Peak extra memory (bytes, beyond the inputs and the returned gradients), with ``R`` rows per chunk::
 
-    R V 4 (1 + [softcap and a gradient is needed])      the chunk buffer(s): <= max_chunk_bytes
+    R V 4 (1 + [softcap and a gradient is needed]       the chunk buffer(s): <= max_chunk_bytes
+           + 3 [probability targets])                    (the targets' block, times w, times zhat)
   + V D 4 [W is float16/bfloat16]                        the float32 copy of W
   + V D 4 [dW needed and W is not float32]               the float32 dW accumulator (cast once at the end)
   + R D 4 [x is float16/bfloat16]                        float32 copies of a chunk of x and of its dx
   + O(N + V)                                             per-row and per-class vectors
 
-    R = clamp(max_chunk_bytes // (V 4 (1 + [softcap and a gradient is needed])), 1, N)
+    R = clamp(max_chunk_bytes // (V 4 (1 + [softcap and a gradient is needed] + 3 [probabilities])), 1, N)
 
 (float64 inputs count 8 bytes per element instead of 4).  In the gradients-in-forward schedule the
 returned gradients (``dx`` N D, ``dW`` V D, ``db`` V, in the inputs' dtypes) exist from forward on

@@ -7,15 +7,20 @@ Semantics, as code (up to float32 rounding, and the mean over nothing being 0 in
     if shift: z, target = z[..., :-shift, :], target[..., shift:]   # causal LM: token t predicts t+1
     loss = softxent.torch.cross_entropy(z, target, weight=class_weight, sample_weight=sample_weight,
                                         ignore_index=..., label_smoothing=..., z_loss=..., softcap=...,
-                                        reduction=reduction)
+                                        reduction=reduction, z_loss_weighting=...)
     if normalizer is not None: loss = loss_sum / normalizer   # reduction='sum' only (0 if it is 0)
+
+and equal to PyTorch's ``F.linear_cross_entropy(x, weight, target, linear_bias=bias,
+weight=class_weight, ...)`` (2.13) on every option the two share, index and probability targets
+(tests/test_torch_interop.py runs its OpInfo samples).
 
 Implementations (``impl``):
 
 * ``'chunked'`` -- pure PyTorch, rows in chunks of at most ``max_chunk_bytes`` of float32 logits; any
   device (softxent.torch._chunked documents the schedule and the peak-memory formula).
 * ``'triton'`` -- the Triton kernels of softxent.torch._triton_kernels: forward = blockwise products
-  with an online log-sum-exp and the target logit, no ``N x V`` buffer; backward recomputes the logit
+  with an online log-sum-exp and the target logit (or the probability-weighted logit sum), no ``N x V``
+  buffer; backward recomputes the logit
   blocks and forms delta in float32.  CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
   ``skip_threshold`` opts into the kernels' block skip (approximate; exact by default).  ``dW`` is
   asked for in the weight's dtype: the kernels then write it once (rounded once) when one row
@@ -25,11 +30,13 @@ Implementations (``impl``):
   softxent.torch.cross_entropy): the reference the others are checked against, and a baseline.
 * ``'auto'`` -- ``'triton'`` for CUDA tensors when Triton and the kernels import, ``'chunked'`` otherwise.
 
-Shapes and dtypes: ``x`` ``(..., D)`` and ``target`` ``(...)`` (integer class indices); ``weight``
+Shapes and dtypes: ``x`` ``(..., D)`` and ``target`` ``(...)`` (integer class indices) or ``(..., V)``
+(probabilities, any float dtype, read chunk by chunk or tile by tile, never copied whole); ``weight``
 ``(V, D)`` and ``bias`` ``(V,)`` in ``x``'s dtype (float16, bfloat16, float32 or float64; under
 ``torch.autocast`` all three are cast to the autocast dtype first, as ``F.linear`` would).  The math runs
 in float32 (float64 for float64 inputs); the loss is float32 (float64); gradients come back in the
-inputs' dtypes; only the inputs that require a gradient get one.  ``lse`` (``return_lse``) is detached.
+inputs' dtypes; only the inputs that require a gradient get one.  ``lse`` (``return_lse``) is
+differentiable; the z-loss part and the accuracy are not.
 
 Validation: shapes, dtypes, devices and options are checked up front; the values (class indices in
 ``[0, V)``, non-negative weights and normalizer) in one device-to-host read per call in eager mode (a
