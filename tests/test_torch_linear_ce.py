@@ -142,7 +142,7 @@ def check(impl, x, w, b, y, *, tol=TOL32, grad_output=None, rng=None, **kw):
 def errors(impl, x, w, b, y, grad_output, **kw):
     """``impl``'s relative errors against the float64 reference -- ``loss``, ``dx``, ``dw`` (and ``db``,
     ``lse`` when present; gradients against the sums of absolute terms) -- and its outputs."""
-    ref_kw = {k: v for k, v in kw.items() if k not in ("max_chunk_bytes", "return_lse")}
+    ref_kw = {k: v for k, v in kw.items() if k not in ("max_chunk_bytes", "return_lse", "skip_threshold")}
     loss_r, dx_r, dw_r, db_r, lse_r, (s_dx, s_dw, s_db) = reference(
         x, w, b, y, grad_output=grad_output.numpy(), with_scales=True, **ref_kw)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -292,3 +292,19 @@ def test_triton_refuses_to_differentiate_probability_targets_and_auto_does_not()
         linear_cross_entropy(x, w, p, impl="triton")
     linear_cross_entropy(x, w, p, impl="auto").backward()   # 'auto' takes 'chunked' then
     assert p.grad is not None and p.grad.shape == p.shape
+
+
+@pytest.mark.skipif("triton" not in IMPLS_ALL, reason="Triton (interpreter) not available")
+def test_triton_probability_targets_in_the_skips_sorted_vocabulary():
+    """The skip's vocabulary order with nothing dropped (threshold 1e-30) reads each probability tile at
+    its permuted columns: the result equals the natural order's; a large threshold keeps every tile that
+    holds target mass (a sparse target: errors stay at float32 level on those rows' classes)."""
+    rng = np.random.default_rng()
+    N, D, V = 24, 8, 70
+    x, w, b, _ = draw(rng, N, D, V)
+    p = draw_proba(rng, N, V)
+    base = errors("triton", x, w, b, p, torch.ones(()), label_smoothing=0.1)
+    sorted_ = errors("triton", x, w, b, p, torch.ones(()), label_smoothing=0.1, skip_threshold=1e-30)
+    for out_a, out_b in zip(base[1][:4], sorted_[1][:4]):
+        assert rel_err(out_b, out_a.double().numpy()) <= 1e-6
+    assert max(sorted_[0].values()) <= TOL32, sorted_[0]
