@@ -266,14 +266,12 @@ def recompute_state(ctx, grad_loss, grad_lse, reduction) -> RecomputeState:
 
 
 def row_terms(target, num_classes, cfg, sample_weight, class_weight, cdt) -> rt.RowTerms:
-    """:class:`_row_terms.RowTerms` of ``target`` (``(N,)`` indices or ``(N, V)`` probabilities)."""
-    if target.is_floating_point():
-        return rt.proba_terms(target, label_smoothing=cfg.label_smoothing, sample_weight=sample_weight,
-                              dtype=cdt)
-    return rt.index_terms(target, num_classes, ignore_index=cfg.ignore_index,
-                          label_smoothing=cfg.label_smoothing, sample_weight=sample_weight,
-                          class_weight=class_weight, dtype=cdt, z_loss_weighting=cfg.z_loss_weighting,
-                          reduction=cfg.reduction)
+    """:func:`_row_terms.target_terms` with the options of ``cfg`` (a :class:`ChunkConfig` or its dict)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    return rt.target_terms(target, num_classes, ignore_index=get("ignore_index"),
+                           label_smoothing=get("label_smoothing"), reduction=get("reduction"),
+                           z_loss_weighting=get("z_loss_weighting"), sample_weight=sample_weight,
+                           class_weight=class_weight, dtype=cdt)
 
 
 def predicted_class_hits(terms, ignore_index, target) -> torch.Tensor:

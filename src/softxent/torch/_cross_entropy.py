@@ -41,17 +41,6 @@ def _masked_row_sum(zhat: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return torch.where(w == 0, torch.zeros((), dtype=zhat.dtype, device=zhat.device), zhat * w).sum(-1)
 
 
-def row_terms(target, index: bool, num_classes: int, opt: dict, sample_weight, class_weight, cdt):
-    """:class:`_row_terms.RowTerms` of flat targets (``(M,)`` indices or ``(M, K)`` probabilities)."""
-    if index:
-        return rt.index_terms(target, num_classes, ignore_index=opt["ignore_index"],
-                              label_smoothing=opt["label_smoothing"], sample_weight=sample_weight,
-                              class_weight=class_weight, dtype=cdt, reduction=opt["reduction"],
-                              z_loss_weighting=opt["z_loss_weighting"])
-    return rt.proba_terms(target, label_smoothing=opt["label_smoothing"], sample_weight=sample_weight,
-                          dtype=cdt)
-
-
 @val.first_derivatives_only
 class _CrossEntropyFunction(torch.autograd.Function):
     """Inputs: logits ``(M, K)``, target ``(M,)`` int64 or ``(M, K)`` floating, sample weights ``(M,)``
@@ -71,7 +60,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
         lse = torch.log(ssum) + m
         sw = None if sample_weight is None else sample_weight.to(cdt)
         cw = None if class_weight is None else class_weight.to(cdt)
-        terms = row_terms(target, opt["index"], K, opt, sw, cw, cdt)
+        terms = rt.target_terms(target, K, ignore_index=opt["ignore_index"],
+                                label_smoothing=opt["label_smoothing"], reduction=opt["reduction"],
+                                z_loss_weighting=opt["z_loss_weighting"], sample_weight=sw, class_weight=cw,
+                                dtype=cdt)
         z_ws = None if terms.coef_u is None else _masked_row_sum(zhat, cw)
         if opt["index"]:
             z_t = zhat.gather(1, terms.idx[:, None])[:, 0]

@@ -122,8 +122,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         N, V = x.shape[0], weight.shape[0]
         cdt = torch.float32
         cw = None if class_weight is None else class_weight.to(cdt).contiguous()
-        terms = row_terms(target, V, ChunkConfig(**{k: cfg[k] for k in _CHUNK_FIELDS}), sample_weight, cw,
-                          cdt)
+        terms = row_terms(target, V, cfg, sample_weight, cw, cdt)
         proba = terms.proba is not None
         need_grad = cfg["need_dx"] or cfg["need_dw"] or (cfg["need_db"] and bias is not None)
         hit_class, counted = predicted_class_hits(terms, cfg["ignore_index"], target) \
@@ -186,10 +185,6 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
                 dw.to(weight.dtype) if (cfg["need_dw"] and dw is not None) else None,
                 db.to(bias.dtype) if (bias is not None and cfg["need_db"] and db is not None) else None,
                 None, None, None, None, None)
-
-
-_CHUNK_FIELDS = ("ignore_index", "label_smoothing", "reduction", "z_loss", "softcap", "max_chunk_bytes",
-                 "need_dx", "need_dw", "need_db", "z_loss_weighting", "need_dp", "want_correct")
 
 
 def _check_shift(shift) -> int:

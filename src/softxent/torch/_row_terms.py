@@ -123,6 +123,17 @@ def proba_terms(proba: torch.Tensor, *, label_smoothing: float, sample_weight: t
     return RowTerms(s, s, s * (1.0 - eps), coef_u, None, proba=proba)
 
 
+def target_terms(target: torch.Tensor, num_classes: int, *, ignore_index: int, label_smoothing: float,
+                 reduction: str, z_loss_weighting: str, sample_weight: torch.Tensor | None,
+                 class_weight: torch.Tensor | None, dtype: torch.dtype) -> RowTerms:
+    """:class:`RowTerms` of flat targets: ``(N,)`` class indices or ``(N, V)`` probabilities."""
+    if target.is_floating_point():
+        return proba_terms(target, label_smoothing=label_smoothing, sample_weight=sample_weight, dtype=dtype)
+    return index_terms(target, num_classes, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       sample_weight=sample_weight, class_weight=class_weight, dtype=dtype,
+                       z_loss_weighting=z_loss_weighting, reduction=reduction)
+
+
 def class_weighted(t: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor:
     """``t_ik w_k`` (``t`` itself without class weights)."""
     return t if class_weight is None else t * class_weight
