@@ -308,3 +308,22 @@ def test_triton_probability_targets_in_the_skips_sorted_vocabulary():
     for out_a, out_b in zip(base[1][:4], sorted_[1][:4]):
         assert rel_err(out_b, out_a.double().numpy()) <= 1e-6
     assert max(sorted_[0].values()) <= TOL32, sorted_[0]
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL)
+def test_probability_targets_with_shift_and_normalizer(impl):
+    """shift=k slices the probability target's sequence axis (the one before the classes), as
+    x[..., :-k, :] and p[..., k:, :] by hand; a normalizer divides the sum."""
+    rng = np.random.default_rng()
+    B, T, D, V = 2, 6, 5, 11
+    x, w, b, _ = draw(rng, None, D, V, lead=(B, T))
+    p = draw_proba(rng, B * T, V).reshape(B, T, V)
+    sw = torch.from_numpy(rng.uniform(0, 2, (B, T))).float()
+    kw = dict(impl=impl, label_smoothing=0.1, reduction="sum", normalizer=7.0)
+    got = linear_cross_entropy(x, w, p, b, shift=2, sample_weight=sw, **kw)
+    want = linear_cross_entropy(x[:, :-2].contiguous(), w, p[:, 2:].contiguous(), b,
+                                sample_weight=sw[:, 2:].contiguous(), **kw)
+    assert rel_err(got, want.double().numpy()) <= 1e-6
+    ref = ref_loss.cross_entropy((x[:, :-2].double() @ w.double().T + b.double()).numpy(), p[:, 2:].double().numpy(),
+                                 sample_weight=sw[:, 2:].double().numpy(), label_smoothing=0.1, reduction="sum") / 7
+    assert rel_err(got, ref) <= TOL32
