@@ -208,17 +208,19 @@ class _Gradients:
                 None if self.db is None else self.db.to(bias.dtype))
 
 
-def finish_forward(ctx, terms, lse, b_sum, lin, factor, reduction, z_loss, cdt, recompute_inputs=None):
+def finish_forward(ctx, terms, lse, b_sum, lin, factor, reduction, z_loss, cdt, recompute_inputs=None,
+                   also_saved=()):
     """The end of a fused forward: the loss and its z-loss part (in ``cdt``) from the row terms, ``lse``
     ``(N,)``, ``b_i`` and ``lin_i = sum_k B_ik zhat_ik`` (softxent.torch._row_terms).  With
     ``recompute_inputs = (x, weight, bias, target, class_weight)`` (``target``: the indices, or the
     probabilities) also saves what a backward that recomputes the logits needs (read back by
-    :func:`recompute_state`).  Returns ``(loss, z_part)`` (the caller marks z_part non-differentiable)."""
+    :func:`recompute_state`), followed by ``also_saved`` (read back as ``ctx.saved_tensors[10:]``).
+    Returns ``(loss, z_part)`` (the caller marks z_part non-differentiable)."""
     loss = rt.reduce_loss(rt.row_loss(b_sum, lin, terms, lse, z_loss), reduction, factor, cdt)
     z_part = rt.reduce_loss(rt.z_term(terms, lse, z_loss), reduction, factor, cdt)
     if recompute_inputs is not None:
         a = rt.softmax_coefficient(b_sum, terms.zeta, lse, z_loss)
-        ctx.save_for_backward(*recompute_inputs, lse, a, terms.coef_y, terms.coef_u, factor)
+        ctx.save_for_backward(*recompute_inputs, lse, a, terms.coef_y, terms.coef_u, factor, *also_saved)
     return loss, z_part
 
 
@@ -250,7 +252,7 @@ class RecomputeState(NamedTuple):
 def recompute_state(ctx, grad_loss, grad_lse, reduction) -> RecomputeState:
     """Read back :func:`finish_forward`'s saved tensors and scale them by ``grad_loss`` (in the compute
     dtype; the product with the float64 factor is rounded once); a None gradient counts as 0."""
-    x, weight, bias, target, cw, lse, a, coef_y, coef_u, factor = ctx.saved_tensors
+    x, weight, bias, target, cw, lse, a, coef_y, coef_u, factor = ctx.saved_tensors[:10]
     N = x.shape[0]
     cdt = val.compute_dtype(x.dtype)
     if grad_loss is None:
@@ -344,12 +346,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grads.add_chunk(prod, zb, xc, i0, i1)
         ctx.cfg = cfg
         ctx.grads_now = grads_now
-        ctx.grads = grads.in_input_dtypes(weight, bias) if grads_now else None
         recompute_inputs = None
         if need_grad:  # (also for a gradient reaching lse after gradients in forward)
             recompute_inputs = (x, weight, bias, target if proba else terms.idx, cw)
+        # saved tensors (not ctx attributes): autograd frees them after the backward
         loss, z_part = finish_forward(ctx, terms, lse, b_sum, lin, factor, cfg.reduction, cfg.z_loss, cdt,
-                                      recompute_inputs)
+                                      recompute_inputs,
+                                      grads.in_input_dtypes(weight, bias) if grads_now else ())
         ctx.mark_non_differentiable(z_part, correct)
         return loss, lse, z_part, correct
 
@@ -366,7 +369,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             # computed at the operation's float32 precision (exact when grad_output is 1).
             g = grad_loss
             grads = tuple(None if t is None else (t * g if g is not None else torch.zeros_like(t))
-                          for t in ctx.grads)
+                          for t in ctx.saved_tensors[10:])
             if grad_lse is None:
                 return (*grads, None, None, None, None, None)
             # lse's gradient g_i h_i: one more pass over recomputed logits, without the target
