@@ -43,8 +43,10 @@ Peak extra memory (bytes, beyond the inputs and the returned gradients), with ``
 (float64 inputs count 8 bytes per element instead of 4).  In the gradients-in-forward schedule the
 returned gradients (``dx`` N D, ``dW`` V D, ``db`` V, in the inputs' dtypes) exist from forward on
 instead of from backward on.  Example: (N, D, V) = (8192, 512, 32000) float32 with the default
-128 MiB: R = 1048 rows, 128 MiB of buffers, measured peak 217 MiB including the 78.5 MiB of gradients,
-against 3009 MiB for naive PyTorch (benchmarks/linear_ce_cpu.py).
+64 MiB: R = 524 rows, measured peak 167 MiB including the 78.5 MiB of gradients (217 MiB with 128 MiB
+chunks), against 3009 MiB for naive PyTorch and 183 MiB for PyTorch 2.13's built-in
+F.linear_cross_entropy with its default options (benchmarks/linear_ce_cpu.py; the peak is measured
+as the process's resident set, so it includes the allocator's and BLAS's own buffers).
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ import torch
 from . import _row_terms as rt
 from . import _validation as val
 
-DEFAULT_MAX_CHUNK_BYTES = 128 * 2**20
-"""Default bound on the chunk buffers: 128 MiB (1048 rows at V = 32000 in float32).  With
-benchmarks/linear_ce_cpu.py on a shared 2-core CPU, 32, 64 and 128 MiB timed alike (within the noise,
-each about 0.8x naive PyTorch at N = 2048); 128 MiB keeps the products thick (GPUs need them) while the
-peak stays far under 1/8 of naive PyTorch's."""
+DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20
+"""Default bound on the chunk buffers: 64 MiB (524 rows at V = 32000 in float32).  With
+benchmarks/linear_ce_cpu.py on a shared 2-core CPU, 32, 64 and 128 MiB timed alike at N = 2048 (within
+the noise, each about 0.8x naive PyTorch); at (8192, 512, 32000), alternated, three rounds, load
+average ~6: 64 MiB 20.4 s, 128 MiB 21.3 s, 32 MiB 25.2 s (thinner products), with peaks of 167, 217
+and 167 MiB -- 64 MiB is the largest that stays under PyTorch's built-in (183 MiB) there.  Still ~130
+rows per product at V = 128256 (thick enough for a GPU's chunked fallback)."""
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             a gradient does reach lse).
         impl: ``'auto'``, ``'chunked'``, ``'triton'`` or ``'torch'`` (module docstring).
         max_chunk_bytes: bound on the scratch buffers: the ``'chunked'`` path's logit chunks (default
-            128 MiB), the ``'triton'`` backward's workspace (default: the kernels' 96 MiB, so that
+            64 MiB), the ``'triton'`` backward's workspace (default: the kernels' 96 MiB, so that
             its extra memory stays under 0.1 GiB; more trades memory for fewer re-reads of dx).
         skip_threshold: ``'triton'`` only, opt-in and approximate: ``'auto'`` or a number in (0, 1).
             The backward skips the dx/dW products of the tiles in which every probability is below the
