@@ -357,10 +357,10 @@ def test_frozen_weight_allocates_no_weight_gradient(impl, reduction):
         assert ((V, D) in rec.shapes) == w_requires_grad
         assert wg.grad is None if not w_requires_grad else wg.grad is not None
         assert xg.grad is not None
-    # frozen x: no (N, D) gradient
+    # frozen x: no (N, D) gradient (chunks of 3 rows: the target term's (R, D) rows are not (N, D))
     wg = w.clone().requires_grad_()
     with _RecordShapes() as rec:
-        linear_cross_entropy(x, wg, y, impl=impl, reduction=reduction).sum().backward()
+        linear_cross_entropy(x, wg, y, impl=impl, reduction=reduction, max_chunk_bytes=3 * V * 4).sum().backward()
     assert (N, D) not in rec.shapes and wg.grad is not None
 
 
