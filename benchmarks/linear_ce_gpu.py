@@ -21,13 +21,20 @@ error row and the run goes on):
   softxent_ws256m   the same, exact, with a 256 MiB workspace (max_chunk_bytes): more memory, fewer
                     re-reads of the dx accumulator (what the default pays for its 0.1 GiB)
   softxent_kernels  the kernels called directly (lce_forward / lce_backward, alpha = beta = 1/N)
+  builtin           PyTorch's F.linear_cross_entropy(x, W, y, options=LinearCrossEntropyOptions())
+                    (torch >= 2.13; its chunked path with the defaults: 'compact', aspect_ratio:2 in bf16)
+  builtin_balanced  the same with acc_policy='balanced'; builtin_accurate with acc_policy='accurate'
+                    (the table's best built-in row is the fastest of the three)
 If softxent.torch does not import, the softxent rows call the kernels directly (the row's api says so).
+With a torch that has no built-in, its rows read "unavailable: not available in torch X".
 
 Data ("lm", trained-LM-like, as in ../shared/reference/gpu-anchors.md): logit_ij = prior_j + kappa_i
 [j == t_i] + noise, with a Zipf prior (exponent 1.2) over a random frequency ranking riding on x[:, 0],
 kappa ~ U(0, 24), and targets drawn from the model's own softmax (Gumbel-max): a peaked softmax, loss
 about 2.6 nats.  Correctness: first a gate on a small problem (N=1024, D=512, V=5003; the kernels with
-bias, softcap, ignore_index too) against float64; then every row against a float64 reference computed
+bias, softcap, ignore_index too) against float64, and the API's issue-17 options through the Triton
+kernels (probability targets with smoothing, class weights, z-loss and softcap; a differentiable
+return_lse; return_z_loss; return_accuracy) against float64 from the same operands; then every row against a float64 reference computed
 from the same bf16 operands: errors ||a - ref|| / ||ref|| of loss, grad x, grad W.  Timing: CUDA events
 around one fwd+bwd (grads reset outside), contenders alternated round after round (A B C A B C ...),
 median.  Memory: ``max_memory_allocated`` during one call minus the allocation before it (x, W, y and
@@ -78,8 +85,16 @@ SHAPES = [("llama3-8b-head", 8192, 4096, 128256), ("gemma2-2b-like", 16384, 2304
           ("small-32k", 4096, 4096, 32000)]
 QUICK_SHAPES = [("quick-a", 1024, 256, 5003), ("quick-b", 768, 128, 32000)]
 CPU_SHAPES = [("cpu-tiny", 32, 16, 101)]
-IMPLS = ["gemm3", "softxent", "naive", "compiled", "liger", "cce", "softxent_skipauto", "softxent_skip",
-         "softxent_bf16delta", "softxent_kernels", "softxent_ws256m"]
+IMPLS = ["gemm3", "softxent", "naive", "compiled", "liger", "cce", "builtin", "builtin_balanced",
+         "builtin_accurate", "softxent_skipauto", "softxent_skip", "softxent_bf16delta", "softxent_kernels",
+         "softxent_ws256m"]
+BUILTIN_OPTIONS = {"builtin": {}, "builtin_balanced": {"acc_policy": "balanced"},
+                   "builtin_accurate": {"acc_policy": "accurate"}}
+PEERS = ("naive", "compiled", "liger", "cce", *BUILTIN_OPTIONS)
+
+
+class Unavailable(RuntimeError):
+    """A contender this environment cannot run (recorded as an 'unavailable' row, not an error)."""
 
 R = {"meta": {}, "gate": {}, "tuning": {}, "problems": [], "rows": [], "notes": [], "status": "running"}
 _LOCK = threading.Lock()
@@ -299,7 +314,7 @@ def print_results():
     for prob in R["problems"]:
         rows = [r for r in R["rows"] if r["problem"] == prob["problem"]]
         floor = next((r.get("ms") for r in rows if r["impl"] == "gemm3" and r.get("ms")), None)
-        peers = [r["ms"] for r in rows if r["impl"] in ("naive", "compiled", "liger", "cce") and r.get("ms")]
+        peers = [r["ms"] for r in rows if r["impl"] in PEERS and r.get("ms")]
         best_peer = min(peers) if peers else None
         table = []
         for r in rows:
@@ -476,6 +491,12 @@ def get_impl(name, x, W, y):
         if "api" not in CCE:
             raise RuntimeError(f"cut-cross-entropy unavailable: {CCE.get('error')}")
         return (lambda: cce_linear_cross_entropy(x, W, y, impl="cce")), CCE["api"]
+    if name in BUILTIN_OPTIONS:
+        if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+            raise Unavailable(f"not available in torch {torch.__version__}")
+        opts = torch.nn.LinearCrossEntropyOptions(**BUILTIN_OPTIONS[name])
+        return ((lambda: F.linear_cross_entropy(x, W, y, options=opts)),
+                f"F.linear_cross_entropy(x, W, y, options=LinearCrossEntropyOptions(**{BUILTIN_OPTIONS[name]}))")
     if name.startswith("softxent"):
         if KERNELS is None:
             raise RuntimeError(f"softxent kernels unavailable: {meta['kernels_import']}")
@@ -585,6 +606,9 @@ def first_call(name, ctx):
         except Exception as e:
             row["check_error"] = f"{type(e).__name__}: {str(e)[:400]}"
         return step
+    except Unavailable as e:
+        row.update(status="unavailable", error=str(e))
+        return None
     except Exception as e:
         row.update(status="error", error=f"{type(e).__name__}: {str(e)[:600]}",
                    traceback_tail=traceback.format_exc()[-2000:])
@@ -698,6 +722,94 @@ def gate_bitwise(x, W, y):
     return out
 
 
+def _soft_targets(N, V, seed):
+    """Probability targets (N, V) float32: a peaked softmax with ~20 % exact zeros, rows' mass in
+    [0.5, 1.5] (distillation-like; rows need not sum to 1)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    p = torch.softmax(3 * torch.randn(N, V, device=DEV, generator=g), dim=1)
+    p = p * (torch.rand(N, V, device=DEV, generator=g) > 0.2)
+    return p * (0.5 + torch.rand(N, 1, device=DEV, generator=g))
+
+
+def gate_options(x, W, y):
+    """The API's issue-17 options through the Triton kernels, against float64 from the same operands:
+
+    * ``soft``: probability targets with label_smoothing=0.1, class weights, z_loss=1e-3, softcap=30
+      (loss, dx, dW); passes at <= 2x naive PyTorch's error (the same formula on its float32 logits of
+      the bf16 product) + 1e-6;
+    * ``lse``: ``loss + 0.1 mean(lse^2)`` from a differentiable return_lse (loss, dx, dW), the same rule;
+    * ``z_loss``: return_z_loss against ``z mean_valid lse^2`` (relative error <= 1e-3);
+    * ``accuracy``: return_accuracy against float64's argmax accuracy (within 2 / N: bf16 near-ties)."""
+    out = {}
+    N, V = x.shape[0], W.shape[0]
+    x64, W64 = x.double(), W.double()
+    z64 = x64 @ W64.t()
+    valid = y != -100
+    cw = (0.5 + 1.5 * torch.rand(V, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3)))
+    p = _soft_targets(N, V, seed=5)
+    zl, cap = 1e-3, 30.0
+
+    def soft_loss(z):       # float64 or float32 logits -> the soft-target loss with every option
+        zc = cap * torch.tanh(z / cap)
+        lse = torch.logsumexp(zc, dim=1)
+        return F.cross_entropy(zc, p.to(z.dtype), weight=cw.to(z.dtype), label_smoothing=0.1) + zl * (lse ** 2).mean()
+
+    def lse_loss(z):
+        lse = torch.logsumexp(z, dim=1)
+        return F.cross_entropy(z, y) + 0.1 * (lse[valid] ** 2).sum() / N
+
+    def errors_vs(ref_fn, ours_fn, naive_fn):
+        """Relative errors of ours and naive (loss, dx, dW) against float64, and the 2x-naive rule."""
+        res = {}
+        for name, fn in (("ref", ref_fn), ("ours", ours_fn), ("naive", naive_fn)):
+            xx = (x64 if name == "ref" else x).clone().requires_grad_(True)
+            WW = (W64 if name == "ref" else W).clone().requires_grad_(True)
+            loss = fn(xx, WW)
+            loss.backward()
+            res[name] = (float(loss.detach()), xx.grad, WW.grad)
+        ref = res["ref"]
+        row = {}
+        for name in ("ours", "naive"):
+            lv, gx, gW = res[name]
+            row[f"{name}_loss_err"] = abs(lv - ref[0]) / abs(ref[0])
+            row[f"{name}_gx_err"], row[f"{name}_gW_err"] = rel(gx, ref[1]), rel(gW, ref[2])
+        row["pass"] = all(row[f"ours_{k}_err"] <= 2 * row[f"naive_{k}_err"] + 1e-6 for k in ("loss", "gx", "gW"))
+        return row
+
+    try:
+        out["soft"] = errors_vs(
+            lambda xx, WW: soft_loss(xx @ WW.t()),
+            lambda xx, WW: API(xx, WW, p, label_smoothing=0.1, class_weight=cw, z_loss=zl, softcap=cap,
+                               impl="triton"),
+            lambda xx, WW: soft_loss((xx @ WW.t()).float()))
+    except Exception as e:
+        out["soft"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    def api_lse_loss(xx, WW):
+        loss, lse = API(xx, WW, y, return_lse=True, impl="triton")
+        return loss + 0.1 * (lse[valid] ** 2).sum() / N
+
+    try:
+        out["lse"] = errors_vs(lambda xx, WW: lse_loss(xx @ WW.t()), api_lse_loss,
+                               lambda xx, WW: lse_loss((xx @ WW.t()).float()))
+    except Exception as e:
+        out["lse"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    try:
+        with torch.no_grad():
+            res = API(x, W, y, z_loss=zl, return_z_loss=True, return_accuracy=True, impl="triton")
+            lse64 = torch.logsumexp(z64, dim=1)
+            want_z = zl * float((lse64[valid] ** 2).mean())
+            z_err = abs(float(res.z_loss) - want_z) / want_z
+            out["z_loss"] = dict(z_loss_err=z_err, **{"pass": z_err <= 1e-3})
+            want_acc = float((z64.argmax(dim=1) == y)[valid].double().mean())
+            acc_err = abs(float(res.accuracy) - want_acc)
+            out["accuracy"] = dict(accuracy=float(res.accuracy), want=want_acc, accuracy_abs_err=acc_err,
+                                   **{"pass": acc_err <= 2.0 / N})
+    except Exception as e:
+        out["z_loss"] = out["accuracy"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    return out
+
+
 def gate():
     """The kernels (and the API, also in the skip's sorted vocabulary order with nothing dropped) on a
     small problem with odd V against float64, with the options too; passes when every error is at most
@@ -752,6 +864,13 @@ def gate():
         if KERNELS is not None:
             g["bitwise"] = gate_bitwise(x, W, y)
             log(f"gate bitwise: {g['bitwise']}")
+        if API is not None:
+            g["options"] = gate_options(x, W, y)
+            log("gate options: " + "; ".join(
+                f"{k}: " + (v["error"][:160] if "error" in v else
+                            " ".join(f"{m}={v[m]:.1e}" for m in v if m.endswith("_err") and v[m] is not None)
+                            + (" PASS" if v.get("pass") else " FAIL"))
+                for k, v in g["options"].items()))
         del x, W, y, bias
     except Exception as e:
         g["error"] = f"{type(e).__name__}: {e}"

@@ -55,6 +55,9 @@ def test_linear_ce_gpu_quick():
         assert all(gate[label][k]["pass"] for k in ("kernels", "kernels_bf16delta", "api", "api_sorted")), \
             gate[label]
     assert gate["bitwise"] == {"repeat_equal": True, "lo_in_dw_equal": True}, gate["bitwise"]
+    options = gate["options"]   # issue 17: soft targets, differentiable lse, z-loss part, accuracy
+    assert set(options) == {"soft", "lse", "z_loss", "accuracy"} and all(v.get("pass") for v in options.values()), \
+        options
     ours = [r for r in data["rows"] if r["impl"].startswith("softxent")]
     assert ours and all(r["status"] == "ok" for r in ours), ours
 

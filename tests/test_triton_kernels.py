@@ -886,19 +886,25 @@ common = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", y_ptr="*i64", cw_ptr=
               EVEN_K=False, DOT_F32=False, PRECISION="tf32", BLOCK_K=64)
 out = {}
 target = GPUTarget("cuda", 90, 32)
-out["forward"] = compile_for(K._lce_forward_kernel, dict(
+no_proba = dict(p_ptr=None, stride_p=0, HAS_PROBA=False)
+proba = dict(p_ptr="*bf16", stride_p=128256, HAS_PROBA=True)   # probability targets (issue 17)
+forward_args = dict(
     common, part_ptr="*fp32", N=8192, V=128256, cols_per_split=16128, n_splits=8, plane=65536, NEED_WSUM=True,
-    NEED_Q=True, BLOCK_M=f.block_m, BLOCK_V=f.block_n, GROUP_M=f.group_m), f, target)
-out["delta"] = compile_for(K._lce_delta_kernel, dict(
+    BLOCK_M=f.block_m, BLOCK_V=f.block_n, GROUP_M=f.group_m)
+out["forward"] = compile_for(K._lce_forward_kernel, dict(forward_args, NEED_Q=True, **no_proba), f, target)
+out["forward_proba"] = compile_for(K._lce_forward_kernel, dict(forward_args, NEED_Q=False, **proba), f, target)
+delta_args = dict(
     common, lse_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", gamma_ptr="*fp32", q_ptr="*fp32",
     scale_ptr="*fp32",
     delta_ptr="*bf16", flag_ptr="*i8", dbpart_ptr="*fp32", perm_ptr="*i32", rowsum_ptr="*fp32",
     colsum_ptr="*fp32", row0=0, n_rows=8192, v0=0, n_cols=1920,
     stride_delta=1920, stride_flag=15, stride_dbpart=1920, stride_rowsum=15, stride_colsum=64,
-    skip_ptr="*fp32", HAS_BETA=True, HAS_GAMMA=True,
-    HAS_Q=True, WRITE_DELTA=True, NEED_DB=True, HAS_SKIP=True, HAS_PERM=True, HAS_CORR=True,
-    BLOCK_M=d.block_m, BLOCK_V=d.block_n, GROUP_M=d.group_m),
-    d, target)
+    skip_ptr="*fp32", HAS_GAMMA=True, WRITE_DELTA=True, NEED_DB=True, HAS_SKIP=True, HAS_PERM=True,
+    HAS_CORR=True, BLOCK_M=d.block_m, BLOCK_V=d.block_n, GROUP_M=d.group_m)
+out["delta"] = compile_for(K._lce_delta_kernel, dict(delta_args, HAS_BETA=True, HAS_Q=True, **no_proba),
+                           d, target)
+out["delta_proba"] = compile_for(K._lce_delta_kernel, dict(delta_args, HAS_BETA=False, HAS_Q=False, **proba),
+                                 d, target)
 mm = dict(a_ptr="*bf16", b_ptr="*bf16", scale_ptr="*fp32", M=8192, N=4096, K=1920, stride_bk=4096,
           stride_bn=1, stride_cm=4096, stride_cn=1, FLAG_M=d.block_m, FLAG_K=d.block_n, EVEN_K=True,
           DOT_F32=False, PRECISION="tf32", BLOCK_M=m.block_m, BLOCK_N=m.block_n, BLOCK_K=m.block_k,

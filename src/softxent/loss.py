@@ -276,6 +276,8 @@ def _prepare(logits, target, weight, sample_weight, ignore_index, label_smoothin
                 f"target must hold integer class indices of shape {lead}, or class probabilities "
                 f"(floating) of shape {z.shape}; got dtype {t.dtype} and shape {t.shape}"
             )
+        if isinstance(ignore_index, (int, np.integer)) and ignore_index >= 0:
+            raise ValueError(PROBA_IGNORE_INDEX_MESSAGE.format(ignore_index=ignore_index))
         proba = t.reshape(-1, K).astype(z.dtype, copy=False)
         if not np.all(proba >= 0):  # also catches NaN
             bad = proba[~(proba >= 0)][:3]
@@ -295,6 +297,13 @@ def _prepare(logits, target, weight, sample_weight, ignore_index, label_smoothin
     _check_options("mean", label_smoothing, z_loss, softcap)
     return _Problem(z.reshape(-1, K), index, proba, w, s, int(ignore_index), float(label_smoothing),
                     float(z_loss), None if softcap is None else float(softcap), lead)
+
+
+# PyTorch's rule (and message): an ignore_index >= 0 names a class, which a probability target has no
+# way to ignore; a negative one (the default -100) matches no class and is accepted.
+PROBA_IGNORE_INDEX_MESSAGE = (
+    "ignore_index is not supported for floating point target (class probabilities); got "
+    "ignore_index={ignore_index}. Leave it at its default -100, or zero the rows' sample_weight")
 
 
 def _safe_mul(coef, x):
@@ -384,6 +393,13 @@ def _coefficients(pb: _Problem) -> _Coefficients:
     co.index = np.where(valid, pb.index, 0)
     wy = 1 if pb.weight is None else pb.weight[co.index]
     co.omega = np.where(valid, s * wy, 0).astype(dt, copy=False)
+    if K == 1:
+        # One class: h = 1 and lse = z, so the target term sum_k B_ik (lse_i - z_ik) vanishes for any
+        # target weights; dropping it (rather than forming b_i h - B_i, whose float sums need not cancel)
+        # gives an exact 0 loss and gradient, as PyTorch does.  The z-loss term remains.
+        co.coef_y = np.zeros(M, dt)
+        co.b_sum = co.coef_y
+        return co
     co.coef_y = co.omega * dt.type(1 - eps)
     co.b_sum = co.coef_y
     if eps > 0:
@@ -632,7 +648,8 @@ _CE_ARGS_DOC = """
         sample_weight: ``(...)`` non-negative per-row weights ``s``; multiplies each row's loss and its
             weight in the 'mean' denominator (composes with ``weight``).
         ignore_index: index targets equal to it contribute nothing (may lie inside ``[0, K)``; that
-            class stays in the softmax).
+            class stays in the softmax).  With probability targets it must be negative (PyTorch's
+            rule: ``ValueError`` otherwise).
         label_smoothing: ``eps`` in [0, 1]; the target becomes ``(1 - eps) y + eps / K`` (PyTorch).
         reduction: ``'none'`` (per-row losses, shape ``(...)``, 0 where ignored), ``'sum'`` or ``'mean'``.
         z_loss: adds ``z_loss * lse(z)**2`` per target (PaLM), weighted like the target.

@@ -6,8 +6,9 @@ for LLM vocabularies that never holds the ``N x V`` logits.
   float32 math for low-precision logits, any ``grad_output``.
 * :func:`linear_cross_entropy` -- ``cross_entropy(x @ W.T + b, target)`` without materialising the
   logits: ``impl='chunked'`` (pure PyTorch, bounded memory, any device), ``'triton'`` (CUDA kernels),
-  ``'torch'`` (the materialising reference), ``'auto'``; ``shift`` for causal LMs and ``normalizer``
-  for exact gradient accumulation.
+  ``'torch'`` (the materialising reference), ``'auto'``; index or probability targets; ``shift`` for
+  causal LMs and ``normalizer`` for exact gradient accumulation; a differentiable ``return_lse``,
+  ``return_z_loss`` and ``return_accuracy`` (a :class:`LinearCrossEntropyOutput`).
 * :class:`CrossEntropyLoss`, :class:`LinearCrossEntropyLoss` -- the same as modules.
 * ``softxent.torch.hf`` -- Hugging Face causal LMs on the fused loss without patching their forward
   (imported on use; needs ``transformers``).
@@ -22,12 +23,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 from ._chunked import DEFAULT_MAX_CHUNK_BYTES
 from ._cross_entropy import cross_entropy
-from ._linear_cross_entropy import linear_cross_entropy, triton_available
+from ._linear_cross_entropy import LinearCrossEntropyOutput, linear_cross_entropy, triton_available
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
+    "LinearCrossEntropyOutput",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
     "triton_available",

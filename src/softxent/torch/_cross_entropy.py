@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..loss import PROBA_IGNORE_INDEX_MESSAGE
 from . import _row_terms as rt
 from . import _validation as val
 
@@ -44,10 +45,12 @@ def _masked_row_sum(zhat: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 class _CrossEntropyFunction(torch.autograd.Function):
     """Inputs: logits ``(M, K)``, target ``(M,)`` int64 or ``(M, K)`` floating, sample weights ``(M,)``
     or None, class weights ``(K,)`` or None, normalizer 0-d or None, and a dict of options.
-    Outputs: the loss (reduced, or ``(M,)``) and ``lse`` ``(M,)`` (not differentiable)."""
+    Outputs: the loss (reduced, or ``(M,)``), ``lse`` ``(M,)`` (differentiable: ``dlse/dzhat = h``) and
+    the z-loss part of the loss, reduced like it (not differentiable)."""
 
     @staticmethod
     def forward(ctx, logits, target, sample_weight, class_weight, normalizer, opt):
+        ctx.set_materialize_grads(False)
         cdt = val.compute_dtype(logits.dtype)
         M, K = logits.shape
         z = logits.to(cdt)
@@ -57,71 +60,64 @@ class _CrossEntropyFunction(torch.autograd.Function):
         lse = torch.log(ssum) + m
         sw = None if sample_weight is None else sample_weight.to(cdt)
         cw = None if class_weight is None else class_weight.to(cdt)
-        eps = opt["label_smoothing"]
+        terms = rt.target_terms(target, K, ignore_index=opt["ignore_index"],
+                                label_smoothing=opt["label_smoothing"], reduction=opt["reduction"],
+                                z_loss_weighting=opt["z_loss_weighting"], sample_weight=sw, class_weight=cw,
+                                dtype=cdt)
+        z_ws = None if terms.coef_u is None else _masked_row_sum(zhat, cw)
         if opt["index"]:
-            terms = rt.index_terms(target, K, ignore_index=opt["ignore_index"], label_smoothing=eps,
-                                   sample_weight=sw, class_weight=cw, dtype=cdt)
             z_t = zhat.gather(1, terms.idx[:, None])[:, 0]
-            z_ws = None if terms.coef_u is None else _masked_row_sum(zhat, cw)
-            row_loss = rt.index_row_loss(terms, lse, z_t, z_ws, opt["z_loss"])
-            omega, b_sum = terms.omega, terms.b_sum
-            saved = (terms.idx, terms.coef_y, terms.coef_u)
+            b_sum, lin = terms.b_sum, rt.index_target_sum(terms, z_t, z_ws)
         else:
-            y = target.to(cdt)
-            y = y if eps == 0 else y * (1.0 - eps) + eps / K
-            B = y if sw is None else y * sw[:, None]
-            B = B if cw is None else B * cw
-            omega = sw if sw is not None else torch.ones(M, dtype=cdt, device=logits.device)
-            b_sum = B.sum(dim=-1)
-            row_loss = rt.safe_mul(b_sum, lse) - rt.safe_mul(B, zhat).sum(dim=-1)
-            if opt["z_loss"] > 0:
-                row_loss = row_loss + rt.safe_mul(omega * opt["z_loss"], lse * lse)
-            saved = (None, None, None)
-        factor = rt.reduction_factor(opt["reduction"], omega, normalizer)
+            w_sum = float(K) if cw is None else cw.sum()
+            pw = rt.class_weighted(target.to(cdt), cw)
+            b_sum, lin = rt.proba_target_sums(terms, pw, torch.where(pw == 0, 0.0, zhat), w_sum, z_ws)
+        row_loss = rt.row_loss(b_sum, lin, terms, lse, opt["z_loss"])
+        factor = rt.reduction_factor(opt["reduction"], terms.omega, normalizer)
         loss = rt.reduce_loss(row_loss, opt["reduction"], factor, cdt)
-        a = rt.softmax_coefficient(b_sum, omega, lse, opt["z_loss"])
+        z_part = rt.reduce_loss(rt.z_term(terms, lse, opt["z_loss"]), opt["reduction"], factor, cdt)
+        a = rt.softmax_coefficient(b_sum, terms.zeta, lse, opt["z_loss"])
         ctx.opt = opt
-        ctx.save_for_backward(logits, target if not opt["index"] else None, sw, cw, m, ssum, lse, a,
-                              factor, *saved)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        ctx.terms = terms
+        ctx.save_for_backward(logits, target if not opt["index"] else None, cw, m, ssum, lse, a, factor)
+        ctx.mark_non_differentiable(z_part)
+        return loss, lse, z_part
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        (logits, proba, sw, cw, m, ssum, lse, a, factor, idx, coef_y, coef_u) = ctx.saved_tensors
-        opt = ctx.opt
+    def backward(ctx, grad_loss, grad_lse, grad_z_part):
+        logits, proba, cw, m, ssum, lse, a, factor = ctx.saved_tensors
+        terms, opt = ctx.terms, ctx.opt
         need_logits, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cdt = val.compute_dtype(logits.dtype)
         M, K = logits.shape
-        r = grad_loss.to(cdt)
-        r = r.reshape(M) if opt["reduction"] == "none" else (r * factor.to(cdt)).expand(M)
+        if grad_loss is None:
+            r = torch.zeros(M, dtype=cdt, device=logits.device)
+        else:
+            r = grad_loss.to(cdt)
+            r = r.reshape(M) if opt["reduction"] == "none" else (r * factor.to(cdt)).expand(M)
         zhat, t = _capped(logits.to(cdt), opt["softcap"])
-        eps = opt["label_smoothing"]
         d_logits = d_target = None
-        if need_target:
-            # dloss_i/dy_ik = s_i w_k (1 - eps) (lse_i - zhat_ik), times r_i
-            coef = r * (1.0 - eps)
-            coef = coef if sw is None else coef * sw
-            g = rt.safe_mul(coef[:, None] if cw is None else coef[:, None] * cw,
+        if need_target and grad_loss is not None:
+            # dloss_i/dp_ik = coef_p_i w_k (lse_i - zhat_ik), times r_i
+            g = rt.safe_mul(rt.class_weighted((r * terms.coef_y)[:, None].expand(M, K), cw),
                             lse[:, None] - zhat)
             d_target = g.to(proba.dtype)
         if need_logits:
             ar = a * r
+            if grad_lse is not None:
+                ar = ar + grad_lse.reshape(M).to(cdt)
             # A row that carries no loss (ignored, zero weight) gets an exact 0, even where its softmax
             # is NaN (softxent.loss._backward).
             scale = torch.where(ar == 0, torch.zeros_like(ar), ar / ssum)
             g = torch.exp(zhat - m[:, None]) * scale[:, None]
             if opt["index"]:
-                g.scatter_add_(1, idx[:, None], (-(coef_y * r))[:, None])
-                if coef_u is not None:
-                    u = coef_u * r
+                g.scatter_add_(1, terms.idx[:, None], (-(terms.coef_y * r))[:, None])
+                if terms.coef_u is not None:
+                    u = terms.coef_u * r
                     g -= u[:, None] if cw is None else u[:, None] * cw
             else:
-                y = proba.to(cdt)
-                y = y if eps == 0 else y * (1.0 - eps) + eps / K
-                B = y if sw is None else y * sw[:, None]
-                B = B if cw is None else B * cw
-                g -= B * r[:, None]
+                pw = rt.class_weighted(proba.to(cdt), cw)
+                g -= rt.proba_target_weights(terms, pw, cw) * r[:, None]
             if t is not None:
                 g *= 1 - t * t
             d_logits = g.to(logits.dtype)
@@ -130,9 +126,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
 def _cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_index=-100,
                    label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None, normalizer=None,
-                   target_name="target"):
-    """Validated, flattened call of the Function; returns ``(loss, lse)``, lse of shape ``(...)``."""
+                   z_loss_weighting="class", target_name="target"):
+    """Validated, flattened call of the Function; returns ``(loss, lse, z_part)``, lse of shape ``(...)``
+    (differentiable), z_part the z-loss part of the loss (shaped like the loss, not differentiable)."""
     val.check_options(reduction, label_smoothing, z_loss, softcap)
+    val.check_z_loss_weighting(z_loss_weighting)
     ignore_index = val.check_ignore_index(ignore_index)
     val.check_float_tensor(logits, "logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -153,6 +151,8 @@ def _cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_in
         raise TypeError(f"{target_name} must hold integer class indices of shape {lead}, or class "
                         f"probabilities (floating) of shape {tuple(logits.shape)}; got dtype "
                         f"{target.dtype} and shape {tuple(target.shape)}")
+    if not index and ignore_index >= 0:
+        raise ValueError(PROBA_IGNORE_INDEX_MESSAGE.format(ignore_index=ignore_index))
     val.check_same_device({"logits": logits, target_name: target})
     dev = logits.device
     cw = val.check_weights_tensor(weight, (K,), "weight", dev)
@@ -167,18 +167,18 @@ def _cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_in
     val.check_values(target=flat_target if index else None, num_classes=K, ignore_index=ignore_index,
                      weights=weights, normalizer=norm, target_name=target_name)
     opt = dict(index=index, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
-               reduction=reduction, z_loss=float(z_loss),
+               reduction=reduction, z_loss=float(z_loss), z_loss_weighting=z_loss_weighting,
                softcap=None if softcap is None else float(softcap))
-    loss, lse = _CrossEntropyFunction.apply(
+    loss, lse, z_part = _CrossEntropyFunction.apply(
         logits.reshape(-1, K), flat_target, None if sw is None else sw.reshape(-1), cw, norm, opt)
     if reduction == "none":
-        loss = loss.reshape(lead)
-    return loss, lse.reshape(lead)
+        loss, z_part = loss.reshape(lead), z_part.reshape(lead)
+    return loss, lse.reshape(lead), z_part
 
 
 def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_index: int = -100,
                   label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None, z_loss_weighting: str = "class") -> torch.Tensor:
     """Softmax cross-entropy with PyTorch's options, classes on the LAST axis (softxent.loss semantics).
 
     For logits ``z`` ``(..., K)`` and targets turned into per-class weights ``B`` (see
@@ -198,6 +198,9 @@ def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_ind
         reduction: ``'mean'``, ``'sum'`` or ``'none'`` (per-row losses of shape ``(...)``).
         z_loss: adds ``z_loss * lse^2`` per row, weighted like the target.
         softcap: ``c > 0`` caps the logits to ``c tanh(z / c)`` before the softmax.
+        z_loss_weighting: ``'class'`` (default: the z term weighted like the row, ``s_i w_{y_i}``) or
+            ``'token'`` (PaLM / Liger: ``s_i`` only, its 'mean' over the non-ignored rows' ``s_i``);
+            softxent.torch._row_terms explains both.  The same for probability targets.
 
     Returns:
         the loss in float32 (float64 for float64 logits): a 0-d tensor, or ``(...)`` for 'none'.  Its
@@ -212,7 +215,8 @@ def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_ind
     >>> loss.backward(); z.grad   # h(z) - y, the seed's delta
     tensor([[-0.2129,  0.1065,  0.1065]])
     """
-    loss, _ = _cross_entropy(logits, target, weight=weight, sample_weight=sample_weight,
-                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             reduction=reduction, z_loss=z_loss, softcap=softcap)
+    loss, _, _ = _cross_entropy(logits, target, weight=weight, sample_weight=sample_weight,
+                                ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                reduction=reduction, z_loss=z_loss, softcap=softcap,
+                                z_loss_weighting=z_loss_weighting)
     return loss

@@ -7,15 +7,20 @@ Semantics, as code (up to float32 rounding, and the mean over nothing being 0 in
     if shift: z, target = z[..., :-shift, :], target[..., shift:]   # causal LM: token t predicts t+1
     loss = softxent.torch.cross_entropy(z, target, weight=class_weight, sample_weight=sample_weight,
                                         ignore_index=..., label_smoothing=..., z_loss=..., softcap=...,
-                                        reduction=reduction)
+                                        reduction=reduction, z_loss_weighting=...)
     if normalizer is not None: loss = loss_sum / normalizer   # reduction='sum' only (0 if it is 0)
+
+and equal to PyTorch's ``F.linear_cross_entropy(x, weight, target, linear_bias=bias,
+weight=class_weight, ...)`` (2.13) on every option the two share, index and probability targets
+(tests/test_torch_interop.py runs its OpInfo samples).
 
 Implementations (``impl``):
 
 * ``'chunked'`` -- pure PyTorch, rows in chunks of at most ``max_chunk_bytes`` of float32 logits; any
   device (softxent.torch._chunked documents the schedule and the peak-memory formula).
 * ``'triton'`` -- the Triton kernels of softxent.torch._triton_kernels: forward = blockwise products
-  with an online log-sum-exp and the target logit, no ``N x V`` buffer; backward recomputes the logit
+  with an online log-sum-exp and the target logit (or the probability-weighted logit sum), no ``N x V``
+  buffer; backward recomputes the logit
   blocks and forms delta in float32.  CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
   ``skip_threshold`` opts into the kernels' block skip (approximate; exact by default).  ``dW`` is
   asked for in the weight's dtype: the kernels then write it once (rounded once) when one row
@@ -25,11 +30,13 @@ Implementations (``impl``):
   softxent.torch.cross_entropy): the reference the others are checked against, and a baseline.
 * ``'auto'`` -- ``'triton'`` for CUDA tensors when Triton and the kernels import, ``'chunked'`` otherwise.
 
-Shapes and dtypes: ``x`` ``(..., D)`` and ``target`` ``(...)`` (integer class indices); ``weight``
+Shapes and dtypes: ``x`` ``(..., D)`` and ``target`` ``(...)`` (integer class indices) or ``(..., V)``
+(probabilities, any float dtype, read chunk by chunk or tile by tile, never copied whole); ``weight``
 ``(V, D)`` and ``bias`` ``(V,)`` in ``x``'s dtype (float16, bfloat16, float32 or float64; under
 ``torch.autocast`` all three are cast to the autocast dtype first, as ``F.linear`` would).  The math runs
 in float32 (float64 for float64 inputs); the loss is float32 (float64); gradients come back in the
-inputs' dtypes; only the inputs that require a gradient get one.  ``lse`` (``return_lse``) is detached.
+inputs' dtypes; only the inputs that require a gradient get one.  ``lse`` (``return_lse``) is
+differentiable; the z-loss part and the accuracy are not.
 
 Validation: shapes, dtypes, devices and options are checked up front; the values (class indices in
 ``[0, V)``, non-negative weights and normalizer) in one device-to-host read per call in eager mode (a
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import numbers
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +57,7 @@ import torch.nn.functional as F
 from . import _row_terms as rt
 from . import _validation as val
 from ._chunked import (DEFAULT_MAX_CHUNK_BYTES, ChunkConfig, ChunkedLinearCrossEntropy, autocast_off,
-                       finish_forward, recompute_state)
+                       finish_forward, predicted_class_hits, recompute_state, row_terms)
 from ._cross_entropy import _cross_entropy
 
 _TRITON_STATE: dict = {}
@@ -100,38 +108,60 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
 
 @val.first_derivatives_only
 class TritonLinearCrossEntropy(torch.autograd.Function):
-    """The Triton path: same inputs and outputs as ChunkedLinearCrossEntropy, plus ``skip_threshold``
-    in the config.  Forward calls ``lce_forward`` (lse, target logit, weighted logit sum), the host turns
-    them into losses; backward calls ``lce_backward`` with ``alpha = r a``, ``beta = r coef_y``,
-    ``gamma = r coef_u`` (softxent.torch._row_terms)."""
+    """The Triton path: same inputs and outputs as ChunkedLinearCrossEntropy (its ChunkConfig's fields in
+    a dict, plus ``skip_threshold``).  Forward calls ``lce_forward`` (lse, the target logit or the
+    probability-weighted logit sum, the weighted logit sum), the host turns them into losses; backward
+    calls ``lce_backward`` with ``alpha = r a + g``, ``beta = r coef_y``, ``gamma = r coef_u``
+    (softxent.torch._row_terms).  The gradient of probability targets is not computed here (the
+    dispatcher sends a target that requires one to 'chunked')."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, sample_weight, class_weight, normalizer, cfg):
+        ctx.set_materialize_grads(False)
         K = _triton_kernels()
-        V = weight.shape[0]
+        N, V = x.shape[0], weight.shape[0]
         cdt = torch.float32
-        terms = rt.index_terms(target, V, ignore_index=cfg["ignore_index"],
-                               label_smoothing=cfg["label_smoothing"], sample_weight=sample_weight,
-                               class_weight=class_weight, dtype=cdt)
         cw = None if class_weight is None else class_weight.to(cdt).contiguous()
+        terms = row_terms(target, V, cfg, sample_weight, cw, cdt)
+        proba = terms.proba is not None
         need_grad = cfg["need_dx"] or cfg["need_dw"] or (cfg["need_db"] and bias is not None)
+        hit_class, counted = predicted_class_hits(terms, cfg["ignore_index"], target) \
+            if cfg["want_correct"] else (None, None)
+        # The kernels' index target: y (index targets), or for probability targets the class whose
+        # logit the accuracy reads (argmax p), else nothing (every row "ignored" by the one-hot term).
+        y = target if not proba else (hit_class if hit_class is not None else
+                                      torch.full((N,), -1, dtype=torch.int64, device=x.device))
         with autocast_off(x.device.type):
-            lse, z_t, z_ws, *q = K.lce_forward(
-                x, weight, bias, target, ignore_index=cfg["ignore_index"], softcap=cfg["softcap"],
-                class_weight=cw, need_weighted_sum=terms.coef_u is not None, need_target_complement=need_grad)
+            lse, z_t, z_ws, *extra = K.lce_forward(
+                x, weight, bias, y, ignore_index=cfg["ignore_index"] if not proba else -1,
+                softcap=cfg["softcap"], class_weight=cw, need_weighted_sum=terms.coef_u is not None,
+                need_target_complement=need_grad and not proba, target_proba=target if proba else None,
+                return_max=cfg["want_correct"])
         # 1 - p_y, summed without the target: the backward's target column keeps its digits on confident
         # tokens (an intermediate of this Function, so kept on ctx rather than save_for_backward)
-        ctx.target_complement = q[0] if q else None
+        ctx.target_complement = extra.pop(0) if (need_grad and not proba) else None
+        if proba:
+            w_sum = float(V) if cw is None else cw.sum()
+            p_w = rt.class_weighted_rowsum(target, cw, cdt)
+            b_sum, lin = rt.proba_target_sums_from(terms, p_w, extra.pop(0), w_sum, z_ws)
+        else:
+            b_sum, lin = terms.b_sum, rt.index_target_sum(terms, z_t, z_ws)
+        correct = torch.zeros(N if cfg["want_correct"] else 0, dtype=torch.bool, device=x.device)
+        if cfg["want_correct"]:
+            correct = (z_t == extra.pop(0)) & counted
         factor = rt.reduction_factor(cfg["reduction"], terms.omega, normalizer)
         ctx.cfg = cfg
-        return finish_forward(ctx, terms, lse, z_t, z_ws, factor, cfg["reduction"], cfg["z_loss"], cdt,
-                              (x, weight, bias, target, cw) if need_grad else None)
+        loss, z_part = finish_forward(ctx, terms, lse, b_sum, lin, factor, cfg["reduction"], cfg["z_loss"], cdt,
+                                      (x, weight, bias, target if proba else terms.idx, cw) if need_grad else None)
+        ctx.mark_non_differentiable(z_part, correct)
+        return loss, lse, z_part, correct
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_z_part, grad_correct):
         cfg = ctx.cfg
-        x, weight, bias, target, cw, lse, alpha, beta, gamma = recompute_state(ctx, grad_loss,
-                                                                              cfg["reduction"])
+        st = recompute_state(ctx, grad_loss, grad_lse, cfg["reduction"])
+        x, weight, bias = st.x, st.weight, st.bias
+        proba = st.target.is_floating_point()
         N = x.shape[0]
         skip = cfg["skip_threshold"]
         K = _triton_kernels()
@@ -141,12 +171,14 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
             # The kernels skip a tile when every |alpha_i p_ij| < t; relative to the largest row weight,
             # t = skip_threshold * max |alpha| means "every probability below skip_threshold" for
             # uniformly weighted rows (CCE's rule).  On the device: the kernel reads t, no host sync.
-            skip = (skip * alpha.abs().amax()).reshape(1) if N else None
+            skip = (skip * st.alpha.abs().amax()).reshape(1) if N else None
+        y = st.target if not proba else torch.full((N,), -1, dtype=torch.int64, device=x.device)
         with autocast_off(x.device.type):
             dx, dw, db = K.lce_backward(
-                x, weight, bias, target, lse, alpha, beta, gamma, target_complement=ctx.target_complement,
-                ignore_index=cfg["ignore_index"],
-                softcap=cfg["softcap"], class_weight=cw, need_dx=cfg["need_dx"],
+                x, weight, bias, y, st.lse, st.alpha, st.beta, st.gamma,
+                target_complement=ctx.target_complement, target_proba=st.target if proba else None,
+                ignore_index=cfg["ignore_index"] if not proba else -1,
+                softcap=cfg["softcap"], class_weight=st.class_weight, need_dx=cfg["need_dx"],
                 need_dw=cfg["need_dw"], need_db=cfg["need_db"] and bias is not None,
                 skip_threshold=skip, workspace_bytes=cfg["max_chunk_bytes"], dw_dtype=weight.dtype)
         return (dx if cfg["need_dx"] else None,
@@ -169,13 +201,19 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                          class_weight=None, z_loss: float = 0.0, softcap: float | None = None,
                          normalizer=None, shift: bool | int = False, return_lse: bool = False,
                          impl: str = "auto", max_chunk_bytes: int | None = None,
-                         skip_threshold: float | str | None = None):
+                         skip_threshold: float | str | None = None, z_loss_weighting: str = "class",
+                         return_z_loss: bool = False, return_accuracy: bool = False):
     """Cross-entropy of the linear layer ``z = x W^T + b`` without materialising ``z``.
 
     Args:
         x: hidden states ``(..., D)`` (leading dims such as ``(B, T)`` are flattened).
         weight: the output layer ``W`` ``(V, D)``, same dtype and device as ``x``.
-        target: integer class indices of shape ``x.shape[:-1]``.
+        target: integer class indices of shape ``x.shape[:-1]``, or class probabilities (any floating
+            dtype) of shape ``x.shape[:-1] + (V,)``: rows need not sum to 1 (as in PyTorch; the gradient
+            is then ``h sum(p) - p``), entries must be >= 0 and not NaN.  Never copied whole; their
+            gradient is returned when they require one (not by ``'triton'``: ``'auto'`` then picks
+            ``'chunked'``).  ``ignore_index >= 0`` is refused with them, as by PyTorch; the 'mean'
+            divides by ``sum_i s_i`` (N without sample weights), as PyTorch's.
         bias: ``(V,)`` or None.
         ignore_index: targets equal to it contribute nothing (may lie inside ``[0, V)``).
         label_smoothing: ``eps`` in [0, 1] (PyTorch's: the target becomes ``(1 - eps) y + eps / V``).
@@ -193,10 +231,13 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             ``target = target[..., k:]`` (and the same on ``sample_weight``), so ``x`` needs a sequence
             axis ``(..., T, D)`` and the per-token losses of ``'none'`` have shape ``(..., T - k)``.
         return_lse: also return ``lse = logsumexp_k zhat_k`` per token (float32, shaped like the
-            per-token losses, detached: use ``z_loss`` for a differentiable penalty on it).
+            per-token losses), differentiable (``dlse/dzhat = softmax``): build your own z-loss or
+            distillation term from it; its gradient joins the loss's in one backward (with
+            ``reduction`` 'mean' / 'sum' on 'chunked', one more pass over recomputed logits, only when
+            a gradient does reach lse).
         impl: ``'auto'``, ``'chunked'``, ``'triton'`` or ``'torch'`` (module docstring).
         max_chunk_bytes: bound on the scratch buffers: the ``'chunked'`` path's logit chunks (default
-            128 MiB), the ``'triton'`` backward's workspace (default: the kernels' 96 MiB, so that
+            64 MiB), the ``'triton'`` backward's workspace (default: the kernels' 96 MiB, so that
             its extra memory stays under 0.1 GiB; more trades memory for fewer re-reads of dx).
         skip_threshold: ``'triton'`` only, opt-in and approximate: ``'auto'`` or a number in (0, 1).
             The backward skips the dx/dW products of the tiles in which every probability is below the
@@ -208,9 +249,21 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             of the tiles with dx and dW errors 0.48-0.96x naive PyTorch's bf16 errors (benchmarks/
             RESULTS.md); CCE's ``2**-7 / 32`` skips more at up to 1.4x naive's dx error.  Ignored by
             the exact ``'chunked'`` path that ``'auto'`` picks off CUDA.
+        z_loss_weighting: ``'class'`` (default) weights each token's z term like its cross-entropy
+            (``s_i w_{y_i}``) and the 'mean' divides both by ``sum_i s_i w_{y_i}``, so that
+            ``'none'.sum() / sum omega == 'mean'`` and softxent.loss is the reference; ``'token'``
+            reproduces PaLM / Liger (``lse_square_scale``): the z term left unweighted by class weights
+            and averaged over the non-ignored tokens (``sum_i s_i``).  They differ only with class weights.
+        return_z_loss: also return the z-loss part of the loss (reduced like it, detached; Liger's).
+        return_accuracy: also return the token accuracy (no gradient): the fraction of non-ignored rows
+            whose target logit is the row's maximum (ties count as hits), the target of a probability
+            row being its largest probability; per token (1.0 / 0.0, 0.0 where ignored) for
+            ``reduction='none'``.
 
     Returns:
-        the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse``.
+        the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse`` only, or
+        with ``return_z_loss`` / ``return_accuracy`` a :class:`LinearCrossEntropyOutput`
+        ``(loss, lse, z_loss, accuracy)`` holding None for what was not asked for.
 
     Raises:
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options, class indices
@@ -233,8 +286,11 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
     val.check_max_chunk_bytes(max_chunk_bytes)
     val.check_skip_threshold(skip_threshold, impl)
     k_shift = _check_shift(shift)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    for flag, name in ((return_lse, "return_lse"), (return_z_loss, "return_z_loss"),
+                       (return_accuracy, "return_accuracy")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {flag!r}")
+    val.check_z_loss_weighting(z_loss_weighting)
     val.check_float_tensor(x, "x")
     val.check_float_tensor(weight, "weight")
     if x.dim() < 1:
@@ -251,7 +307,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias must have shape (V,) = ({V},) to match weight {tuple(weight.shape)}; "
                              f"got shape {tuple(bias.shape)}")
-    val.check_index_target(target)
+    proba = val.check_target(target, tuple(x.shape[:-1]), V, ignore_index)
     val.check_same_device({"x": x, "weight": weight, "bias": bias, "target": target})
     dev = x.device
     if torch.is_autocast_enabled(dev.type):
@@ -263,9 +319,6 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
                         f"{'' if bias is None else f', bias {bias.dtype}'} (cast them, or run under "
                         "torch.autocast)")
     lead = tuple(x.shape[:-1])
-    if tuple(target.shape) != lead:
-        raise ValueError(f"target must have shape x.shape[:-1] = {lead} (x {tuple(x.shape)}); got shape "
-                         f"{tuple(target.shape)}")
     sw = val.check_weights_tensor(sample_weight, lead, "sample_weight", dev)
     cw = val.check_weights_tensor(class_weight, (V,), "class_weight", dev)
     norm = val.check_normalizer(normalizer, reduction, dev)
@@ -277,42 +330,92 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
         if k_shift >= T:
             raise ValueError(f"shift must be in [0, T) for sequences of length T = {T}; got {shift!r}")
         x = x[..., : T - k_shift, :]
-        target = target[..., k_shift:]
+        # the sequence axis of the target: its last (indices) or the one before the classes (probabilities)
+        target = target[..., k_shift:, :] if proba else target[..., k_shift:]
         sw = None if sw is None else sw[..., k_shift:]
-    out_shape = tuple(target.shape)
+    out_shape = tuple(x.shape[:-1])
     x2 = x.reshape(-1, D)
-    t2 = target.reshape(-1).to(torch.int64)
+    t2 = target.reshape(-1, V) if proba else target.reshape(-1).to(torch.int64)
     sw2 = None if sw is None else sw.reshape(-1)
-    val.check_values(target=t2, num_classes=V, ignore_index=ignore_index,
-                     weights=[("sample_weight", sw2), ("class_weight", cw)], normalizer=norm)
+    weights = [("sample_weight", sw2), ("class_weight", cw)]
+    val.check_values(target=None if proba else t2, num_classes=V, ignore_index=ignore_index,
+                     weights=weights + ([("target probabilities", t2.detach())] if proba else []),
+                     normalizer=norm)
 
-    impl = _resolve_impl(impl, dev, x.dtype)
+    need_dp = proba and torch.is_grad_enabled() and t2.requires_grad
+    impl = _resolve_impl("chunked" if (impl == "auto" and need_dp) else impl, dev, x.dtype)
+    if impl == "triton" and need_dp:
+        raise ValueError("impl='triton' does not differentiate probability targets, and target requires "
+                         "grad; pass target.detach(), or use impl='chunked' (or 'auto')")
     if impl == "torch":
         z = F.linear(x2, weight, bias)
-        loss, lse = _cross_entropy(z, t2, weight=cw, sample_weight=sw2, ignore_index=ignore_index,
-                                   label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
-                                   softcap=softcap, normalizer=norm)
+        loss, lse, z_part = _cross_entropy(
+            z, t2, weight=cw, sample_weight=sw2, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction, z_loss=z_loss, softcap=softcap, normalizer=norm,
+            z_loss_weighting=z_loss_weighting)
+        correct = _correct_rows(z.detach(), t2, ignore_index) if return_accuracy else None
     else:
         grad_on = torch.is_grad_enabled()
         need = dict(need_dx=grad_on and x2.requires_grad, need_dw=grad_on and weight.requires_grad,
-                    need_db=grad_on and bias is not None and bias.requires_grad)
+                    need_db=grad_on and bias is not None and bias.requires_grad, need_dp=need_dp)
         sw2 = None if sw2 is None else sw2.detach()
         cw = None if cw is None else cw.detach()
         common = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                       reduction=reduction, z_loss=float(z_loss),
-                      softcap=None if softcap is None else float(softcap))
+                      softcap=None if softcap is None else float(softcap), z_loss_weighting=z_loss_weighting,
+                      want_correct=return_accuracy)
         if impl == "triton":
             skip = skip_threshold if skip_threshold in (None, "auto") else float(skip_threshold)
             cfg = dict(common, skip_threshold=skip,
                        max_chunk_bytes=None if max_chunk_bytes is None else int(max_chunk_bytes), **need)
-            loss, lse = TritonLinearCrossEntropy.apply(
+            t2 = t2 if not proba or V == 1 or t2.stride(1) == 1 else t2.contiguous()
+            loss, lse, z_part, correct = TritonLinearCrossEntropy.apply(
                 x2.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                t2.contiguous(), sw2, cw, norm, cfg)
+                t2.contiguous() if not proba else t2, sw2, cw, norm, cfg)
         else:
             cfg = ChunkConfig(max_chunk_bytes=DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None
                               else int(max_chunk_bytes), **common, **need)
             with autocast_off(dev.type):
-                loss, lse = ChunkedLinearCrossEntropy.apply(x2, weight, bias, t2, sw2, cw, norm, cfg)
+                loss, lse, z_part, correct = ChunkedLinearCrossEntropy.apply(x2, weight, bias, t2, sw2, cw,
+                                                                             norm, cfg)
     if reduction == "none":
-        loss = loss.reshape(out_shape)
-    return (loss, lse.reshape(out_shape)) if return_lse else loss
+        loss, z_part = loss.reshape(out_shape), z_part.reshape(out_shape)
+    lse = lse.reshape(out_shape)
+    if not (return_z_loss or return_accuracy):
+        return (loss, lse) if return_lse else loss
+    accuracy = None
+    if return_accuracy:
+        accuracy = _accuracy(correct, t2, proba, ignore_index, reduction, loss.dtype).reshape(
+            out_shape if reduction == "none" else ())
+    return LinearCrossEntropyOutput(loss, lse if return_lse else None, z_part if return_z_loss else None,
+                                    accuracy)
+
+
+class LinearCrossEntropyOutput(NamedTuple):
+    """:func:`linear_cross_entropy`'s result with ``return_z_loss`` or ``return_accuracy``: the loss,
+    then ``lse`` (differentiable), the z-loss part of the loss (detached) and the token accuracy (no
+    gradient), each None unless asked for."""
+
+    loss: torch.Tensor
+    lse: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    accuracy: torch.Tensor | None
+
+
+def _correct_rows(z: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Whether each row's target logit (the largest probability's for probability targets) is the row's
+    maximum (ties count), False where ignored: the 'torch' impl's, from its materialised logits."""
+    if target.is_floating_point():
+        return z.gather(1, target.argmax(dim=1, keepdim=True))[:, 0] == z.amax(dim=1)
+    valid = target != ignore_index
+    idx = torch.where(valid, target, 0)
+    return (z.gather(1, idx[:, None])[:, 0] == z.amax(dim=1)) & valid
+
+
+def _accuracy(correct, target, proba: bool, ignore_index: int, reduction: str, dtype) -> torch.Tensor:
+    """Per-row hits (``'none'``) or their fraction over the counted (non-ignored) rows, 0 when none."""
+    hits = correct.to(dtype)
+    if reduction == "none":
+        return hits
+    counted = (torch.ones_like(hits) if proba else (target != ignore_index).to(dtype)).sum()
+    return torch.where(counted > 0, hits.sum() / counted.clamp(min=1), torch.zeros_like(counted))

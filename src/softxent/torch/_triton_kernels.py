@@ -300,15 +300,18 @@ def _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_x
 
 
 @triton.jit
-def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
-                        N, V, D, stride_x, stride_w, cols_per_split, n_splits, plane, ignore_index, softcap,
+def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, p_ptr, part_ptr,
+                        N, V, D, stride_x, stride_w, stride_p, cols_per_split, n_splits, plane, ignore_index,
+                        softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
-                        NEED_WSUM: tl.constexpr, NEED_Q: tl.constexpr, EVEN_K: tl.constexpr,
+                        NEED_WSUM: tl.constexpr, NEED_Q: tl.constexpr, HAS_PROBA: tl.constexpr,
+                        EVEN_K: tl.constexpr,
                         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Per (row block, vocabulary split): running max m, sum s = sum exp(zh - m), target logit zt,
     weighted sum ws and the sum without the target column sq = sum_{j != y} exp(zh_j - m) over the
-    split's columns; written to ``part[plane, split, row]`` for plane = m, s, zt, ws, sq."""
+    split's columns; written to ``part[plane, split, row]`` for plane = m, s, zt, ws, sq.  HAS_PROBA
+    (probability targets p, ``(N, V)``): plane 4 holds ``pz = sum_j p_ij cw_j zh_ij`` instead of sq."""
     pid = tl.program_id(0)
     pid_m, pid_s = _tile_ids(pid, tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -344,23 +347,37 @@ def _lce_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, part_ptr,
                 ws += tl.sum(tl.where(col_mask[None, :], z * cw[None, :], 0.0), axis=1)
             else:
                 ws += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        if HAS_PROBA:
+            pw = _proba_tile(p_ptr, cw_ptr, rows, cols, row_mask, col_mask, stride_p, HAS_CW)
+            sq += tl.sum(tl.where(pw != 0.0, pw * z, 0.0), axis=1)
     out = part_ptr + pid_s.to(tl.int64) * N + rows
     tl.store(out, m, mask=row_mask)
     tl.store(out + plane, s, mask=row_mask)
     tl.store(out + 2 * plane, zt, mask=row_mask)
     if NEED_WSUM:
         tl.store(out + 3 * plane, ws, mask=row_mask)
-    if NEED_Q:
+    if NEED_Q or HAS_PROBA:
         tl.store(out + 4 * plane, sq, mask=row_mask)
 
 
 @triton.jit
-def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
+def _proba_tile(p_ptr, cw_ptr, rows, cols, row_mask, col_mask, stride_p, HAS_CW: tl.constexpr):
+    """``p_ij cw_j`` of a tile in float32 (0 outside the matrix)."""
+    ptrs = p_ptr + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
+    p = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_CW:
+        p = p * tl.load(cw_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    return p
+
+
+@triton.jit
+def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, p_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
                       q_ptr, scale_ptr, delta_ptr, flag_ptr, dbpart_ptr, perm_ptr, rowsum_ptr, colsum_ptr,
-                      row0, n_rows, v0, n_cols, D, stride_x, stride_w, stride_delta, stride_flag,
+                      row0, n_rows, v0, n_cols, D, stride_x, stride_w, stride_p, stride_delta, stride_flag,
                       stride_dbpart, stride_rowsum, stride_colsum, ignore_index, softcap, skip_ptr,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr,
                       HAS_BETA: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_Q: tl.constexpr,
+                      HAS_PROBA: tl.constexpr,
                       WRITE_DELTA: tl.constexpr,
                       NEED_DB: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_PERM: tl.constexpr,
                       HAS_CORR: tl.constexpr, EVEN_K: tl.constexpr,
@@ -372,7 +389,8 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
     delta is not written).  HAS_PERM: position j is the vocabulary row ``perm[j]``.  HAS_CORR: a
     skipped tile writes its first-order part, its row sums into ``rowsum[row, tile col]`` and its
     column sums into ``colsum[column, tile row]`` (both over scale; zeros for a kept tile), and db keeps
-    the skipped tile's exact column sums."""
+    the skipped tile's exact column sums.  HAS_PROBA: the target term is ``beta_i cw_j p_ij`` (``p``
+    ``(N, V)`` probabilities) instead of ``beta_i [j == y_i]``; a tile holding any of it is kept."""
     pid = tl.program_id(0)
     pid_m, pid_v = _tile_ids(pid, tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
     lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -404,6 +422,11 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
             d = tl.where(hit, d_y[:, None], d)
         else:
             d -= tl.where(hit, beta[:, None], 0.0)
+    if HAS_PROBA:
+        pbeta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
+        pw = _proba_tile(p_ptr, cw_ptr, rows, cols, row_mask, col_mask, stride_p, HAS_CW)
+        p_hit = (pw != 0.0) & (pbeta != 0.0)[:, None]
+        d -= tl.where(p_hit, pbeta[:, None] * pw, 0.0)
     if HAS_GAMMA:
         gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0)
         if HAS_CW:
@@ -422,6 +445,8 @@ def _lce_delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cw_ptr, lse_ptr, alpha_ptr, be
         n_keep = tl.sum(tl.sum(tl.where(valid & (tl.abs(p_term) >= skip_threshold), 1, 0), axis=1), axis=0)
         if HAS_BETA:
             n_keep += tl.sum(tl.sum(tl.where(valid & hit, 1, 0), axis=1), axis=0)
+        if HAS_PROBA:
+            n_keep += tl.sum(tl.sum(tl.where(valid & p_hit, 1, 0), axis=1), axis=0)
         if HAS_GAMMA:
             n_keep += tl.sum(tl.where(row_mask & (gamma != 0), 1, 0), axis=0)
         keep = n_keep > 0
@@ -705,8 +730,8 @@ def _forward_splits(n_row_blocks: int, V: int, block_v: int, cfg: TileConfig, de
 
 
 def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | None, class_weight,
-                need_weighted_sum: bool, need_target_complement: bool = False,
-                config: TileConfig | None = None):
+                need_weighted_sum: bool, need_target_complement: bool = False, target_proba=None,
+                return_max: bool = False, config: TileConfig | None = None):
     """Row statistics of the capped logits ``zh = softcap(x W^T + b)`` without holding them.
 
     Args:
@@ -722,40 +747,51 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         need_target_complement: also return ``q_i = 1 - p_{i, y_i} = sum_{j != y_i} p_ij`` (1 where
             ``y_i == ignore_index``), summed apart from the target so that it keeps its relative
             precision when ``p_y ~ 1``; :func:`lce_backward` forms the target column from it.
+        target_proba: optional ``(N, V)`` probability targets ``p`` (any float dtype, unit column
+            stride; not with ``need_target_complement``): adds ``z_proba_i = sum_j p_ij cw_j zh_ij``.
+        return_max: also return the row maxima ``max_j zh_ij`` (bitwise the logits ``z_target`` saw).
         config: optional :class:`TileConfig` for this call (``block_n`` = vocabulary block).
 
     Returns:
         ``(lse, z_target, z_wsum)``, float32 ``(N,)`` each: ``lse_i = log sum_j exp(zh_ij)``,
         ``z_target_i = zh_{i, y_i}`` (0 where ``y_i == ignore_index``), ``z_wsum_i = sum_j cw_j zh_ij``
         (None unless ``need_weighted_sum``); ``(lse, z_target, z_wsum, q)`` with
-        ``need_target_complement``.
+        ``need_target_complement``; then ``z_proba`` with ``target_proba`` and the row maxima with
+        ``return_max``, in that order.
     """
     N, D, V = _check_common(x, weight, bias, target, class_weight, ignore_index, softcap)
     dev = x.device
+    _check_proba(target_proba, N, V, dev)
+    if target_proba is not None and need_target_complement:
+        raise ValueError("need_target_complement is for class-index targets; got target_proba too")
+    extras = int(need_target_complement) + int(target_proba is not None) + int(return_max)
     if N == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=dev)
         out = empty, empty.clone(), (empty.clone() if need_weighted_sum else None)
-        return out + (empty.clone(),) if need_target_complement else out
+        return out + tuple(empty.clone() for _ in range(extras))
     cfg = config or default_configs(x.dtype)["forward"]
     _check_configs({"forward": cfg, "delta": cfg, "matmul": replace(cfg, block_k=16)})
     n_rb = triton.cdiv(N, cfg.block_m)
     splits = _forward_splits(n_rb, V, cfg.block_n, cfg, dev)
     cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(V, cols_per_split)  # every split non-empty
-    planes = 5 if need_target_complement else 4 if need_weighted_sum else 3  # m, s, zt, ws, sq
+    has_proba = target_proba is not None
+    # m, s, zt, ws, and sq (or pz with probability targets)
+    planes = 5 if (need_target_complement or has_proba) else 4 if need_weighted_sum else 3
     part = torch.empty((planes, splits, N), dtype=torch.float32, device=dev)
     dot_f32, precision = _dot_options(x.dtype)
     _lce_forward_kernel[(n_rb * splits,)](
-        x, weight, bias, target, class_weight, part,
-        N, V, D, x.stride(0), weight.stride(0), cols_per_split, splits, splits * N, ignore_index,
-        float(softcap) if softcap is not None else 1.0,
+        x, weight, bias, target, class_weight, target_proba, part,
+        N, V, D, x.stride(0), weight.stride(0), target_proba.stride(0) if has_proba else 0,
+        cols_per_split, splits, splits * N, ignore_index, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_CW=class_weight is not None,
-        NEED_WSUM=bool(need_weighted_sum), NEED_Q=bool(need_target_complement),
+        NEED_WSUM=bool(need_weighted_sum), NEED_Q=bool(need_target_complement), HAS_PROBA=has_proba,
         EVEN_K=D % cfg.block_k == 0, DOT_F32=dot_f32,
         PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s = part[0], part[1]
     if splits == 1:
+        m_max = m[0]
         s_total, sq_total = s[0], part[4, 0] if need_target_complement else None
         lse = m[0] + torch.log(s_total)
     else:
@@ -767,9 +803,23 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         lse = m_safe + torch.log(s_total)
     z_target = part[2].sum(dim=0)
     z_wsum = part[3].sum(dim=0) if need_weighted_sum else None
-    if not need_target_complement:
-        return lse, z_target, z_wsum
-    return lse, z_target, z_wsum, sq_total / s_total
+    out = (lse, z_target, z_wsum)
+    if need_target_complement:
+        out += (sq_total / s_total,)
+    if has_proba:
+        out += (part[4].sum(dim=0),)
+    return out + (m_max,) if return_max else out
+
+
+def _check_proba(target_proba, N: int, V: int, device) -> None:
+    if target_proba is None:
+        return
+    if not (isinstance(target_proba, torch.Tensor) and target_proba.is_floating_point()):
+        raise TypeError(f"target_proba must be a floating tensor (N, V); got {type(target_proba).__name__}")
+    if tuple(target_proba.shape) != (N, V) or (V > 1 and target_proba.stride(1) != 1):
+        raise ValueError(f"target_proba must have shape (N, V) = ({N}, {V}) with unit column stride; got "
+                         f"shape {tuple(target_proba.shape)}, strides {target_proba.stride()}")
+    _check_device(target_proba, "target_proba", device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -962,7 +1012,8 @@ def _float16_scale(t: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, torch.exp2(15.0 - torch.ceil(torch.log2(torch.where(ok, mx, 1.0)))), 1.0)
 
 
-def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_complement=None, ignore_index: int,
+def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_complement=None, target_proba=None,
+                 ignore_index: int,
                  softcap: float | None, class_weight, need_dx: bool, need_dw: bool, need_db: bool,
                  skip_threshold: float | torch.Tensor | None = None, workspace_bytes: int | None = None,
                  dw_dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | None = None,
@@ -979,6 +1030,8 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
         target_complement: optional ``(N,)`` float32 ``q = 1 - p_y`` from :func:`lce_forward`
             (``need_target_complement``): the target column is then ``(alpha - beta) - alpha q``
             instead of ``alpha exp(zh_y - lse) - beta``, which cancels for confident tokens.
+        target_proba: optional ``(N, V)`` probability targets ``p`` (as in :func:`lce_forward`): the
+            target term becomes ``beta_i cw_j p_ij`` (``target`` then only needs to be ``(N,)`` int64).
         need_dx, need_dw, need_db: which gradients to compute (nothing else is allocated).
         skip_threshold: None (exact), or ``t > 0`` as a number or as a one-element float32 tensor on
             the inputs' device (the kernel reads it: no host synchronisation): a ``BLOCK_M x BLOCK_V``
@@ -1022,6 +1075,8 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     _check_vector(beta, "beta", N, torch.float32, dev, optional=True)
     _check_vector(gamma, "gamma", N, torch.float32, dev, optional=True)
     _check_vector(target_complement, "target_complement", N, torch.float32, dev, optional=True)
+    _check_proba(target_proba, N, V, dev)
+    has_proba = target_proba is not None
     if isinstance(skip_threshold, torch.Tensor):
         if skip_threshold.numel() != 1 or skip_threshold.dtype != torch.float32 or skip_threshold.device != dev:
             raise ValueError(f"skip_threshold as a tensor must have one float32 element on {dev}; got shape "
@@ -1103,7 +1158,10 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     rowsum = torch.empty((R, n_vb), dtype=torch.float32, device=dev) if corrected else None
     colsum = torch.empty((C, n_rb), dtype=torch.float32, device=dev) if corrected else None
     kept = torch.zeros((), dtype=torch.int64, device=dev) if (has_skip and stats is not None) else None
-    scale = _delta_scale(alpha, beta, gamma, class_weight, delta_dtype)
+    # |beta_i cw_j p_ij| <= |beta_i| max p max cw: the bound of the target term (p need not be <= 1)
+    beta_bound = beta if (beta is None or not has_proba) else beta * (
+        target_proba.amax().float().clamp(min=0) * (1.0 if class_weight is None else class_weight.amax()))
+    scale = _delta_scale(alpha, beta_bound, gamma, class_weight, delta_dtype)
     dot_f32, precision = _dot_options(x.dtype)
     softcap_f = float(softcap) if softcap is not None else 1.0
 
@@ -1129,13 +1187,15 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
 
     def delta_chunk(r0, nr, nrb, v0, nc, nvb, with_db):
         _lce_delta_kernel[(nrb * nvb,)](
-            x, weight, bias, target, class_weight, lse, alpha, beta, gamma, target_complement, scale,
-            delta, flags, dbpart, order, rowsum, colsum,
-            r0, nr, v0, nc, D, x.stride(0), weight.stride(0), C, n_vb, C, n_vb, n_rb,
-            ignore_index, softcap_f, skip_threshold,
+            x, weight, bias, target, class_weight, target_proba, lse, alpha, beta, gamma, target_complement,
+            scale, delta, flags, dbpart, order, rowsum, colsum,
+            r0, nr, v0, nc, D, x.stride(0), weight.stride(0), target_proba.stride(0) if has_proba else 0,
+            C, n_vb, C, n_vb, n_rb, ignore_index, softcap_f, skip_threshold,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            HAS_CW=class_weight is not None, HAS_BETA=beta is not None, HAS_GAMMA=gamma is not None,
-            HAS_Q=beta is not None and target_complement is not None, WRITE_DELTA=need_delta, NEED_DB=with_db,
+            HAS_CW=class_weight is not None, HAS_BETA=beta is not None and not has_proba,
+            HAS_GAMMA=gamma is not None,
+            HAS_Q=beta is not None and target_complement is not None and not has_proba,
+            HAS_PROBA=has_proba and beta is not None, WRITE_DELTA=need_delta, NEED_DB=with_db,
             HAS_SKIP=has_skip, HAS_PERM=order is not None, HAS_CORR=corrected, EVEN_K=D % dcfg.block_k == 0,
             DOT_F32=dot_f32, PRECISION=precision, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=dcfg.block_k,
             GROUP_M=dcfg.group_m, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)

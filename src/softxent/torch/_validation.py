@@ -19,7 +19,8 @@ import numbers
 
 import torch
 
-from ..loss import REDUCTIONS
+from ..loss import PROBA_IGNORE_INDEX_MESSAGE, REDUCTIONS
+from ._row_terms import Z_LOSS_WEIGHTINGS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -53,6 +54,12 @@ def check_options(reduction, label_smoothing, z_loss, softcap) -> None:
         raise ValueError(f"softcap must be None or a finite number > 0; got {softcap!r}")
 
 
+def check_z_loss_weighting(z_loss_weighting) -> None:
+    if z_loss_weighting not in Z_LOSS_WEIGHTINGS:
+        raise ValueError(f"z_loss_weighting must be one of {Z_LOSS_WEIGHTINGS} (the z-loss term weighted "
+                         f"like the target row, or by tokens as PaLM / Liger); got {z_loss_weighting!r}")
+
+
 def check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
@@ -84,15 +91,29 @@ def check_float_tensor(t, name: str) -> torch.Tensor:
     return t
 
 
-def check_index_target(target, name: str = "target") -> torch.Tensor:
+def check_target(target, lead: tuple, num_classes: int, ignore_index: int, name: str = "target") -> bool:
+    """A fused loss's target: integer class indices of shape ``lead``, or probabilities (floating) of
+    shape ``lead + (V,)`` -- then ``ignore_index`` must be negative (PyTorch's rule).  Returns whether
+    it holds probabilities."""
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer class indices; got "
+        raise TypeError(f"{name} must be a torch.Tensor of class indices or probabilities; got "
                         f"{type(target).__name__}")
     check_not_dtensor(target, name)
-    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
-        raise TypeError(f"{name} must hold integer class indices (int64, int32, ...); got dtype "
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"{name} must hold integer class indices (int64, int32, ...) of shape {lead} or "
+                        f"class probabilities (floating) of shape {lead + (num_classes,)}; got dtype "
                         f"{target.dtype}")
-    return target
+    proba = target.is_floating_point()
+    if proba and tuple(target.shape) != lead + (num_classes,):
+        raise TypeError(f"{name} must hold integer class indices of shape x.shape[:-1] = {lead}, or class "
+                        f"probabilities (floating) of shape x.shape[:-1] + (V,) = {lead + (num_classes,)}; "
+                        f"got dtype {target.dtype} and shape {tuple(target.shape)}")
+    if not proba and tuple(target.shape) != lead:
+        raise ValueError(f"{name} must have shape x.shape[:-1] = {lead} (class indices) or {lead} + (V,) "
+                         f"(probabilities); got shape {tuple(target.shape)}")
+    if proba and ignore_index >= 0:
+        raise ValueError(PROBA_IGNORE_INDEX_MESSAGE.format(ignore_index=ignore_index))
+    return proba
 
 
 def check_same_device(named: dict) -> None:
@@ -195,8 +216,11 @@ def check_values(*, target=None, num_classes=None, ignore_index=-100, weights=()
         names.append("target")
     for name, w in weights:
         if w is not None and w.numel():
-            flags.append(~((w >= 0) & torch.isfinite(w)).all() if w.is_floating_point()
-                         else (w < 0).any())
+            if w.is_floating_point():  # O(1) memory: amin / amax propagate NaN
+                lo, hi = torch.aminmax(w.reshape(-1))
+                flags.append(~((lo >= 0) & torch.isfinite(hi)))
+            else:
+                flags.append((w < 0).any())
             names.append(name)
     if normalizer is not None:
         flags.append(~((normalizer >= 0) & torch.isfinite(normalizer)))

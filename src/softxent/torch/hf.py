@@ -151,6 +151,6 @@ def causal_lm_loss_function(logits, labels, vocab_size: int, num_items_in_batch=
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     target = shift_labels.to(logits.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss, _ = _cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
-                             normalizer=num_items_in_batch)
+    loss, _, _ = _cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                                normalizer=num_items_in_batch)
     return loss

@@ -15,17 +15,19 @@ class _CrossEntropyOptions(nn.Module):
     """The options both loss modules take, kept as attributes and shown by ``repr``."""
 
     def __init__(self, *, ignore_index: int, label_smoothing: float, reduction: str, z_loss: float,
-                 softcap: float | None):
+                 softcap: float | None, z_loss_weighting: str = "class"):
         super().__init__()
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.reduction = reduction
         self.z_loss = z_loss
         self.softcap = softcap
+        self.z_loss_weighting = z_loss_weighting
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}, z_loss={self.z_loss}, softcap={self.softcap}")
+                f"reduction={self.reduction!r}, z_loss={self.z_loss}, softcap={self.softcap}"
+                + ("" if self.z_loss_weighting == "class" else f", z_loss_weighting={self.z_loss_weighting!r}"))
 
 
 class CrossEntropyLoss(_CrossEntropyOptions):
@@ -36,15 +38,16 @@ class CrossEntropyLoss(_CrossEntropyOptions):
 
     def __init__(self, weight: torch.Tensor | None = None, *, ignore_index: int = -100,
                  label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0,
-                 softcap: float | None = None):
+                 softcap: float | None = None, z_loss_weighting: str = "class"):
         super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
-                         z_loss=z_loss, softcap=softcap)
+                         z_loss=z_loss, softcap=softcap, z_loss_weighting=z_loss_weighting)
         self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, sample_weight=None) -> torch.Tensor:
         return cross_entropy(logits, target, weight=self.weight, sample_weight=sample_weight,
                              ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                             reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap)
+                             reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap,
+                             z_loss_weighting=self.z_loss_weighting)
 
 
 class LinearCrossEntropyLoss(_CrossEntropyOptions):
@@ -66,9 +69,10 @@ class LinearCrossEntropyLoss(_CrossEntropyOptions):
     def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0,
                  reduction: str = "mean", class_weight: torch.Tensor | None = None, z_loss: float = 0.0,
                  softcap: float | None = None, shift: bool | int = False, impl: str = "auto",
-                 max_chunk_bytes: int | None = None, skip_threshold: float | str | None = None):
+                 max_chunk_bytes: int | None = None, skip_threshold: float | str | None = None,
+                 z_loss_weighting: str = "class"):
         super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
-                         z_loss=z_loss, softcap=softcap)
+                         z_loss=z_loss, softcap=softcap, z_loss_weighting=z_loss_weighting)
         self.register_buffer("class_weight", class_weight)
         self.shift = shift
         self.impl = impl
@@ -77,13 +81,16 @@ class LinearCrossEntropyLoss(_CrossEntropyOptions):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None, *, sample_weight=None, normalizer=None,
-                return_lse: bool = False):
+                return_lse: bool = False, return_z_loss: bool = False, return_accuracy: bool = False):
+        """``target``: class indices or probabilities; the ``return_*`` flags as in
+        :func:`softxent.torch.linear_cross_entropy`."""
         return linear_cross_entropy(
             x, weight, target, bias, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, reduction=self.reduction,
             sample_weight=sample_weight, class_weight=self.class_weight, z_loss=self.z_loss,
             softcap=self.softcap, normalizer=normalizer, shift=self.shift, return_lse=return_lse,
-            impl=self.impl, max_chunk_bytes=self.max_chunk_bytes, skip_threshold=self.skip_threshold)
+            impl=self.impl, max_chunk_bytes=self.max_chunk_bytes, skip_threshold=self.skip_threshold,
+            z_loss_weighting=self.z_loss_weighting, return_z_loss=return_z_loss, return_accuracy=return_accuracy)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shift={self.shift}, impl={self.impl!r}"
