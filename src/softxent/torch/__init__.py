@@ -7,7 +7,8 @@ for LLM vocabularies that never holds the ``N x V`` logits.
 * :func:`linear_cross_entropy` -- ``cross_entropy(x @ W.T + b, target)`` without materialising the
   logits: ``impl='chunked'`` (pure PyTorch, bounded memory, any device), ``'triton'`` (CUDA kernels),
   ``'torch'`` (the materialising reference), ``'auto'``; ``shift`` for causal LMs and ``normalizer``
-  for exact gradient accumulation.
+  for exact gradient accumulation; ``process_group=`` (or a ``Shard(0)`` DTensor weight) for an output
+  layer split by vocabulary rows across a tensor-parallel group (:func:`vocab_parallel_linear_cross_entropy`).
 * :class:`CrossEntropyLoss`, :class:`LinearCrossEntropyLoss` -- the same as modules.
 * ``softxent.torch.hf`` -- Hugging Face causal LMs on the fused loss without patching their forward
   (imported on use; needs ``transformers``).
@@ -23,11 +24,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 from ._chunked import DEFAULT_MAX_CHUNK_BYTES
 from ._cross_entropy import cross_entropy
 from ._linear_cross_entropy import linear_cross_entropy, triton_available
+from ._vocab_parallel import vocab_parallel_linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
     "triton_available",
