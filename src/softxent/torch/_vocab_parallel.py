@@ -352,7 +352,7 @@ def _unwrap_sharded(t, name: str, placements):
 
 def unwrap_dtensor_weight(weight, process_group):
     """``(local weight, group)`` for a DTensor weight: ``Shard(0)`` on a 1-D mesh is vocabulary-parallel
-    over the mesh's group; ``Replicate()`` is the whole weight (``process_group`` as given)."""
+    over the mesh's group; ``Replicate()`` is the whole weight (group None: the plain path)."""
     Replicate, Shard = _dtensor_types()
     placements = tuple(weight.placements)
     mesh = weight.device_mesh
@@ -364,7 +364,11 @@ def unwrap_dtensor_weight(weight, process_group):
                              "group is used) or a plain local shard")
         return weight.to_local(), group
     if mesh.ndim == 1 and placements == (Replicate(),):
-        return weight.to_local(), process_group
+        if process_group is not None:
+            raise ValueError("weight is a Replicate() DTensor (the whole vocabulary on every rank), and "
+                             "process_group asks for vocabulary shards; pass process_group=None, or the "
+                             "rank's rows (or a Shard(0) DTensor)")
+        return weight.to_local(), None
     raise ValueError(
         f"weight is a torch.distributed DTensor with placements {placements} on a {mesh.ndim}-D mesh "
         f"(global shape {tuple(weight.shape)}); softxent.torch takes Shard(0) (vocabulary-parallel: "
@@ -386,7 +390,8 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
     Each rank of ``process_group`` passes the same ``x`` ``(..., D)``, ``target`` (global class ids in
     ``[0, V)``), ``sample_weight`` and ``normalizer``, and its own rows ``weight`` ``(V_r, D)`` (with
     ``bias`` ``(V_r,)`` and ``class_weight`` ``(V_r,)`` sharded alike) of the vocabulary ``V = sum_r V_r``,
-    at offset ``vocab_start`` (default: the sum of the lower ranks' ``V_r``).  The result is the unsharded
+    at offset ``vocab_start`` (default: the sum of the lower ranks' ``V_r``).  ``process_group`` None
+    means the default (world) group, except for a DTensor weight.  The result is the unsharded
     call's on the full ``W``, bitwise the same on every rank; label smoothing spreads ``eps / V`` over
     the global ``V``.  ``weight`` may instead be a DTensor: ``Shard(0)`` on a 1-D mesh (its mesh's group),
     or ``Replicate()`` (the plain, unsharded path).  Gradients: ``dx`` summed over the group (the same on
