@@ -102,7 +102,7 @@ class Suite:
     # ---------------------------------------------------------------------------------------------
     def case(self, key, *, N=12, D=6, V=37, dtype=torch.float64, reduction="mean", options=(),
              lead=None, shift=0, ignore_frac=0.25, sizes=None, targets=None, grad_output=None,
-             module=False, bias=True):
+             module=False, bias=True, sequence_parallel=False):
         """One sharded call (and backward) against the unsharded float64 reference; asserts the
         communication volume."""
         x, w, b, y = self.draw(N, D, V, dtype, lead=lead, bias=bias, ignore_frac=ignore_frac,
@@ -139,7 +139,10 @@ class Suite:
         sizes = sizes or split_sizes(V, self.world)
         lo = sum(sizes[: self.rank])
         hi = lo + sizes[self.rank]
-        xs = x.clone().requires_grad_()
+        # sequence parallel: this rank passes its block of N / P rows of x (dx: those rows)
+        rows = slice(self.rank * N // self.world, (self.rank + 1) * N // self.world) if sequence_parallel \
+            else slice(None)
+        xs = x[rows].clone().requires_grad_()
         ws = w[lo:hi].clone().requires_grad_()
         bs = None if b is None else b[lo:hi].clone().requires_grad_()
         cws = None if cw_full is None else cw_full[lo:hi]
@@ -151,6 +154,9 @@ class Suite:
                                              "reduction") if k in kw}
             loss_fn = LinearCrossEntropyLoss(process_group=dist.group.WORLD, **mod_kw)
             loss, lse = loss_fn(xs, ws, y, bs, return_lse=True, **kw)
+        elif sequence_parallel:
+            loss, lse = vp.vocab_parallel_linear_cross_entropy(
+                xs, ws, y, bs, process_group=dist.group.WORLD, return_lse=True, sequence_parallel=True, **kw)
         else:
             loss, lse = linear_cross_entropy(xs, ws, y, bs, process_group=dist.group.WORLD,
                                              return_lse=True, **kw)
@@ -159,18 +165,20 @@ class Suite:
         sent = self.log.take()
         Nf = int(np.prod(out_shape))
         # forward: the facts (12 per rank), lse's max (N), the packed sums (N x (2..4) [+ 1]); backward: dx
-        allowed = {12, Nf, Nf * D} | {Nf * c + e for c in (2, 3, 4) for e in (0, 1)}
+        # (sequence parallel: x's rows all-gathered, N / P x D each, and dx reduce-scattered, N x D)
+        allowed = {12, Nf, Nf * D, Nf // self.world * D} | {Nf * c + e for c in (2, 3, 4) for e in (0, 1)}
         V_r = sizes[self.rank]
         big = [s for s in sent if s[1] not in allowed or (V_r > max(D, 5) and s[1] >= Nf * V_r)]
         if big:
             raise AssertionError(f"rank {self.rank}: {key}: collectives sent {sent}; N={Nf}, "
                                  f"V_r={sizes[self.rank]}, D={D}")
         n_coll = len(sent)
-        if n_coll > 4:
-            raise AssertionError(f"rank {self.rank}: {key}: {n_coll} collectives ({sent}), expected <= 4")
+        if n_coll > 4 + sequence_parallel:  # facts, max, sums, dx (+ the gather of x's rows)
+            raise AssertionError(f"rank {self.rank}: {key}: {n_coll} collectives ({sent}), expected <= "
+                                 f"{4 + sequence_parallel}")
         self.checks += 1
         got = {"loss": rel_err(loss, loss_r), "lse": rel_err(lse, lse_r.reshape(lse.shape)),
-               "dx": rel_err(xs.grad, dx_r, s_dx), "dW": rel_err(ws.grad, dw_r[lo:hi], s_dw)}
+               "dx": rel_err(xs.grad, dx_r[rows], s_dx), "dW": rel_err(ws.grad, dw_r[lo:hi], s_dw)}
         if b is not None:
             got["db"] = rel_err(bs.grad, db_r[lo:hi], s_db)
         tol = dict.fromkeys(got, TOL[dtype])
@@ -185,7 +193,8 @@ class Suite:
             self.note(f"{key}/{k}", err, tol[k])
         assert loss.dtype == cdt and xs.grad.dtype == dtype and ws.grad.dtype == dtype
         self.same_on_every_rank(loss, f"{key}: the loss")
-        self.same_on_every_rank(xs.grad, f"{key}: dx")
+        if not sequence_parallel:
+            self.same_on_every_rank(xs.grad, f"{key}: dx")
         return loss, xs.grad, ws.grad
 
     def unsharded_errors(self, x, w, b, y, grad_output, kw, ref, scales, lo, hi):
@@ -241,6 +250,14 @@ def suite_options(s: Suite):
     # a leading (B, T) shape with shift, the module, no bias
     s.case("shift", lead=(2, 7), shift=1, options=("smoothing", "class_weight"), reduction="none")
     s.case("module", module=True, options=("softcap", "z_loss"), bias=False)
+    # sequence parallel: x's rows split across the ranks, dx reduce-scattered
+    for dtype in (torch.float64, torch.float32):
+        for red in ("mean", "none"):
+            s.case(f"sequence_parallel/{red}/{dtype}", dtype=dtype, reduction=red, sequence_parallel=True,
+                   options=OPTION_SETS["everything"])
+    x, w, _, y = s.draw(6, 4, 10, torch.float64)
+    s.raises("sequence_parallel rows", "target all P x 6 = 12 rows", lambda: vp.vocab_parallel_linear_cross_entropy(
+        x, w[:5] if s.rank == 0 else w[5:], y, sequence_parallel=True))
     s.hf = hf_colwise_parallel(s)
 
 

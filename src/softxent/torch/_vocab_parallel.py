@@ -27,9 +27,10 @@ shards' offsets ``v_r`` are the prefix sums of the gathered sizes in rank order 
 checked to tile ``[0, V)``).
 
 The per-shard work is softxent.torch._chunked's (its logit chunks and its recomputing backward, run on
-the shard with the global coefficients); the math is softxent.torch._row_terms's.  Not yet: the Triton
-kernels on shards, ``sequence_parallel`` (a reduce-scatter of ``dx``), the gradients-in-forward schedule
-(backward recomputes the shard's logits: four products instead of three).
+the shard with the global coefficients); the math is softxent.torch._row_terms's.  With
+``sequence_parallel=True`` each rank holds a block of the rows of ``x``: they are all-gathered before the
+above and ``dx`` is reduce-scattered instead of all-reduced.  Not yet: the Triton kernels on shards, the
+gradients-in-forward schedule (backward recomputes the shard's logits: four products instead of three).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class VocabShard:
 class VocabParallelConfig:
     chunk: ChunkConfig
     shard: VocabShard
+    reduce_dx: bool = True  # False under sequence parallelism: _GatherRows's backward reduce-scatters dx
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,13 +312,34 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
                                torch.where(ctx.target_is_local, coef_y, 0), coef_u, factor))
             with autocast_off(grad_loss.device.type):
                 dx, dw, db, *_ = ChunkedLinearCrossEntropy._backward(shard_ctx, grad_loss)
-        if dx is not None:
+        if dx is not None and cfg.reduce_dx:
             # summed in the compute dtype: a float16/bfloat16 dx is rounded once, after the sum
             cdt = val.compute_dtype(x.dtype)
             dx_sum = dx if dx.dtype == cdt else dx.to(cdt)
             dist.all_reduce(dx_sum, op=dist.ReduceOp.SUM, group=cfg.shard.group)
             dx = dx_sum.to(x.dtype)
         return dx, dw, db, None, None, None, None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Sequence parallelism: forward all-gathers every rank's rows of ``x`` (rank order), backward
+    reduce-scatters the gradient (the sum over the ranks' partial ``dx``, each rank keeping its rows),
+    summed in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x_rows, group):
+        ctx.group = group
+        parts = [torch.empty_like(x_rows) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x_rows.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        P = dist.get_world_size(ctx.group)
+        cdt = val.compute_dtype(grad.dtype)
+        out = torch.empty(grad.shape[0] // P, grad.shape[1], dtype=cdt, device=grad.device)
+        dist.reduce_scatter_tensor(out, grad.to(cdt).contiguous(), group=ctx.group)
+        return out.to(grad.dtype), None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,7 +407,7 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
                                         softcap: float | None = None, normalizer=None,
                                         shift: bool | int = False, return_lse: bool = False,
                                         impl: str = "auto", max_chunk_bytes: int | None = None,
-                                        skip_threshold=None):
+                                        skip_threshold=None, sequence_parallel: bool = False):
     """:func:`softxent.torch.linear_cross_entropy` of a vocabulary-sharded output layer (module docstring).
 
     Each rank of ``process_group`` passes the same ``x`` ``(..., D)``, ``target`` (global class ids in
@@ -399,6 +422,11 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
 
     Communication per call: one all-gather of 12 numbers per rank (checks), two all-reduces of
     ``N`` and ``N c + 1`` numbers (``c`` in 2..4), and in backward one all-reduce of ``dx`` (``N x D``).
+
+    ``sequence_parallel=True`` (Megatron's sequence parallelism): ``x`` holds this rank's block of
+    ``N / P`` rows of the hidden states (rank order) and ``target`` / ``sample_weight`` all ``N`` rows
+    (replicated, already shifted: ``shift`` is refused); ``x``'s rows are all-gathered (``N x D``) and
+    ``dx`` is reduce-scattered back to them instead of all-reduced.
 
     ``impl``: ``'auto'`` and ``'chunked'`` run the chunked path on each shard (``'triton'`` and
     ``'torch'`` are not available sharded yet and raise).
@@ -434,9 +462,10 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
                            label_smoothing=label_smoothing, reduction=reduction, sample_weight=sample_weight,
                            class_weight=class_weight, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
                            shift=shift, return_lse=return_lse, impl=impl, max_chunk_bytes=max_chunk_bytes,
-                           skip_threshold=skip_threshold, vocab_start=vocab_start)
+                           skip_threshold=skip_threshold, vocab_start=vocab_start,
+                           sequence_parallel=sequence_parallel, world=dist.get_world_size(group))
         local_error = None
-        facts = _local_facts(p, vocab_start).to(facts_device)
+        facts = _local_facts(p, vocab_start, check_x=not sequence_parallel).to(facts_device)
     except (ValueError, TypeError) as exc:
         local_error = exc
         facts = torch.zeros(len(_FACTS), dtype=torch.float64, device=facts_device)
@@ -456,8 +485,11 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
     common = dict(ignore_index=p.ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
                   z_loss=float(z_loss), softcap=None if softcap is None else float(softcap))
     x2, weight, bias = p.x, p.weight, p.bias
+    if sequence_parallel:
+        x2 = _GatherRows.apply(x2, group)
     cfg = VocabParallelConfig(ChunkConfig(max_chunk_bytes=DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None
-                                          else int(max_chunk_bytes), **common, **p.need), shard)
+                                          else int(max_chunk_bytes), **common, **p.need), shard,
+                              reduce_dx=not sequence_parallel)
     with autocast_off(x2.device.type):
         loss, lse = VocabParallelLinearCrossEntropy.apply(x2, weight, bias, p.target, p.sample_weight,
                                                           p.class_weight, p.normalizer, cfg)
@@ -468,7 +500,7 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
 
 def _prepare_local(x, weight, target, bias, *, ignore_index, label_smoothing, reduction, sample_weight,
                    class_weight, z_loss, softcap, normalizer, shift, return_lse, impl, max_chunk_bytes,
-                   skip_threshold, vocab_start) -> types.SimpleNamespace:
+                   skip_threshold, vocab_start, sequence_parallel, world) -> types.SimpleNamespace:
     """The checks that need no other rank (messages as softxent.torch.linear_cross_entropy's, the shapes
     of weight, bias and class_weight being this rank's ``V_r`` rows), and the flat inputs: ``x`` ``(N,
     D)``, ``target`` ``(N,)`` int64, ``sample_weight``, ``class_weight``, ``normalizer``, ``out_shape``,
@@ -503,9 +535,22 @@ def _prepare_local(x, weight, target, bias, *, ignore_index, label_smoothing, re
     val.check_index_target(target)
     val.check_same_device({"x": x, "weight": weight, "bias": bias, "target": target})
     x, weight, bias = val.autocast_and_check_dtypes(x, weight, bias)
-    lead = tuple(x.shape[:-1])
-    if tuple(target.shape) != lead:
-        raise ValueError(f"target must have shape x.shape[:-1] = {lead}; got shape {tuple(target.shape)}")
+    if not isinstance(sequence_parallel, bool):
+        raise TypeError(f"sequence_parallel must be a bool; got {sequence_parallel!r}")
+    if sequence_parallel:
+        n_rows = x.reshape(-1, D).shape[0]
+        if k_shift:
+            raise ValueError("shift is not available with sequence_parallel=True (a shard's last position "
+                             "predicts the next shard's first token): pass targets already shifted")
+        if target.numel() != world * n_rows:
+            raise ValueError(f"with sequence_parallel=True, x holds this rank's {n_rows} rows of the hidden "
+                             f"states and target all P x {n_rows} = {world * n_rows} rows (P = {world}); "
+                             f"got target of shape {tuple(target.shape)}")
+        lead = tuple(target.shape)
+    else:
+        lead = tuple(x.shape[:-1])
+        if tuple(target.shape) != lead:
+            raise ValueError(f"target must have shape x.shape[:-1] = {lead}; got shape {tuple(target.shape)}")
     sw = val.check_weights_tensor(sample_weight, lead, "sample_weight", x.device)
     cw = val.check_weights_tensor(class_weight, (V_r,), "class_weight (this rank's shard)", x.device)
     norm = val.check_normalizer(normalizer, reduction, x.device)
@@ -521,7 +566,8 @@ def _prepare_local(x, weight, target, bias, *, ignore_index, label_smoothing, re
     need = dict(need_dx=grad_on and x2.requires_grad, need_dw=grad_on and weight.requires_grad,
                 need_db=grad_on and bias is not None and bias.requires_grad)
     options = (reduction, ignore_index, float(label_smoothing), float(z_loss), softcap, k_shift,
-               bias is not None, sw is not None, cw is not None, norm is not None, need["need_dx"])
+               bias is not None, sw is not None, cw is not None, norm is not None, need["need_dx"],
+               sequence_parallel)
     return types.SimpleNamespace(
         x=x2, weight=weight, bias=bias, target=target.reshape(-1).to(torch.int64),
         sample_weight=None if sw is None else sw.reshape(-1).detach(),
@@ -529,13 +575,13 @@ def _prepare_local(x, weight, target, bias, *, ignore_index, label_smoothing, re
         need=need, options=options, ignore_index=ignore_index)
 
 
-def _local_facts(p, vocab_start) -> torch.Tensor:
+def _local_facts(p, vocab_start, check_x: bool) -> torch.Tensor:
     """This rank's row of the gathered facts (``_FACTS``), float64 on the inputs' device."""
     dev = p.x.device
     head = torch.tensor([p.weight.shape[0], p.x.shape[1], p.x.shape[0], val.FLOAT_DTYPES.index(p.x.dtype),
                          _options_hash(p.options), -1 if vocab_start is None else vocab_start],
                         dtype=torch.float64, device=dev)
-    x_check = (_x_checksum(p.x) if os.environ.get(CHECK_REPLICATED_ENV) == "1"
+    x_check = (_x_checksum(p.x) if check_x and os.environ.get(CHECK_REPLICATED_ENV) == "1"
                else torch.zeros((), dtype=torch.float64, device=dev))
     return torch.cat([head, _target_facts(p.target, p.ignore_index),
                       _bad_weights_code(p.sample_weight, p.class_weight, p.normalizer, dev).reshape(1),
