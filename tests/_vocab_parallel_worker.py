@@ -24,6 +24,8 @@ from softxent.torch import LinearCrossEntropyLoss, linear_cross_entropy  # noqa:
 from softxent.torch import _vocab_parallel as vp  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-6}
+# bfloat16 gradients are rounded once to bfloat16: half an ulp, 2**-9 of each element, below the scale
+GRAD_TOL_BF16 = 2.0**-8
 
 
 class CollectiveLog:
@@ -168,7 +170,8 @@ class Suite:
         # (sequence parallel: x's rows all-gathered, N / P x D each, and dx reduce-scattered, N x D)
         allowed = {12, Nf, Nf * D, Nf // self.world * D} | {Nf * c + e for c in (2, 3, 4) for e in (0, 1)}
         V_r = sizes[self.rank]
-        big = [s for s in sent if s[1] not in allowed or (V_r > max(D, 5) and s[1] >= Nf * V_r)]
+        # every size sent is one of those, and (where N x V_r differs from all of them) smaller than N x V_r
+        big = [s for s in sent if s[1] not in allowed or (V_r > max(D, 12) and Nf and s[1] >= Nf * V_r)]
         if big:
             raise AssertionError(f"rank {self.rank}: {key}: collectives sent {sent}; N={Nf}, "
                                  f"V_r={sizes[self.rank]}, D={D}")
@@ -181,7 +184,8 @@ class Suite:
                "dx": rel_err(xs.grad, dx_r[rows], s_dx), "dW": rel_err(ws.grad, dw_r[lo:hi], s_dw)}
         if b is not None:
             got["db"] = rel_err(bs.grad, db_r[lo:hi], s_db)
-        tol = dict.fromkeys(got, TOL[dtype])
+        tol = {k: GRAD_TOL_BF16 if (dtype == torch.bfloat16 and k in ("dx", "dW", "db")) else TOL[dtype]
+               for k in got}
         if dtype != torch.float64:
             # float32's own rounding of delta's cancelling terms can reach ~1e-6 of the scale (bfloat16:
             # the gradients' rounding to bfloat16): the bound is then twice the unsharded chunked path's
@@ -317,8 +321,46 @@ def suite_edges(s: Suite):
         if not (float(loss) == 0.0 and not dx.abs().max() and not dw.abs().max()):
             raise AssertionError(f"rank {s.rank}: all ignored: loss {loss}, |dx| {dx.abs().max()}")
         s.checks += 1
+    finite_differences(s)
+    # an empty batch
+    s.case("N=0", N=0, V=V, options=("smoothing",), reduction="sum")
     bad_inputs(s)
     dtensor_checks(s)
+
+
+def finite_differences(s: Suite):
+    """Central differences in float64 of the sharded loss (every option) at a few entries of x, of each
+    rank's W rows and bias rows: every rank evaluates the loss, only the owner of an entry moves it."""
+    V, D, N, h = 29, 3, 5, 1e-6
+    x, w, b, y = s.draw(N, D, V, torch.float64, ignore_frac=0.2)
+    sizes = split_sizes(V, s.world)
+    lo = sum(sizes[: s.rank])
+    wr, br = w[lo: lo + sizes[s.rank]].clone(), b[lo: lo + sizes[s.rank]].clone()
+    g = torch.Generator().manual_seed(int(s.rng.integers(2**31)))
+    kw = dict(label_smoothing=0.1, z_loss=0.02, softcap=3.0, process_group=dist.group.WORLD,
+              sample_weight=torch.rand(N, generator=g, dtype=torch.float64),
+              class_weight=(torch.rand(V, generator=g) + 0.5)[lo: lo + sizes[s.rank]])
+    xs, ws, bs = x.clone().requires_grad_(), wr.clone().requires_grad_(), br.clone().requires_grad_()
+    linear_cross_entropy(xs, ws, y, bs, **kw).backward()
+
+    def loss_at(which, owner, index, step):
+        xx, ww, bb = x.clone(), wr.clone(), br.clone()
+        t = {"x": xx, "W": ww, "b": bb}[which]
+        if owner in (None, s.rank):
+            t.view(-1)[index] += step
+        return float(linear_cross_entropy(xx, ww, y, bb, **kw))
+
+    for which, grad in (("x", xs.grad), ("W", ws.grad), ("b", bs.grad)):
+        for owner in ([None] if which == "x" else range(s.world)):
+            n_own = grad.numel() if owner in (None, s.rank) else 0
+            counts = [torch.zeros((), dtype=torch.int64) for _ in range(s.world)]
+            s.log.originals["all_gather"](counts, torch.tensor(n_own))
+            n = int(counts[s.rank if owner is None else owner])
+            for index in (0, n // 2, n - 1):
+                fd = (loss_at(which, owner, index, h) - loss_at(which, owner, index, -h)) / (2 * h)
+                if owner in (None, s.rank):
+                    exact = float(grad.reshape(-1)[index])
+                    s.note(f"finite differences/{which}", abs(fd - exact) / max(abs(exact), 1e-3), 1e-6)
 
 
 def bad_inputs(s: Suite):

@@ -249,7 +249,8 @@ def combine_shards(group, lse_r, z_t, z_ws, w_target, w_sum):
     cols = [torch.exp(lse_r - m), z_t] + [c for c in (z_ws, w_target) if c is not None]
     tail = [] if w_sum is None else [w_sum.reshape(1).to(lse_r.dtype)]
     packed = torch.cat([torch.stack(cols, dim=1).reshape(-1)] + tail)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    if packed.numel():  # N = 0 without class weights: nothing to add (every rank agrees on N)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     cols_sum = packed[: N * len(cols)].reshape(N, len(cols)).unbind(1)
     lse = m + torch.log(cols_sum[0])
     z_t = cols_sum[1]
