@@ -16,7 +16,7 @@ runs the same sequence, the collectives keep them in step):
 Peak memory per rank: on CPU the kernel's VmHWM, reset (after ``malloc_trim``) right before one step of a
 contender, minus the resident set then ("extra": includes the gradients every contender returns); on CUDA
 ``torch.cuda.max_memory_allocated`` minus the allocated memory before the step.  Also each contender's
-loss / dx / dW errors against ``gather+naive`` in float64-free float32 (relative max-norm).
+loss / dx / dW errors against ``gather+naive`` (both float32; relative max-norm).
 
     python benchmarks/linear_ce_tp.py                      # P = 2 gloo processes on the CPU
     python benchmarks/linear_ce_tp.py --quick              # tiny sizes, checks the script runs

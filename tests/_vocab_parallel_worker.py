@@ -55,7 +55,7 @@ class CollectiveLog:
         return out
 
 
-def split_sizes(V: int, P: int, uneven: bool = True) -> list[int]:
+def split_sizes(V: int, P: int) -> list[int]:
     """Rows per rank: ceil(V / P) each, the last rank the rest (Megatron / DTensor's torch.chunk)."""
     per = -(-V // P)
     return [max(0, min(per, V - r * per)) for r in range(P)]
@@ -202,7 +202,8 @@ class Suite:
         return loss, xs.grad, ws.grad
 
     def unsharded_errors(self, x, w, b, y, grad_output, kw, ref, scales, lo, hi):
-        """The unsharded impl='chunked' call's relative errors on the same inputs (dW, db: this rank's rows)."""
+        """The unsharded impl='chunked' call's relative errors on the same inputs (dW, db: this rank's
+        rows)."""
         kw = {k: v for k, v in kw.items() if v is not None}
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
         bs = None if b is None else b.clone().requires_grad_()
@@ -260,8 +261,9 @@ def suite_options(s: Suite):
             s.case(f"sequence_parallel/{red}/{dtype}", dtype=dtype, reduction=red, sequence_parallel=True,
                    options=OPTION_SETS["everything"])
     x, w, _, y = s.draw(6, 4, 10, torch.float64)
-    s.raises("sequence_parallel rows", "target all P x 6 = 12 rows", lambda: vp.vocab_parallel_linear_cross_entropy(
-        x, w[:5] if s.rank == 0 else w[5:], y, sequence_parallel=True))
+    s.raises("sequence_parallel rows", "target all P x 6 = 12 rows",
+             lambda: vp.vocab_parallel_linear_cross_entropy(x, w[:5] if s.rank == 0 else w[5:], y,
+                                                            sequence_parallel=True))
     s.hf = hf_colwise_parallel(s)
 
 

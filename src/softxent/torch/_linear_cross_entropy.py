@@ -219,8 +219,9 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
     Raises:
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options, class indices
         outside ``[0, V)`` (checked on the host in eager mode, skipped under torch.compile and CUDA-graph
-        capture) and DTensor weights placed other than ``Shard(0)`` / ``Replicate()``; ``ValueError`` for ``impl='triton'`` without CUDA,
-        without an importable Triton (naming the import error) or with float64.  A gradient taken with
+        capture) and DTensor weights placed other than ``Shard(0)`` / ``Replicate()``; ``ValueError`` for
+        ``impl='triton'`` without CUDA, without an importable Triton (naming the import error) or with
+        float64.  A gradient taken with
         ``create_graph=True`` raises ``RuntimeError`` when differentiated again (no double backward).
 
     >>> import torch

@@ -531,8 +531,8 @@ def _prepare_local(x, weight, target, bias, *, ignore_index, label_smoothing, re
     expected = {"weight": ((V_r, D), weight), "bias": ((V_r,), bias)}
     for name, (shape, t) in expected.items():
         if t is not None and (D is None or tuple(t.shape) != shape):
-            raise ValueError(f"{name} (this rank's shard) must have shape {shape} (V_r rows of the vocabulary, "
-                             f"D = x.shape[-1]); got {tuple(t.shape)} with x {tuple(x.shape)}")
+            raise ValueError(f"{name} (this rank's shard) must have shape {shape} (V_r rows of the "
+                             f"vocabulary, D = x.shape[-1]); got {tuple(t.shape)} with x {tuple(x.shape)}")
     val.check_index_target(target)
     val.check_same_device({"x": x, "weight": weight, "bias": bias, "target": target})
     x, weight, bias = val.autocast_and_check_dtypes(x, weight, bias)
