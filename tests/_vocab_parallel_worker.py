@@ -324,6 +324,7 @@ def suite_edges(s: Suite):
             raise AssertionError(f"rank {s.rank}: all ignored: loss {loss}, |dx| {dx.abs().max()}")
         s.checks += 1
     finite_differences(s)
+    lse_gradient(s)
     # an empty batch
     s.case("N=0", N=0, V=V, options=("smoothing",), reduction="sum")
     bad_inputs(s)
@@ -363,6 +364,31 @@ def finite_differences(s: Suite):
                 if owner in (None, s.rank):
                     exact = float(grad.reshape(-1)[index])
                     s.note(f"finite differences/{which}", abs(fd - exact) / max(abs(exact), 1e-3), 1e-6)
+
+
+def lse_gradient(s: Suite):
+    """A gradient reaching the returned lse (with and without one reaching the loss): dx, each rank's dW
+    and db rows equal the unsharded chunked path's in float64 (its lse gradient is checked against the
+    reference in tests/test_torch_linear_ce_options.py)."""
+    V = 29
+    x, w, b, y = s.draw(7, 3, V, torch.float64, ignore_frac=0.2)
+    sizes = split_sizes(V, s.world)
+    lo = sum(sizes[: s.rank])
+    hi = lo + sizes[s.rank]
+    g = torch.from_numpy(s.rng.uniform(-2, 2, 7))
+    kw = dict(label_smoothing=0.1, z_loss=0.02, softcap=3.0, reduction="sum")
+    for with_loss in (True, False):
+        grads = []
+        for sharded in (True, False):
+            xs = x.clone().requires_grad_()
+            ws = (w[lo:hi] if sharded else w).clone().requires_grad_()
+            bs = (b[lo:hi] if sharded else b).clone().requires_grad_()
+            extra = dict(process_group=dist.group.WORLD) if sharded else dict(impl="chunked")
+            loss, lse = linear_cross_entropy(xs, ws, y, bs, return_lse=True, **kw, **extra)
+            ((loss if with_loss else 0) + (lse * g).sum()).backward()
+            grads.append((xs.grad, ws.grad if sharded else ws.grad[lo:hi], bs.grad if sharded else bs.grad[lo:hi]))
+        for name, got, want in zip(("dx", "dW", "db"), *grads):
+            s.note(f"lse gradient/{name}", rel_err(got, want), 1e-12)
 
 
 def bad_inputs(s: Suite):
@@ -410,6 +436,14 @@ def bad_inputs(s: Suite):
         x, wr, y, process_group=grp, label_smoothing=0.1 * s.rank))
     s.raises("impl", "impl='torch' is not available",
              lambda: linear_cross_entropy(x, wr, y, process_group=grp, impl="torch"))
+    # the options the sharded path does not implement yet: refused by name on every rank
+    proba = torch.softmax(torch.randn(6, 20, dtype=torch.float64), dim=1)
+    s.raises("probability targets", "probability targets (a floating target) not available with a "
+             "vocabulary-sharded weight", lambda: linear_cross_entropy(x, wr, proba, process_group=grp))
+    for key, kw in (("return_z_loss", dict(z_loss=0.1, return_z_loss=True)),
+                    ("return_accuracy", dict(return_accuracy=True)),
+                    ("z_loss_weighting", dict(z_loss=0.1, z_loss_weighting="token"))):
+        s.raises(key, key, lambda: linear_cross_entropy(x, wr, y, process_group=grp, **kw))
 
 
 def dtensor_checks(s: Suite):
@@ -437,6 +471,16 @@ def dtensor_checks(s: Suite):
              lambda: linear_cross_entropy(x, wr, y, process_group=dist.group.WORLD))
     w1 = distribute_tensor(w, mesh, [Shard(1)])
     s.raises("dtensor Shard(1)", "placements (Shard(dim=1),)", lambda: linear_cross_entropy(x, w1, y))
+    ws = distribute_tensor(w, mesh, [Shard(0)])
+    s.raises("dtensor Shard(0) + return_accuracy", "return_accuracy=True not available",
+             lambda: linear_cross_entropy(x, ws, y, return_accuracy=True))
+    # Replicate(): the plain path, which has the new options
+    out = linear_cross_entropy(x, wr, y, z_loss=0.1, z_loss_weighting="token", return_z_loss=True,
+                               return_accuracy=True)
+    plain = linear_cross_entropy(x, w, y, z_loss=0.1, z_loss_weighting="token", return_z_loss=True,
+                                 return_accuracy=True)
+    for name in ("loss", "z_loss", "accuracy"):
+        s.note(f"dtensor Replicate()/{name}", rel_err(getattr(out, name), getattr(plain, name)), 0.0)
 
 
 SUITES = {"options": suite_options, "edges": suite_edges}

@@ -196,6 +196,25 @@ def _check_shift(shift) -> int:
                      f"target); got {shift!r}")
 
 
+def check_call_options(*, reduction, label_smoothing, z_loss, softcap, ignore_index, impl, max_chunk_bytes,
+                       skip_threshold, shift, return_lse, return_z_loss, return_accuracy,
+                       z_loss_weighting) -> tuple[int, int]:
+    """The checks of :func:`linear_cross_entropy`'s options that need no tensor (shared with the
+    vocabulary-parallel path); returns ``(ignore_index, shift)`` as ints."""
+    val.check_options(reduction, label_smoothing, z_loss, softcap)
+    ignore_index = val.check_ignore_index(ignore_index)
+    val.check_impl(impl)
+    val.check_max_chunk_bytes(max_chunk_bytes)
+    val.check_skip_threshold(skip_threshold, impl)
+    k_shift = _check_shift(shift)
+    for flag, name in ((return_lse, "return_lse"), (return_z_loss, "return_z_loss"),
+                       (return_accuracy, "return_accuracy")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {flag!r}")
+    val.check_z_loss_weighting(z_loss_weighting)
+    return ignore_index, k_shift
+
+
 def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -100,
                          label_smoothing: float = 0.0, reduction: str = "mean", sample_weight=None,
                          class_weight=None, z_loss: float = 0.0, softcap: float | None = None,
@@ -292,18 +311,13 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             x, weight, target, bias, process_group=process_group, ignore_index=ignore_index,
             label_smoothing=label_smoothing, reduction=reduction, sample_weight=sample_weight,
             class_weight=class_weight, z_loss=z_loss, softcap=softcap, normalizer=normalizer, shift=shift,
-            return_lse=return_lse, impl=impl, max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold)
-    val.check_options(reduction, label_smoothing, z_loss, softcap)
-    ignore_index = val.check_ignore_index(ignore_index)
-    val.check_impl(impl)
-    val.check_max_chunk_bytes(max_chunk_bytes)
-    val.check_skip_threshold(skip_threshold, impl)
-    k_shift = _check_shift(shift)
-    for flag, name in ((return_lse, "return_lse"), (return_z_loss, "return_z_loss"),
-                       (return_accuracy, "return_accuracy")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool; got {flag!r}")
-    val.check_z_loss_weighting(z_loss_weighting)
+            return_lse=return_lse, impl=impl, max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold,
+            z_loss_weighting=z_loss_weighting, return_z_loss=return_z_loss, return_accuracy=return_accuracy)
+    ignore_index, k_shift = check_call_options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        ignore_index=ignore_index, impl=impl, max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold,
+        shift=shift, return_lse=return_lse, return_z_loss=return_z_loss, return_accuracy=return_accuracy,
+        z_loss_weighting=z_loss_weighting)
     val.check_float_tensor(x, "x")
     val.check_float_tensor(weight, "weight")
     if x.dim() < 1:

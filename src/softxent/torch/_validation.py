@@ -121,6 +121,18 @@ def check_target(target, lead: tuple, num_classes: int, ignore_index: int, name:
     return proba
 
 
+def check_index_target(target, name: str = "target") -> torch.Tensor:
+    """An integer class-index target (of any shape: the vocabulary-parallel path checks shapes itself)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class indices; got "
+                        f"{type(target).__name__}")
+    check_not_dtensor(target, name)
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"{name} must hold integer class indices (int64, int32, ...); got dtype "
+                        f"{target.dtype}")
+    return target
+
+
 def check_same_device(named: dict) -> None:
     """Every non-None tensor of ``named`` on the device of the first one."""
     items = [(k, v) for k, v in named.items() if isinstance(v, torch.Tensor)]

@@ -29,8 +29,11 @@ checked to tile ``[0, V)``).
 The per-shard work is softxent.torch._chunked's (its logit chunks and its recomputing backward, run on
 the shard with the global coefficients); the math is softxent.torch._row_terms's.  With
 ``sequence_parallel=True`` each rank holds a block of the rows of ``x``: they are all-gathered before the
-above and ``dx`` is reduce-scattered instead of all-reduced.  Not yet: the Triton kernels on shards, the
-gradients-in-forward schedule (backward recomputes the shard's logits: four products instead of three).
+above and ``dx`` is reduce-scattered instead of all-reduced.  A gradient reaching the returned ``lse``
+joins each shard's ``alpha`` (softxent.torch._chunked's recompute).  Not yet: the Triton kernels on shards,
+the gradients-in-forward schedule (backward recomputes the shard's logits: four products instead of three),
+and of linear_cross_entropy's options probability targets, ``return_z_loss``, ``return_accuracy`` and
+``z_loss_weighting='token'`` (refused with a ValueError naming them, on every rank).
 """
 
 from __future__ import annotations
@@ -266,8 +269,9 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """Inputs: x ``(N, D)`` (replicated), this rank's weight rows ``(V_r, D)``, bias ``(V_r,)`` or None,
     global targets ``(N,)`` int64, sample weights ``(N,)`` or None, this rank's class weights
     ``(V_r,)`` or None, normalizer 0-d or None, :class:`VocabParallelConfig`.  Outputs: the loss (the
-    same on every rank) and the global lse ``(N,)`` (not differentiable).  Gradients: ``dx`` (summed over
-    the group), ``dW`` and ``db`` of this rank's rows."""
+    same on every rank) and the global lse ``(N,)`` (differentiable: a gradient reaching it joins each
+    shard's ``alpha``, as in softxent.torch._chunked; like the loss's, it must be the same on every rank).
+    Gradients: ``dx`` (summed over the group), ``dW`` and ``db`` of this rank's rows."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, sample_weight, class_weight, normalizer, cfg):
@@ -287,13 +291,14 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         terms = rt.index_terms(target, shard.vocab_size, ignore_index=c.ignore_index,
                                label_smoothing=c.label_smoothing, sample_weight=sample_weight,
                                class_weight=None if cw is None else _GatheredClassWeight(w_target, w_sum),
-                               dtype=cdt)
+                               dtype=cdt, z_loss_weighting=c.z_loss_weighting, reduction=c.reduction)
         factor = rt.reduction_factor(c.reduction, terms.omega, normalizer)
         ctx.cfg = cfg
         # the target's column is in this shard only where is_local: backward zeroes coef_y elsewhere
         ctx.target_is_local = is_local
-        return finish_forward(ctx, terms, lse, z_t, z_ws, factor, c.reduction, c.z_loss, cdt,
-                              (x, weight, bias, idx, cw) if need_grad else None)
+        loss, _ = finish_forward(ctx, terms, lse, terms.b_sum, rt.index_target_sum(terms, z_t, z_ws), factor,
+                                 c.reduction, c.z_loss, cdt, (x, weight, bias, idx, cw) if need_grad else None)
+        return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
@@ -312,7 +317,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 saved_tensors=(x, weight, bias, idx, cw, lse, a,
                                torch.where(ctx.target_is_local, coef_y, 0), coef_u, factor))
             with autocast_off(grad_loss.device.type):
-                dx, dw, db, *_ = ChunkedLinearCrossEntropy._backward(shard_ctx, grad_loss)
+                dx, dw, db, *_ = ChunkedLinearCrossEntropy._backward(shard_ctx, grad_loss, grad_lse)
         if dx is not None and cfg.reduce_dx:
             # summed in the compute dtype: a float16/bfloat16 dx is rounded once, after the sum
             cdt = val.compute_dtype(x.dtype)
@@ -408,7 +413,9 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
                                         softcap: float | None = None, normalizer=None,
                                         shift: bool | int = False, return_lse: bool = False,
                                         impl: str = "auto", max_chunk_bytes: int | None = None,
-                                        skip_threshold=None, sequence_parallel: bool = False):
+                                        skip_threshold=None, sequence_parallel: bool = False,
+                                        z_loss_weighting: str = "class", return_z_loss: bool = False,
+                                        return_accuracy: bool = False):
     """:func:`softxent.torch.linear_cross_entropy` of a vocabulary-sharded output layer (module docstring).
 
     Each rank of ``process_group`` passes the same ``x`` ``(..., D)``, ``target`` (global class ids in
@@ -430,7 +437,9 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
     ``dx`` is reduce-scattered back to them instead of all-reduced.
 
     ``impl``: ``'auto'`` and ``'chunked'`` run the chunked path on each shard (``'triton'`` and
-    ``'torch'`` are not available sharded yet and raise).
+    ``'torch'`` are not available sharded yet and raise).  Not available sharded yet either, and refused
+    with a ``ValueError`` naming them: probability targets, ``return_z_loss``, ``return_accuracy`` and
+    ``z_loss_weighting='token'`` (a ``Replicate()`` DTensor weight takes the plain path, which has them).
     """
     from ._linear_cross_entropy import linear_cross_entropy
 
@@ -445,7 +454,9 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
                 sample_weight=_unwrap_replicated(sample_weight, "sample_weight"),
                 class_weight=_unwrap_replicated(class_weight, "class_weight"), z_loss=z_loss,
                 softcap=softcap, normalizer=normalizer, shift=shift, return_lse=return_lse, impl=impl,
-                max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold)
+                max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold,
+                z_loss_weighting=z_loss_weighting, return_z_loss=return_z_loss,
+                return_accuracy=return_accuracy)
         _, Shard = _dtensor_types()
         bias = _unwrap_sharded(bias, "bias", (Shard(0),))
         class_weight = _unwrap_sharded(class_weight, "class_weight", (Shard(0),))
@@ -464,7 +475,9 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
                            class_weight=class_weight, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
                            shift=shift, return_lse=return_lse, impl=impl, max_chunk_bytes=max_chunk_bytes,
                            skip_threshold=skip_threshold, vocab_start=vocab_start,
-                           sequence_parallel=sequence_parallel, world=dist.get_world_size(group))
+                           sequence_parallel=sequence_parallel, world=dist.get_world_size(group),
+                           z_loss_weighting=z_loss_weighting, return_z_loss=return_z_loss,
+                           return_accuracy=return_accuracy)
         local_error = None
         facts = _local_facts(p, vocab_start, check_x=not sequence_parallel).to(facts_device)
     except (ValueError, TypeError) as exc:
@@ -501,24 +514,24 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
 
 def _prepare_local(x, weight, target, bias, *, ignore_index, label_smoothing, reduction, sample_weight,
                    class_weight, z_loss, softcap, normalizer, shift, return_lse, impl, max_chunk_bytes,
-                   skip_threshold, vocab_start, sequence_parallel, world) -> types.SimpleNamespace:
+                   skip_threshold, vocab_start, sequence_parallel, world, z_loss_weighting, return_z_loss,
+                   return_accuracy) -> types.SimpleNamespace:
     """The checks that need no other rank (messages as softxent.torch.linear_cross_entropy's, the shapes
     of weight, bias and class_weight being this rank's ``V_r`` rows), and the flat inputs: ``x`` ``(N,
     D)``, ``target`` ``(N,)`` int64, ``sample_weight``, ``class_weight``, ``normalizer``, ``out_shape``,
     ``need`` (which gradients), ``options`` (what every rank must agree on)."""
-    from ._linear_cross_entropy import _check_shift
+    from ._linear_cross_entropy import check_call_options
 
-    val.check_options(reduction, label_smoothing, z_loss, softcap)
-    ignore_index = val.check_ignore_index(ignore_index)
-    val.check_impl(impl)
+    ignore_index, k_shift = check_call_options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        ignore_index=ignore_index, impl=impl, max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold,
+        shift=shift, return_lse=return_lse, return_z_loss=return_z_loss, return_accuracy=return_accuracy,
+        z_loss_weighting=z_loss_weighting)
     if impl not in ("auto", "chunked"):
         raise ValueError(f"impl={impl!r} is not available with a vocabulary-sharded weight yet; use "
                          "impl='chunked' or 'auto'")
-    val.check_max_chunk_bytes(max_chunk_bytes)
-    val.check_skip_threshold(skip_threshold, impl)
-    k_shift = _check_shift(shift)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    _refuse_unsharded_options(target, return_z_loss=return_z_loss, return_accuracy=return_accuracy,
+                              z_loss_weighting=z_loss_weighting)
     if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
                                     or vocab_start < 0):
         raise ValueError(f"vocab_start must be None or an int >= 0 (this shard's first vocabulary row); "
@@ -574,6 +587,24 @@ def _prepare_local(x, weight, target, bias, *, ignore_index, label_smoothing, re
         sample_weight=None if sw is None else sw.reshape(-1).detach(),
         class_weight=None if cw is None else cw.detach(), normalizer=norm, out_shape=tuple(target.shape),
         need=need, options=options, ignore_index=ignore_index)
+
+
+def _refuse_unsharded_options(target, *, return_z_loss, return_accuracy, z_loss_weighting) -> None:
+    """The options of softxent.torch.linear_cross_entropy that the sharded path does not implement yet:
+    a ``ValueError`` naming the option (raised on every rank: it joins the gather of facts)."""
+    refused = []
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        refused.append("probability targets (a floating target)")
+    if return_z_loss:
+        refused.append("return_z_loss=True")
+    if return_accuracy:
+        refused.append("return_accuracy=True")
+    if z_loss_weighting != "class":
+        refused.append(f"z_loss_weighting={z_loss_weighting!r}")
+    if refused:
+        raise ValueError(f"{', '.join(refused)} not available with a vocabulary-sharded weight "
+                         "(process_group or a Shard(0) DTensor) yet; pass class-index targets, "
+                         "return_z_loss=False, return_accuracy=False, z_loss_weighting='class'")
 
 
 def _local_facts(p, vocab_start, check_x: bool) -> torch.Tensor:
