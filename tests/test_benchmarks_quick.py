@@ -111,3 +111,13 @@ def test_cli_startup_quick():
     rows = {r["command"]: r for r in _json("cli_startup_quick")["rows"]}
     assert rows["softxent train iris -q --no-report"]["median_s"] > 0
     assert rows["softxent train iris -q --no-report"]["starting_s"] > 0  # the CLI reports its start-up
+
+
+def test_linear_ce_tp_quick():
+    """The tensor-parallel benchmark: 2 gloo processes on 127.0.0.1, its contenders agreeing."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    _run("linear_ce_tp.py")
+    data = _json("linear_ce_tp_quick")
+    assert {r["shard_rows"] for r in data["ranks"]} == {501, 500}

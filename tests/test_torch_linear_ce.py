@@ -935,8 +935,9 @@ def test_sharded_dtensor_weight_is_refused():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        w_sharded = distribute_tensor(w, mesh, [Shard(0)])
-        with pytest.raises(ValueError, match=r"weight is a torch.distributed DTensor .*Shard"):
+        # Shard(0) (vocabulary rows) is the tensor-parallel path (tests/test_torch_linear_ce_tp.py)
+        w_sharded = distribute_tensor(w, mesh, [Shard(1)])
+        with pytest.raises(ValueError, match=r"weight is a torch.distributed DTensor .*Shard\(dim=1\)"):
             linear_cross_entropy(x, w_sharded, y)
     finally:
         dist.destroy_process_group()

@@ -196,13 +196,32 @@ def _check_shift(shift) -> int:
                      f"target); got {shift!r}")
 
 
+def check_call_options(*, reduction, label_smoothing, z_loss, softcap, ignore_index, impl, max_chunk_bytes,
+                       skip_threshold, shift, return_lse, return_z_loss, return_accuracy,
+                       z_loss_weighting) -> tuple[int, int]:
+    """The checks of :func:`linear_cross_entropy`'s options that need no tensor (shared with the
+    vocabulary-parallel path); returns ``(ignore_index, shift)`` as ints."""
+    val.check_options(reduction, label_smoothing, z_loss, softcap)
+    ignore_index = val.check_ignore_index(ignore_index)
+    val.check_impl(impl)
+    val.check_max_chunk_bytes(max_chunk_bytes)
+    val.check_skip_threshold(skip_threshold, impl)
+    k_shift = _check_shift(shift)
+    for flag, name in ((return_lse, "return_lse"), (return_z_loss, "return_z_loss"),
+                       (return_accuracy, "return_accuracy")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {flag!r}")
+    val.check_z_loss_weighting(z_loss_weighting)
+    return ignore_index, k_shift
+
+
 def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -100,
                          label_smoothing: float = 0.0, reduction: str = "mean", sample_weight=None,
                          class_weight=None, z_loss: float = 0.0, softcap: float | None = None,
                          normalizer=None, shift: bool | int = False, return_lse: bool = False,
                          impl: str = "auto", max_chunk_bytes: int | None = None,
                          skip_threshold: float | str | None = None, z_loss_weighting: str = "class",
-                         return_z_loss: bool = False, return_accuracy: bool = False):
+                         return_z_loss: bool = False, return_accuracy: bool = False, process_group=None):
     """Cross-entropy of the linear layer ``z = x W^T + b`` without materialising ``z``.
 
     Args:
@@ -259,6 +278,10 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             whose target logit is the row's maximum (ties count as hits), the target of a probability
             row being its largest probability; per token (1.0 / 0.0, 0.0 where ignored) for
             ``reduction='none'``.
+        process_group: a torch.distributed group over which ``weight`` (and ``bias``, ``class_weight``)
+            is split by vocabulary rows (tensor parallel): each rank passes its rows, ``x`` and
+            ``target`` (global ids) replicated.  A DTensor weight sharded ``Shard(0)`` on a 1-D mesh
+            does this over the mesh's group.  See softxent.torch.vocab_parallel_linear_cross_entropy.
 
     Returns:
         the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse`` only, or
@@ -268,8 +291,9 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
     Raises:
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options, class indices
         outside ``[0, V)`` (checked on the host in eager mode, skipped under torch.compile and CUDA-graph
-        capture) and sharded (DTensor) weights; ``ValueError`` for ``impl='triton'`` without CUDA,
-        without an importable Triton (naming the import error) or with float64.  A gradient taken with
+        capture) and DTensor weights placed other than ``Shard(0)`` / ``Replicate()``; ``ValueError`` for
+        ``impl='triton'`` without CUDA, without an importable Triton (naming the import error) or with
+        float64.  A gradient taken with
         ``create_graph=True`` raises ``RuntimeError`` when differentiated again (no double backward).
 
     >>> import torch
@@ -280,17 +304,20 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
     >>> bool(torch.allclose(loss, ref, atol=1e-5))
     True
     """
-    val.check_options(reduction, label_smoothing, z_loss, softcap)
-    ignore_index = val.check_ignore_index(ignore_index)
-    val.check_impl(impl)
-    val.check_max_chunk_bytes(max_chunk_bytes)
-    val.check_skip_threshold(skip_threshold, impl)
-    k_shift = _check_shift(shift)
-    for flag, name in ((return_lse, "return_lse"), (return_z_loss, "return_z_loss"),
-                       (return_accuracy, "return_accuracy")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool; got {flag!r}")
-    val.check_z_loss_weighting(z_loss_weighting)
+    if process_group is not None or val.is_dtensor(weight):  # vocabulary-parallel: its own module
+        from ._vocab_parallel import vocab_parallel_linear_cross_entropy
+
+        return vocab_parallel_linear_cross_entropy(
+            x, weight, target, bias, process_group=process_group, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction, sample_weight=sample_weight,
+            class_weight=class_weight, z_loss=z_loss, softcap=softcap, normalizer=normalizer, shift=shift,
+            return_lse=return_lse, impl=impl, max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold,
+            z_loss_weighting=z_loss_weighting, return_z_loss=return_z_loss, return_accuracy=return_accuracy)
+    ignore_index, k_shift = check_call_options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        ignore_index=ignore_index, impl=impl, max_chunk_bytes=max_chunk_bytes, skip_threshold=skip_threshold,
+        shift=shift, return_lse=return_lse, return_z_loss=return_z_loss, return_accuracy=return_accuracy,
+        z_loss_weighting=z_loss_weighting)
     val.check_float_tensor(x, "x")
     val.check_float_tensor(weight, "weight")
     if x.dim() < 1:
@@ -310,14 +337,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
     proba = val.check_target(target, tuple(x.shape[:-1]), V, ignore_index)
     val.check_same_device({"x": x, "weight": weight, "bias": bias, "target": target})
     dev = x.device
-    if torch.is_autocast_enabled(dev.type):
-        ac = torch.get_autocast_dtype(dev.type)
-        x, weight = x.to(ac), weight.to(ac)
-        bias = None if bias is None else bias.to(ac)
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"x, weight and bias must share one dtype; got x {x.dtype}, weight {weight.dtype}"
-                        f"{'' if bias is None else f', bias {bias.dtype}'} (cast them, or run under "
-                        "torch.autocast)")
+    x, weight, bias = val.autocast_and_check_dtypes(x, weight, bias)
     lead = tuple(x.shape[:-1])
     sw = val.check_weights_tensor(sample_weight, lead, "sample_weight", dev)
     cw = val.check_weights_tensor(class_weight, (V,), "class_weight", dev)

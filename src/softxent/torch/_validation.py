@@ -66,13 +66,18 @@ def check_ignore_index(ignore_index) -> int:
     return int(ignore_index)
 
 
-def check_not_dtensor(t, name: str) -> None:
-    """A torch.distributed DTensor (FSDP2 / tensor-parallel shard) is refused with the remedy."""
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a torch.distributed DTensor (False on a torch build without torch.distributed)."""
     try:
         from torch.distributed.tensor import DTensor
     except (ImportError, RuntimeError):  # a torch build without torch.distributed
-        return
-    if isinstance(t, DTensor):
+        return False
+    return isinstance(t, DTensor)
+
+
+def check_not_dtensor(t, name: str) -> None:
+    """A torch.distributed DTensor (FSDP2 / tensor-parallel shard) is refused with the remedy."""
+    if is_dtensor(t):
         raise ValueError(
             f"{name} is a torch.distributed DTensor (placements {tuple(t.placements)}, global shape "
             f"{tuple(t.shape)}); softxent.torch needs a full local tensor. Gather it first "
@@ -116,6 +121,18 @@ def check_target(target, lead: tuple, num_classes: int, ignore_index: int, name:
     return proba
 
 
+def check_index_target(target, name: str = "target") -> torch.Tensor:
+    """An integer class-index target (of any shape: the vocabulary-parallel path checks shapes itself)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class indices; got "
+                        f"{type(target).__name__}")
+    check_not_dtensor(target, name)
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"{name} must hold integer class indices (int64, int32, ...); got dtype "
+                        f"{target.dtype}")
+    return target
+
+
 def check_same_device(named: dict) -> None:
     """Every non-None tensor of ``named`` on the device of the first one."""
     items = [(k, v) for k, v in named.items() if isinstance(v, torch.Tensor)]
@@ -124,6 +141,20 @@ def check_same_device(named: dict) -> None:
         if v.device != ref.device:
             raise ValueError(f"{k} is on device {v.device} but {ref_name} is on {ref.device}; "
                              "move them to the same device")
+
+
+def autocast_and_check_dtypes(x, weight, bias):
+    """``(x, weight, bias)`` cast to the autocast dtype inside ``torch.autocast`` (as ``F.linear`` would),
+    then required to share one dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        ac = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(ac), weight.to(ac)
+        bias = None if bias is None else bias.to(ac)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x, weight and bias must share one dtype; got x {x.dtype}, weight {weight.dtype}"
+                        f"{'' if bias is None else f', bias {bias.dtype}'} (cast them, or run under "
+                        "torch.autocast)")
+    return x, weight, bias
 
 
 def check_weights_tensor(w, shape: tuple, name: str, device) -> torch.Tensor | None:

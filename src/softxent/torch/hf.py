@@ -25,6 +25,10 @@ to stop before the head; it does so from the outside, through public module attr
   model still materialises its logits; the hook brings softxent's semantics (float32 math, a batch
   whose labels are all ignored gives 0 instead of NaN).
 
+Tensor parallel: an ``lm_head`` sharded by ``ColwiseParallel`` (its weight a ``Shard(0)`` DTensor) runs
+vocabulary-parallel (softxent.torch._vocab_parallel) under :func:`causal_lm_loss` and the wrapper, without
+gathering the head (tested on a tiny Llama in a 2-process gloo group).
+
 Needs ``transformers`` (any version with ``PreTrainedModel.base_model`` / ``get_output_embeddings``;
 tested with 5.24).
 """

@@ -70,10 +70,11 @@ class LinearCrossEntropyLoss(_CrossEntropyOptions):
                  reduction: str = "mean", class_weight: torch.Tensor | None = None, z_loss: float = 0.0,
                  softcap: float | None = None, shift: bool | int = False, impl: str = "auto",
                  max_chunk_bytes: int | None = None, skip_threshold: float | str | None = None,
-                 z_loss_weighting: str = "class"):
+                 z_loss_weighting: str = "class", process_group=None):
         super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                          z_loss=z_loss, softcap=softcap, z_loss_weighting=z_loss_weighting)
         self.register_buffer("class_weight", class_weight)
+        self.process_group = process_group  # vocabulary-parallel weight shards (tensor parallel)
         self.shift = shift
         self.impl = impl
         self.max_chunk_bytes = max_chunk_bytes
@@ -90,7 +91,8 @@ class LinearCrossEntropyLoss(_CrossEntropyOptions):
             sample_weight=sample_weight, class_weight=self.class_weight, z_loss=self.z_loss,
             softcap=self.softcap, normalizer=normalizer, shift=self.shift, return_lse=return_lse,
             impl=self.impl, max_chunk_bytes=self.max_chunk_bytes, skip_threshold=self.skip_threshold,
-            z_loss_weighting=self.z_loss_weighting, return_z_loss=return_z_loss, return_accuracy=return_accuracy)
+            z_loss_weighting=self.z_loss_weighting, return_z_loss=return_z_loss, return_accuracy=return_accuracy,
+            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shift={self.shift}, impl={self.impl!r}"
