@@ -50,6 +50,10 @@ def opinfos():
     collection alone should not pay)."""
     ops, why = _opinfos()
     if ops is None:
+        # only a torch without the built-in (before 2.13) may skip; with it, a missing or broken OpInfo is the
+        # torch change this test exists to show
+        if hasattr(torch.nn.functional, "linear_cross_entropy"):
+            pytest.fail(why)
         pytest.skip(why)
     return ops
 

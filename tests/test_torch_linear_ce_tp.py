@@ -16,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):
+    if sys.platform.startswith("linux"):  # every Linux build of torch has gloo: its absence is a broken install
+        raise RuntimeError("torch.distributed with gloo is not available in this torch build")
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 HERE = os.path.dirname(__file__)
