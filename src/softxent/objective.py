@@ -362,8 +362,12 @@ class LinearSoftmaxObjective:
 
         The softmax Hessian has eigenvalues <= 1/2, so ``L <= 1/2 max_i (||x_i||^2 + 1) + alpha``, the max
         over the rows with ``s_i > 0`` (a row of weight zero is no part of ``E``, and the bound is then the
-        same for weighted rows as for the same rows repeated).
+        same for weighted rows as for the same rows repeated).  Computed once per objective (a pass over X):
+        the estimator's scale check and the solvers' first steps share it.
         """
+        cached = self.__dict__.get("_lipschitz_bound")
+        if cached is not None:
+            return cached
         X = self.X
         if sp.issparse(X):  # row sums of X*X: column sums of the cached squared X^T
             sq = np.asarray(self._x_squared_transposed().sum(axis=0)).ravel()
@@ -371,7 +375,8 @@ class LinearSoftmaxObjective:
             sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
         if self.sample_weight is not None:
             sq = sq[self.sample_weight > 0]
-        return 0.5 * (float(np.max(sq, initial=0.0)) + 1.0) + self.alpha
+        self._lipschitz_bound = 0.5 * (float(np.max(sq, initial=0.0)) + 1.0) + self.alpha
+        return self._lipschitz_bound
 
     def l1_penalty(self, w) -> float:
         """``alpha rho ||Theta||_1`` (the intercept is not penalised)."""

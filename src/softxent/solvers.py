@@ -23,7 +23,8 @@ solver          when to use it
 Convergence is judged by one criterion for every solver (:func:`converged`): full-batch solvers, and sgd /
 adam in ``fit``, have converged when the gradient (with L1: the gradient mapping) is at most ``tol`` in
 max-norm, or when they stalled at the objective's rounding (no step changes it by more than a few ulps:
-L-BFGS-B's ``ftol`` stop or failed line search, a collapsed trust region, a backtracking step below 1e-20),
+L-BFGS-B's ``ftol`` stop or failed line search, a collapsed trust region, ``MAX_BACKTRACKS`` halvings of
+gd's step without a decrease),
 where no solver can do better in the data's precision; a solver that used up ``max_iter`` before either has
 not.  The plain minibatch epochs of ``partial_fit`` stop when the epoch loss has not improved by ``tol`` for
 ``n_iter_no_change`` epochs.  Each reports every iteration to a

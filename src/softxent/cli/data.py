@@ -638,9 +638,7 @@ class Preprocessing:
             non_numeric = [c for c in cols if not _numeric_column(features[c])]
             mostly_numeric = {c: share for c in non_numeric
                               if (share := _numeric_share(features[c])) >= MOSTLY_NUMERIC}
-            if not categorical:  # numeric columns read as text: parsed as numbers (bad cells are named)
-                for c in mostly_numeric:
-                    _parse_numeric(features[c], c)
+            if not categorical:  # numeric columns read as text: encode() parses them, naming bad cells
                 non_numeric = [c for c in non_numeric if c not in mostly_numeric]
                 mostly_numeric = {}
             for c, share in mostly_numeric.items():
