@@ -24,8 +24,14 @@ from softxent.torch import LinearCrossEntropyLoss, linear_cross_entropy  # noqa:
 from softxent.torch import _vocab_parallel as vp  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-6}
-# bfloat16 gradients are rounded once to bfloat16: half an ulp, 2**-9 of each element, below the scale
+# bfloat16 dW / db are rounded once to bfloat16: half an ulp, 2**-9 of each element, below the scale.  dx is
+# the sum of the ranks' partial dx, each already rounded to bfloat16 by the chunked backward, rounded again
+# after the float32 sum: (P + 1) half-ulps at most (a CI draw reached 4.4e-3 with P = 2, above 2**-8).
 GRAD_TOL_BF16 = 2.0**-8
+
+
+def grad_tol_bf16(key: str, world: int) -> float:
+    return (world + 1) * 2.0**-9 if key == "dx" else GRAD_TOL_BF16
 
 
 class CollectiveLog:
@@ -184,7 +190,7 @@ class Suite:
                "dx": rel_err(xs.grad, dx_r[rows], s_dx), "dW": rel_err(ws.grad, dw_r[lo:hi], s_dw)}
         if b is not None:
             got["db"] = rel_err(bs.grad, db_r[lo:hi], s_db)
-        tol = {k: GRAD_TOL_BF16 if (dtype == torch.bfloat16 and k in ("dx", "dW", "db")) else TOL[dtype]
+        tol = {k: grad_tol_bf16(k, self.world) if (dtype == torch.bfloat16 and k in ("dx", "dW", "db")) else TOL[dtype]
                for k in got}
         if dtype != torch.float64:
             # float32's own rounding of delta's cancelling terms can reach ~1e-6 of the scale (bfloat16:
