@@ -26,13 +26,28 @@ loss is accumulated in float64.  Sparse ``X`` is never densified.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.linalg.blas import get_blas_funcs
 
-from .loss import cross_entropy_with_grad, softmax, softmax_jvp
+from . import _kernels
+from ._parallel import blas_single_thread, check_n_jobs, effective_n_jobs, ordered_map
+from .loss import softmax
 
 __all__ = ["LinearSoftmaxObjective"]
+
+
+def _rows(z, transposed):
+    """The ``(n, K)`` view of a block's logits held ``(K, n)`` when ``transposed``."""
+    return z.T if transposed else z
+
+
+@contextlib.contextmanager
+def _holding(value, context):
+    with context:
+        yield value
 
 
 def _axpy(a: float, x, y):
@@ -58,10 +73,14 @@ class LinearSoftmaxObjective:
         fit_intercept: whether ``w`` carries the intercept ``b``.
         weight_sum: the normaliser ``S``; defaults to ``sum(s)`` of this data.  A block of a larger data
             set passes the total so that :meth:`loss_gradient` on the block is its share.
+        n_jobs: threads over the row blocks of dense ``X`` (:mod:`softxent._parallel`): None or -1 = every
+            core this process may use, BLAS at one thread meanwhile.  The default 1 is one thread with
+            BLAS left as it is (a Dask worker's block, a minibatch).
     """
 
     def __init__(self, X, y, n_classes: int, sample_weight=None, *, alpha: float = 0.0,
-                 l1_ratio: float = 0.0, fit_intercept: bool = True, weight_sum: float | None = None):
+                 l1_ratio: float = 0.0, fit_intercept: bool = True, weight_sum: float | None = None,
+                 n_jobs: int | None = 1):
         self.X = X
         self.y = np.asarray(y, dtype=np.int64)
         self.n_classes = int(n_classes)
@@ -75,6 +94,7 @@ class LinearSoftmaxObjective:
             weight_sum = (X.shape[0] if self.sample_weight is None
                           else float(np.sum(self.sample_weight, dtype=np.float64)))
         self.weight_sum = float(weight_sum)
+        self.n_jobs = check_n_jobs(n_jobs)
         self._hess_cache = None
         self._xt_csr = None  # sparse X only: X^T in CSR, made on first use
         self._xt_sq_csr = None  # sparse X only: X^T with its entries squared (shares X^T's index arrays)
@@ -111,16 +131,7 @@ class LinearSoftmaxObjective:
         :meth:`_x_theta_t`)."""
         theta, b = self.unpack(w)
         theta = np.ascontiguousarray(theta, dtype=self.dtype)
-        if sp.issparse(self.X):
-            # X as the CSC view of the cached X^T (CSR): the product then reads Theta^T's rows in order
-            # and scatters into the (N, K) result, which is smaller than Theta^T and stays in cache --
-            # 19.6 vs 27-33 ms at 20000 x 100000, 0.1% density, K = 20 (CSR reads Theta^T's rows at random)
-            z = np.asarray(self._x_transposed().T @ theta.T)
-        else:
-            z = self._x_theta_t(self.X, theta)
-        if b is not None:
-            z += b.astype(self.dtype, copy=False)
-        return z
+        return _rows(*self._logits(self.X, theta, None if b is None else b.astype(self.dtype)))
 
     #: Dense float64 ``X``: the products are taken transposed (see :meth:`_x_theta_t`).
     TRANSPOSED_DTYPES = (np.dtype(np.float64),)
@@ -148,58 +159,101 @@ class LinearSoftmaxObjective:
     def data_sums(self, w, need_grad: bool = True, keep_proba: bool = False):
         """``(sum_i s_i CE_i, d/dw of that sum)``: the unnormalised data term, no penalty.
 
-        Per block of rows: one matrix product for ``z``, one pass of
-        :func:`softxent.loss.cross_entropy_with_grad` that overwrites ``z`` with ``s_i (h_i - e_{y_i})``,
-        one product for ``delta^T X``.  Dense ``X`` is taken in row blocks of about ``BLOCK_BYTES`` so
-        that the second product reads the block from cache, not memory: X streams through memory once
-        per evaluation, and the ``(N, K)`` logits never exist whole.
+        Per block of rows (:meth:`row_blocks`): one matrix product for the block's ``z``, one pass of the
+        row kernel (:func:`softxent._kernels.ce_grad_rows`: the loss and ``s_i (h_i - e_{y_i})`` written
+        over ``z``), one product for ``delta^T x`` while the block is still in cache.  X streams through
+        memory once per evaluation, the ``(N, K)`` logits never exist whole, and the blocks run on
+        ``n_jobs`` threads, their partial sums added in block order (the same numbers for any ``n_jobs``).
 
-        ``keep_proba``: when ``X`` is taken whole (sparse, or one block), keep ``h(z)`` at ``w`` for the
-        Hessian products that follow at the same point (Newton-CG asks for them at each accepted
-        iterate): one softmax pass instead of another product ``X Theta^T``.
+        ``keep_proba``: keep ``h(z)`` at ``w`` for the Hessian products that follow at the same point
+        (Newton-CG asks for them at each accepted iterate): written by the same row pass, it spares them
+        a product ``X Theta^T``.
         """
         X, K = self.X, self.n_classes
-        rows = self._block_rows()
-        if rows >= X.shape[0]:
-            z = self.decision_function(w)
-            if keep_proba:
-                self._remember_proba(w, softmax(z))
-            row_loss, dz = cross_entropy_with_grad(z, self.y, sample_weight=self.sample_weight,
-                                                   reduction="none", out=z if z.flags.c_contiguous else None)
-            loss_sum = float(np.sum(row_loss, dtype=np.float64))
-            return loss_sum, (self._backprop(dz) if need_grad else None)
         theta, b = self.unpack(w)
         theta = np.ascontiguousarray(theta, dtype=self.dtype)
         b = None if b is None else b.astype(self.dtype)
-        z_buf = np.empty(rows * K, dtype=self.dtype)
-        g_theta = np.zeros((K, self.n_features)) if need_grad else None
-        g_b = np.zeros(K)
-        loss_sum = 0.0
-        for start in range(0, X.shape[0], rows):
-            xb = X[start:start + rows]
-            zb = self._x_theta_t(xb, theta, out=z_buf[: xb.shape[0] * K])
-            if b is not None:
-                zb += b
-            sw = None if self.sample_weight is None else self.sample_weight[start:start + rows]
-            # out= only when zb is C-ordered (the loss writes its gradient C-ordered); the F-ordered
-            # float64 logits get a fresh (n, K) gradient, a small array next to xb
-            row_loss, dz = cross_entropy_with_grad(zb, self.y[start:start + rows], sample_weight=sw,
-                                                   reduction="none", out=zb if zb.flags.c_contiguous else None)
-            loss_sum += float(np.sum(row_loss, dtype=np.float64))
+        proba = np.empty((X.shape[0], K), dtype=self.dtype) if keep_proba else None
+        if sp.issparse(X):
+            zc, transposed = self._logits(X, theta, b)
+            gb = np.zeros(K) if need_grad else None
+            loss_sum = self._row_pass(zc, transposed, self.y, self.sample_weight, gb, proba, need_grad)
+            grad = None
             if need_grad:
-                g_theta += self._dz_t_x(dz, xb)
-                g_b += dz.sum(axis=0, dtype=np.float64)
-        if not need_grad:
-            return loss_sum, None
-        return loss_sum, self.pack(g_theta, g_b)
+                # X^T as its own CSR matrix, made once: the product then writes each output row in turn
+                # instead of scattering into it (3-4x faster than the CSC view X.T at 0.1% density)
+                grad = self.pack((self._x_transposed() @ _rows(zc, transposed)).T,
+                                 gb if self.fit_intercept else None)
+        else:
+            def block(rows):
+                xb = X[rows]
+                zc, transposed = self._logits(xb, theta, b)
+                gb = np.zeros(K) if need_grad else None
+                loss = self._row_pass(zc, transposed, self.y[rows], self._weights(rows), gb,
+                                      None if proba is None else proba[rows], need_grad)
+                return loss, (self._dz_t_x(_rows(zc, transposed), xb) if need_grad else None), gb
 
-    #: bytes of dense X per row block in :meth:`data_sums` (a few times the L2 cache)
+            loss_sum = 0.0
+            g_theta = np.zeros((K, self.n_features)) if need_grad else None
+            g_b = np.zeros(K) if need_grad else None
+            with self._threads() as n_jobs:
+                for loss, gt, gb in ordered_map(block, self.row_blocks(), n_jobs):
+                    loss_sum += loss
+                    if need_grad:
+                        g_theta += gt
+                        g_b += gb
+            grad = self.pack(g_theta, g_b if self.fit_intercept else None) if need_grad else None
+        if keep_proba:
+            self._remember_proba(w, proba)
+        return loss_sum, grad
+
+    @staticmethod
+    def _row_pass(zc, transposed, y, sw, gb, proba, need_grad) -> float:
+        if need_grad:
+            return _kernels.ce_grad_rows(zc, transposed, y, sw, gb, proba)
+        if proba is not None:
+            _kernels.softmax_rows(zc, transposed, proba)
+        return _kernels.ce_rows(zc, transposed, y, sw)
+
+    def _weights(self, rows):
+        return None if self.sample_weight is None else self.sample_weight[rows]
+
+    def _logits(self, xb, theta, b):
+        """The block's ``z = xb Theta^T + b`` as ``(C-contiguous array, transposed)`` for the row kernels:
+        ``(n, K)``, or ``(K, n)`` when ``transposed`` (see :meth:`_x_theta_t`)."""
+        if sp.issparse(xb):
+            # X as the CSC view of the cached X^T (CSR): the product then reads Theta^T's rows in order
+            # and scatters into the (N, K) result, which is smaller than Theta^T and stays in cache --
+            # 19.6 vs 27-33 ms at 20000 x 100000, 0.1% density, K = 20 (CSR reads Theta^T's rows at random)
+            z = np.ascontiguousarray(self._x_transposed().T @ theta.T)
+        else:
+            z = self._x_theta_t(xb, theta)
+        if b is not None:
+            z += b
+        transposed = not z.flags.c_contiguous
+        return (z.T if transposed else z), transposed
+
+    #: bytes of dense X per row block (a few times the L2 cache: the second product reads it from cache)
     BLOCK_BYTES = 4 << 20
+    #: at least this many blocks when X is large, so that a thread on a busy core takes fewer of them
+    #: instead of holding the others up; fixed (not a function of ``n_jobs``) so the sums' order is too
+    MIN_BLOCKS = 16
+    #: ... but no block under this many bytes, where Python's per-block cost would show
+    MIN_BLOCK_BYTES = 256 << 10
 
-    def _block_rows(self) -> int:
-        if sp.issparse(self.X):
-            return self.X.shape[0]
-        return max(64, self.BLOCK_BYTES // max(1, self.n_features * self.X.dtype.itemsize))
+    def row_blocks(self) -> list:
+        """The dense row blocks of one evaluation, as slices: about ``BLOCK_BYTES`` of ``X`` each, and at
+        least ``MIN_BLOCKS`` of them where blocks of ``MIN_BLOCK_BYTES`` allow it."""
+        N = self.X.shape[0]
+        row_bytes = max(1, self.n_features * self.X.dtype.itemsize)
+        rows = max(64, self.BLOCK_BYTES // row_bytes)
+        rows = min(rows, max(64, self.MIN_BLOCK_BYTES // row_bytes, -(-N // self.MIN_BLOCKS)))
+        return [slice(start, min(start + rows, N)) for start in range(0, N, rows)]
+
+    def _threads(self):
+        """``with obj._threads() as n: ...``: the blocks' thread count, BLAS at one thread meanwhile."""
+        n = effective_n_jobs(self.n_jobs)
+        return _holding(n, blas_single_thread() if n > 1 or self.n_jobs is not None else contextlib.nullcontext())
 
     def _x_transposed(self):
         """Sparse ``X^T`` as its own CSR matrix, made on first use and kept (one copy of ``X``)."""
@@ -216,28 +270,56 @@ class LinearSoftmaxObjective:
             self._xt_sq_csr = sp.csr_matrix((xt.data * xt.data, xt.indices, xt.indptr), shape=xt.shape)
         return self._xt_sq_csr
 
-    def _backprop(self, dz, dtype=np.float64) -> np.ndarray:
-        """``dz (N, K)`` -> ``[dz^T X, sum_i dz_i]`` as a flat vector of ``dtype`` (sums in float64)."""
-        if sp.issparse(self.X):
-            # X^T as its own CSR matrix, made once: the product then writes each output row in turn
-            # instead of scattering into it (3-4x faster than the CSC view X.T at 0.1% density).
-            g_theta = (self._x_transposed() @ dz).T
-        else:
-            g_theta = self._dz_t_x(dz, self.X)
-        return self.pack(g_theta, dz.sum(axis=0, dtype=np.float64) if self.fit_intercept else None, dtype)
-
     def data_hessp_sum(self, w, v, proba=None) -> np.ndarray:
         """``sum_i J_i^T s_i (diag(h_i) - h_i h_i^T) J_i v``: the unnormalised data Hessian times ``v``.
 
-        ``proba`` (``h`` at ``w``, ``(N, K)``) may be passed to save one matrix product.  A float32 ``v``
+        Per row block: the direction's logits ``V_z = x V_Theta^T + v_b`` (one product), the row kernel
+        :func:`softxent._kernels.softmax_jvp_rows` over them, and ``R^T x`` (one product).  ``proba``
+        (``h`` at ``w``, ``(N, K)`` C-ordered) spares each block a product ``x Theta^T``.  A float32 ``v``
         gets a float32 product (Newton-CG's CG on float32 data works in float32), anything else float64.
         """
-        p = softmax(self.decision_function(w), out=None) if proba is None else proba
-        vz = self.decision_function(v)
-        r = softmax_jvp(p, vz)
-        if self.sample_weight is not None:
-            r *= self.sample_weight[:, None]
-        return self._backprop(r, np.float32 if v.dtype == np.float32 else np.float64)
+        X, K = self.X, self.n_classes
+        out_dtype = np.float32 if v.dtype == np.float32 else np.float64
+        theta_v, b_v = self.unpack(v)
+        theta_v = np.ascontiguousarray(theta_v, dtype=self.dtype)
+        b_v = None if b_v is None else b_v.astype(self.dtype)
+        if proba is not None:  # the row kernels read it C-ordered (a Dask block's may come F-ordered)
+            proba = np.ascontiguousarray(proba, dtype=self.dtype)
+        else:
+            theta, b = self.unpack(w)
+            theta = np.ascontiguousarray(theta, dtype=self.dtype)
+            b = None if b is None else b.astype(self.dtype)
+
+        def proba_of(xb, rows):
+            if proba is not None:
+                return proba[rows]
+            zc, transposed = self._logits(xb, theta, b)
+            p = np.empty((xb.shape[0], K), dtype=self.dtype)
+            _kernels.softmax_rows(zc, transposed, p)
+            return p
+
+        if sp.issparse(X):
+            all_rows = slice(0, X.shape[0])
+            vc, transposed = self._logits(X, theta_v, b_v)
+            gb = np.zeros(K)
+            _kernels.softmax_jvp_rows(proba_of(X, all_rows), vc, transposed, self.sample_weight, gb)
+            return self.pack((self._x_transposed() @ _rows(vc, transposed)).T,
+                             gb if self.fit_intercept else None, out_dtype)
+
+        def block(rows):
+            xb = X[rows]
+            vc, transposed = self._logits(xb, theta_v, b_v)
+            gb = np.zeros(K)
+            _kernels.softmax_jvp_rows(proba_of(xb, rows), vc, transposed, self._weights(rows), gb)
+            return self._dz_t_x(_rows(vc, transposed), xb), gb
+
+        g_theta = np.zeros((K, self.n_features))
+        g_b = np.zeros(K)
+        with self._threads() as n_jobs:
+            for gt, gb in ordered_map(block, self.row_blocks(), n_jobs):
+                g_theta += gt
+                g_b += gb
+        return self.pack(g_theta, g_b if self.fit_intercept else None, out_dtype)
 
     # ---------------------------------------------------------------- the objective
     def finish(self, loss_sum: float, grad_sum, w, weight_sum: float | None = None):
@@ -278,7 +360,7 @@ class LinearSoftmaxObjective:
         """``h(z)`` at ``w``, cached: a Newton iteration asks for many products at the same point."""
         cache = self._hess_cache
         if cache is None or cache[0].shape != w.shape or not np.array_equal(cache[0], w):
-            return self._remember_proba(w, softmax(self.decision_function(w)))
+            return self._remember_proba(w, np.ascontiguousarray(softmax(self.decision_function(w))))
         return cache[1]
 
     def data_hessian_diag_sum(self, w, proba=None) -> np.ndarray:
@@ -412,5 +494,5 @@ class LinearSoftmaxObjective:
             self.X[rows], self.y[rows], self.n_classes,
             None if self.sample_weight is None else self.sample_weight[rows],
             alpha=self.alpha, l1_ratio=self.l1_ratio, fit_intercept=self.fit_intercept,
-            weight_sum=weight_sum,
+            weight_sum=weight_sum, n_jobs=self.n_jobs,
         )
