@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import EXIT_INTERRUPTED
 from .errors import DataError, ModelFileError, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -36,7 +37,6 @@ for _c in (console, err_console):  # in a log or a pipe, long lines stay whole i
     _c.soft_wrap = not _c.is_terminal
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 _STATE = {"debug": False}
 
 SOLVER_HELP = ("auto | lbfgs | newton-cg | gd | proximal | sgd | adam  (auto: lbfgs for L2, proximal for "
