@@ -339,6 +339,23 @@ def test_a_finite_1e308_feature_trains_and_predicts(tmp_path):
     assert code == 0 and check is None, (err, check)
 
 
+def test_unstandardised_huge_column_is_refused_by_name(tmp_path):
+    """``--no-standardize`` with a column of 1e20 (below the old 1e150 limit, and a model without intercept)
+    or 1e200 (issue 18's proximal hang): exit 2 naming the column and the fix."""
+    from sklearn.datasets import load_iris
+
+    frame = load_iris(as_frame=True).frame
+    for scale in (1e20, 1e200):
+        data = frame.copy()
+        data["sepal width (cm)"] *= scale
+        path = tmp_path / f"x{scale:.0e}.csv"
+        data.to_csv(path, index=False)
+        code, err, _ = _cli_case(["train", path, "--target", "target", "--out", tmp_path / "m", "-q", "--no-report",
+                                  "--no-standardize", "--l1-ratio", "0.5"], None, str(path), 0)
+        _judge(code, err, None, f"x {scale}")
+        assert code == 2 and "'sepal width (cm)'" in err and "drop --no-standardize" in err, err
+
+
 def test_report_prints_mathtext_labels_as_written(tmp_path):
     path = tmp_path / "tex.csv"
     rng = np.random.default_rng(1)
@@ -553,37 +570,56 @@ def test_solvers_stop_on_a_non_finite_objective(solver):
 
 def test_gd_never_accepts_an_ascent_step_on_large_features():
     """Features of 1e150 are within float64's range: every step is below 1e-20, which the old absolute floor
-    accepted whatever it did to the objective (it climbed to 1e175)."""
-    import warnings
-
+    accepted whatever it did to the objective (it climbed to 1e175).  Run on the objective itself: the
+    estimator refuses such data (test_features_beyond_the_row_norm_limit_are_refused_and_large_ones_fit)."""
     from sklearn.datasets import load_iris
 
-    from softxent import SoftmaxRegression
+    from softxent.objective import LinearSoftmaxObjective
+    from softxent.solvers import Monitor, run_solver
 
     X, y = load_iris(return_X_y=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        est = SoftmaxRegression(solver="gd", max_iter=200).fit(X * 1e150, y)
-    curve = np.asarray(est.loss_curve_)
-    assert np.all(np.diff(curve) <= 1e-12 * np.abs(curve[:-1])) and est.objective_ < math.log(3)
-
+    obj = LinearSoftmaxObjective(X * 1e150, y, 3, alpha=1e-4)
+    monitor = Monitor(200)
+    result = run_solver("gd", obj, np.zeros(obj.n_coef), max_iter=200, tol=1e-6, monitor=monitor)
+    curve = np.asarray(monitor.curve)
+    assert np.all(np.diff(curve) <= 1e-12 * np.abs(curve[:-1])) and obj.objective(result.w) < math.log(3)
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e37])
 def test_float32_extremes_end_cleanly(scale):
     """float32 features of 1e30 made newton-cg's CG divide by a zero M-norm (ZeroDivisionError); 1e37 overflows
-    float32's gradient, a ValueError."""
+    float32's gradient.  The estimator refuses both scales (rows longer than MAX_ROW_NORM); the solvers on the
+    objective itself stop with an error or a finite iterate."""
     from sklearn.datasets import load_iris
 
     X, y = load_iris(return_X_y=True)
     X32 = (X * scale).astype(np.float32)
     for solver in SOLVERS:
         kind, value = isolated(_fit_case, X32, y, None, solver, X32[:5])[0]
-        if kind == "error":
-            assert scale == 1e37 and "non-finite" in value and "Scale the features" in value, value
-        else:
-            P = value[3]
-            assert np.all(np.isfinite(P)) and np.allclose(P.sum(axis=1), 1.0, atol=1e-6)
+        assert kind == "error" and "scale the features" in value, value
+    for solver in ("lbfgs", "newton-cg", "gd", "proximal"):
+        message, _ = isolated(_solver_on_raw_objective, solver, X32, y)
+        assert message == "stopped" or ("non-finite" in message and "Scale the features" in message), message
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_features_beyond_the_row_norm_limit_are_refused_and_large_ones_fit(solver):
+    """Issue 18: lbfgs on iris x 1e150 (finite squares, so the old overflow check passed) returned the uniform
+    model after 0 iterations, reported as converged; at 1e20 every solver silently lost the intercept.  Rows
+    longer than MAX_ROW_NORM (4.5e15) are a ValueError naming the cause and the fix; 1e6-scale data fit."""
+    from sklearn.datasets import load_iris
+
+    from softxent.estimator import MAX_ROW_NORM
+
+    X, y = load_iris(return_X_y=True)
+    for scale in (1e150, 1e20):
+        kind, message = isolated(_fit_case, X * scale, y, None, solver, X[:3])[0]
+        assert kind == "error" and "rows of norm up to" in message and f"{MAX_ROW_NORM:.3g}" in message, message
+        assert "scale the features" in message and "StandardScaler" in message and "\n" not in message
+    outcome, _ = isolated(_fit_case, X * 1e6, y, None, solver, X * 1e6)
+    _judge_fit(outcome, f"{solver} on iris x 1e6")
+    accuracy = np.mean(outcome[1][4] == y)
+    assert accuracy >= 0.9, (solver, accuracy)
 
 
 def test_figures(fuzz_scale):

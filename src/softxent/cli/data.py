@@ -729,23 +729,24 @@ class Preprocessing:
                         f"standardised (mean {self.mean[j]:.6g}, scale {self.scale[j]:.6g}); softxent cannot score "
                         "it: remove or rescale that value")
 
-    #: Largest feature value (after standardising) a model is trained or applied on: squares of larger
-    #: ones overflow float64 (1.3e154 squared is 1.7e308), and with them the objective.
-    MAX_FEATURE_MAGNITUDE = 1e150
-
     def _check_magnitude(self, X) -> None:
-        """Refuse training features whose squares overflow (the objective would not be finite)."""
+        """Refuse training features (as standardised) of which one value alone makes its row longer than the
+        estimator's MAX_ROW_NORM, naming the columns; rows too long by several values are refused by the
+        estimator's own check."""
+        from ..estimator import MAX_ROW_NORM
+
         vals = X.data if sp.issparse(X) else X
-        if not vals.size or float(np.max(np.abs(vals))) <= self.MAX_FEATURE_MAGNITUDE:
+        if not vals.size or float(np.max(np.abs(vals))) <= MAX_ROW_NORM:
             return
         col_max = (np.asarray(abs(X).max(axis=0).todense()).ravel() if sp.issparse(X)
                    else np.max(np.abs(X), axis=0))
-        cols = np.flatnonzero(col_max > self.MAX_FEATURE_MAGNITUDE)
+        cols = np.flatnonzero(col_max > MAX_ROW_NORM)
         shown = ", ".join(f"{self.feature_names[j]!r} (up to {col_max[j]:.3g})" for j in cols[:8])
         fix = ("rescale those columns" if self.standardize else
                "standardise them (drop --no-standardize) or rescale those columns")
-        raise DataError(f"feature value(s) beyond {self.MAX_FEATURE_MAGNITUDE:g} in column(s) {shown}"
-                        f"{', ...' if len(cols) > 8 else ''}: their squares overflow float64; {fix}")
+        raise DataError(f"feature value(s) beyond {MAX_ROW_NORM:.3g} (1/float64 eps) in column(s) {shown}"
+                        f"{', ...' if len(cols) > 8 else ''}: at that scale no model can be fitted (the intercept's "
+                        f"curvature is lost below rounding); {fix}")
 
     def standardise(self, X):
         if not self.standardize:
