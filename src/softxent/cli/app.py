@@ -357,13 +357,15 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
 
     from ..dask import client_for, fit_dask, read_table
     from ..estimator import SoftmaxRegression
-    from .data import Preprocessing, detect_format, expand_paths
+    from .data import Preprocessing, check_table_width, detect_format, expand_paths
     from .model_io import MODEL_JSON, SavedModel, save_model
     from .report import compute_metrics
 
     out = out if out is not None else _default_out()
     if (out / MODEL_JSON).exists() and not force:
         raise UserInputError(f"{str(out)!r} already holds a model; overwrite it with --force or choose another --out")
+    for path in expand_paths(list(data)):
+        check_table_width(path, fmt)
     try:
         X, y, names = read_table(list(data), target, fmt=fmt)
     except (ValueError, KeyError, FileNotFoundError) as exc:
