@@ -358,7 +358,7 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
     from ..dask import client_for, fit_dask, read_table
     from ..estimator import SoftmaxRegression
     from .data import Preprocessing, check_table_width, detect_format, expand_paths
-    from .model_io import MODEL_JSON, SavedModel, save_model
+    from .model_io import MODEL_JSON, SavedModel, check_metadata_fits, save_model
     from .report import compute_metrics
 
     out = out if out is not None else _default_out()
@@ -387,6 +387,7 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
                         mean=np.asarray(mean, dtype=np.float64), scale=np.asarray(scale, dtype=np.float64))
     load_s = time.perf_counter() - t0
     sources = [str(p) for p in expand_paths(list(data))] or list(data)
+    check_metadata_fits(pre, classes_all, {"training": {"data": sources}})
     kind = fmt or detect_format(Path(sources[0]))
     console.print(f"[bold]softxent train --dask[/bold]: {len(sources)} {kind} file(s) — {len(y_np)} rows, "
                   f"{len(names)} features, {len(classes_all)} classes, {X.numblocks[0]} row blocks on "
@@ -574,8 +575,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                                   report=report)
 
     from .data import Preprocessing, load_data, split_target, train_test_indices
-    from .model_io import MODEL_JSON, SavedModel, load_model, save_model
-
+    from .model_io import MODEL_JSON, SavedModel, check_metadata_fits, load_model, save_model
 
     # ---- the output folder, and the model to resume ------------------------------------------------
     previous = None
@@ -648,6 +648,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                                     impute=None if impute in (None, "none") else impute,
                                     standardize=True if standardize is None else standardize, raw=raw)
         _show_warnings(caught)
+        check_metadata_fits(pre, classes_all, {"training": {"data": raw.sources}})
     X_tr = pre.transform(_rows(features, tr))
     X_te = pre.transform(_rows(features, te)) if len(te) else None
     load_s = time.perf_counter() - t0
