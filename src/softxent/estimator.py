@@ -323,7 +323,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         """Fit on ``X`` ``(N, D)`` (dense or CSR), labels ``y`` ``(N,)``, optional ``sample_weight``.
 
         A dask array ``X`` (with dask ``y``) is fitted on the current ``dask.distributed`` cluster by
-        :func:`softxent.dask.fit_dask`."""
+        :func:`softxent.dask.fit_dask`.  Rows of ``X`` longer than :data:`MAX_ROW_NORM` (1/eps, about 4.5e15)
+        are a ValueError: scale the features."""
         if _is_dask(X):
             from .dask import fit_dask
 
