@@ -12,13 +12,16 @@ BLAS kernel ran (threadpoolctl).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +35,8 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "usable_cores": usable_cores(),
+        "loadavg_1m": loadavg_1m(),
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                                "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
     }
@@ -59,6 +63,19 @@ def machine_info() -> dict:
     return info
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), which is what ``n_jobs=None`` means."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def loadavg_1m() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -71,15 +88,23 @@ def _cpu_model() -> str:
 
 
 def time_call(fn, *, repeat: int = 5, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs."""
+    """Wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs, with the garbage
+    collector run once before and off during them (a collection costs ~0.1 s in a process holding
+    scikit-learn and torch: more than the millisecond calls timed here)."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    finally:
+        if was_enabled:
+            gc.enable()
     return times
 
 
@@ -96,6 +121,44 @@ def alternate(contenders: dict, *, rounds: int = 5, warmup: int = 1) -> dict[str
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+# A busy neighbour: ``while True: pass`` in another Python process, which also stops by itself once its
+# parent is gone (checked every 2**16 turns, a few milliseconds), so no spinner outlives a killed benchmark.
+_SPINNER = ("import os, sys\n"
+            "parent = os.getppid()\n"
+            "sys.stdout.write('spinning\\n'); sys.stdout.flush()\n"
+            "while True:\n"
+            "    for _ in range(1 << 16):\n"
+            "        pass\n"
+            "    if os.getppid() != parent:\n"
+            "        break\n")
+
+
+@contextlib.contextmanager
+def busy_neighbour(active: bool = True):
+    """Keep one core busy with another process (a ``while True`` loop) for the ``with`` block.
+
+    The process is started, and spinning, before the block runs and killed when it ends, however it
+    ends: an exception, Ctrl-C, or SIGTERM (turned into ``SystemExit`` for the block's duration, in the
+    main thread).  Yields the process (None when ``active`` is false: a quiet group).
+    """
+    if not active:
+        yield None
+        return
+    proc = subprocess.Popen([sys.executable, "-c", _SPINNER], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        proc.stdout.readline()  # it spins from here on
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def median(xs) -> float:

@@ -6,7 +6,7 @@ Contenders, each a fresh process (wall clock, from spawn to exit):
 
 * ``python -c pass``                      -- the interpreter alone;
 * ``import sklearn.linear_model``          -- what the peer costs before any work;
-* ``import softxent``                      -- the core (NumPy, SciPy);
+* ``import softxent``                      -- the package alone (its names, and NumPy, load on first use);
 * ``softxent --help``                      -- typer + rich, no command;
 * ``softxent train iris -q --no-report``   -- the whole job on 150 rows, no report;
 * ``softxent train iris -q``               -- the same with report.html and the PNGs (matplotlib).

@@ -70,11 +70,83 @@ def test_fit_dask_quick():
 
 
 def test_fit_cpu_quick_on_two_datasets():
-    """Two of its four data sets (one dense, one sparse) in float32: the full --quick takes ~90 s."""
+    """Two of its six data sets (one dense, one sparse) in float32, every contender (scikit-learn and torch
+    at 1 and 2 threads, the refits): the full --quick takes one to two minutes."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     _run("fit_cpu.py", "--datasets", "digits", "sparse-20000x100000", "--dtypes", "float32")
-    assert _json("fit_cpu_quick")
+    data = _json("fit_cpu_digits_sparse-20000x100000_quick")
+    assert {r["contender"] for r in data["rows"]} >= {"softxent newton-cg", "sklearn lbfgs @1", "sklearn lbfgs @2",
+                                                      "torch L-BFGS @2", "sklearn saga @1", "sklearn newton-cg @2"}
+    assert len(data["summary"]) == 2 and len(data["evals"]) == 4
+    assert set(data["loadavg_1m"]) == {"start", "end"}
+
+
+def _fit_cpu_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import fit_cpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return fit_cpu
+
+
+def test_fit_cpu_quick_busy_neighbour_and_scaling(monkeypatch):
+    """The covtype-like sets, busy-neighbour and n_jobs-scaling modes, in this process (seconds): with an
+    estimator and an objective that take ``n_jobs`` (stand-ins for issue 14's, which do nothing with it),
+    and once with an estimator without it, where --scaling is skipped with a note."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("threadpoolctl")
+    fit_cpu = _fit_cpu_module()
+
+    class WithNJobs(fit_cpu.SoftmaxRegression):
+        def __init__(self, alpha=1e-4, solver="auto", max_iter=1000, tol=1e-6, callback=None, n_jobs=None):
+            super().__init__(alpha=alpha, solver=solver, max_iter=max_iter, tol=tol, callback=callback)
+            self.n_jobs = n_jobs
+
+    class ObjectiveWithNJobs(fit_cpu.LinearSoftmaxObjective):
+        def __init__(self, *args, n_jobs=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    args = ["--quick", "--datasets", "covtype-unscaled", "--dtypes", "float32", "--solvers", "newton-cg",
+            "--only", "softxent", "sklearn lbfgs", "--scaling", "--busy-neighbour", "--out", "fit_cpu_modes_quick"]
+    with monkeypatch.context() as m:
+        m.setattr(fit_cpu, "SoftmaxRegression", WithNJobs)
+        m.setattr(fit_cpu, "LinearSoftmaxObjective", ObjectiveWithNJobs)
+        fit_cpu.main(args)
+    data = _json("fit_cpu_modes_quick")
+    names = {"softxent newton-cg", "softxent newton-cg n_jobs=1", "softxent newton-cg n_jobs=2",
+             "sklearn lbfgs @1", "sklearn lbfgs @2"}
+    assert {(r["contender"], r["load"]) for r in data["rows"]} == {(n, ld) for n in names for ld in ("quiet", "busy")}
+    assert {r["contender"] for r in data["busy"]} == names
+    assert [g["load"] for g in data["groups"]] == ["quiet", "busy"]
+    assert {(r["load"], r["solver"]) for r in data["scaling"]} == {("quiet", "newton-cg"), ("busy", "newton-cg")}
+    assert [e["threads"] for e in data["evals"]] == ["n_jobs=1", "n_jobs=2"]
+    assert data["threads"]["estimator_n_jobs"] and data["threads"]["objective_threads_arg"] == ["__init__", "n_jobs"]
+    assert data["machine"]["threadpools"] and not data["notes"]
+
+    with monkeypatch.context() as m:
+        m.setattr(fit_cpu, "estimator_has_n_jobs", lambda: False)
+        fit_cpu.main(["--quick", "--datasets", "covtype-standardised", "--dtypes", "float32", "--solvers",
+                      "newton-cg", "--only", "softxent", "--threads", "1", "--scaling", "--out", "fit_cpu_modes_quick"])
+    data = _json("fit_cpu_modes_quick")
+    assert not data["scaling"] and "no n_jobs parameter" in data["notes"][0]
+    assert [r["contender"] for r in data["rows"]] == ["softxent newton-cg"]
+
+
+def test_busy_neighbour_is_killed_however_the_block_ends():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _harness import busy_neighbour
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    with pytest.raises(KeyboardInterrupt):
+        with busy_neighbour() as proc:
+            assert proc.poll() is None  # spinning
+            raise KeyboardInterrupt
+    assert proc.poll() is not None
+    with busy_neighbour(False) as nothing:
+        assert nothing is None
 
 
 def test_skip_accuracy_cpu_quick():

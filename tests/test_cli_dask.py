@@ -71,4 +71,4 @@ def test_train_dask_bad_input(parquet_parts):
                               "--impute", "mean"])
     assert res.exit_code == 2 and "--impute is not supported with --dask" in res.output
     res = runner.invoke(app, ["train", str(parquet_parts / "nothing-*.parquet"), "--dask", "--target", "label"])
-    assert res.exit_code == 2 and "no files match" in res.output
+    assert res.exit_code == 2 and "no file matches the pattern" in res.output

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,47 @@ def test_process_error_is_one_line_with_status_2(tmp_path):
     assert proc.returncode == 2
     assert stderr.strip().splitlines() == [f"softxent: error: no such model folder: '{tmp_path / 'no-model'}'"]
     assert stdout == ""
+
+
+def _console_script(tmp_path):
+    """The installed ``softxent`` script beside this Python, or the same three lines pip writes for it."""
+    script = Path(sys.executable).with_name("softxent")
+    if not script.exists():
+        script = tmp_path / "softxent"
+        script.write_text(f"#!{sys.executable}\nimport sys\nfrom softxent.cli import main\n"
+                          "if __name__ == '__main__':\n    sys.exit(main())\n")
+        script.chmod(0o755)
+    return script
+
+
+# frames a traceback may show when SIGINT lands in Python's own start-up, before any softxent code can
+# handle it: the interpreter's initialisation, the console script's first lines, importlib, and the two
+# light __init__ files the script imports (docs/cli.md, "Ctrl-C")
+_STARTUP_FRAMES = ("<frozen ", "softxent/__init__.py", "softxent/cli/__init__.py")
+
+
+def test_sigint_at_any_moment_of_start_up_is_one_line_and_130(tmp_path):
+    """Issue 18: Ctrl-C while the imports ran printed a KeyboardInterrupt traceback (``import softxent``
+    imported NumPy before ``main`` could catch it)."""
+    script = _console_script(tmp_path)
+    np.savez(tmp_path / "d.npz", X=np.eye(4), y=np.arange(4) % 2)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    reported = 0
+    for delay in (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3):
+        proc = subprocess.Popen([str(script), "train", tmp_path / "d.npz", "--out", tmp_path / "m", "-q",
+                                 "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        if "Traceback" in stderr or "Fatal Python error" in stderr:
+            frames = [ln.strip() for ln in stderr.splitlines() if ln.strip().startswith("File ")]
+            outside = [f for f in frames if str(script) not in f and not any(s in f for s in _STARTUP_FRAMES)]
+            assert not outside, f"SIGINT at {delay} s: a traceback through {outside[0]}\n{stderr}"
+            continue  # the interpreter was still starting (a loaded machine): nothing of softxent ran yet
+        if proc.returncode == -signal.SIGINT:  # before Python installed its handler: killed, nothing printed
+            assert stderr == "", stderr
+            continue
+        assert proc.returncode == 130, (delay, proc.returncode, stderr)
+        assert stderr.strip().splitlines()[-1:] == ["softxent: error: interrupted"] or "Interrupted" in stderr, stderr
+        reported += 1
+    assert reported, "no SIGINT reached softxent's code: the moments are too early for this machine"

@@ -461,6 +461,22 @@ def test_other_bad_input(client):
         fit_dask(SoftmaxRegression(), Xd, _dask(y)[0], persist="sometimes")
 
 
+def test_weight_taming_and_scale_check_as_in_memory(client):
+    """Issue 18: fit_dask skipped the in-memory fit's weight taming (weights near 1e308: S overflowed) and its
+    scale check (features of 1e150: lbfgs returned the uniform model); both now run through the estimator's
+    own functions."""
+    X, y, sw = _softmax_data(14, n=600, d=5)
+    chunks = (200, 150, 250)
+    params = dict(solver="lbfgs", alpha=1e-3, tol=1e-8, class_weight={0: 1.0, 1: 0.5})
+    weights = sw * 1e307  # up to 3e307: their sum overflows
+    ref = SoftmaxRegression(**params).fit(X, y, sample_weight=weights)
+    est = SoftmaxRegression(**params).fit(*_dask(X, y, weights, chunks=chunks))
+    assert np.isfinite(est.objective_) and abs(est.objective_ - ref.objective_) <= 1e-8 * ref.objective_
+    np.testing.assert_allclose(est.coef_, ref.coef_, atol=1e-5)
+    with pytest.raises(ValueError, match=r"X has rows of norm up to \d\.\d+e\+150: .*scale the features"):
+        SoftmaxRegression().fit(*_dask(X * 1e150, y, chunks=chunks))
+
+
 # ------------------------------------------------------------------------------ predict
 @pytest.mark.parametrize("n_classes", [2, K])
 def test_predict_lazily_on_dask(client, n_classes):

@@ -276,11 +276,58 @@ def test_duplicate_csv_header_is_refused_and_wide_files_are_linear(tmp_path):
     header = ",".join(f"c{j}" for j in range(n_cols)) + ",label\n"
     rows = "".join(",".join(["1"] * n_cols) + f",{lab}\n" for lab in "xyxyxy")
     wide.write_text(header + rows)
-    # 235 s before the column check was made linear, ~5 s now (60 s: room for a loaded machine)
+    # 235 s before the column check was made linear, ~2 s now (60 s: room for a loaded machine)
     (code, err, _), _ = isolated(_cli_case, ["train", wide, "--target", "label", "--out", tmp_path / "w", "-q",
                                              "--no-report", "--max-iter", "5", "--test-size", "0"], None, str(wide), 0,
                                  seconds=60)
     assert code == 0, err
+
+
+def test_a_million_columns_is_refused_from_the_header(tmp_path):
+    """Issue 18: train / predict on a 10^6-column CSV spent ~122 s and 2.2 GB inside pandas.read_csv.  The
+    header is counted with a bounded read first: exit 2, one line naming the file, the count, the limit and
+    the formats for wide data, in well under a second."""
+    from softxent.cli.data import MAX_TABLE_COLUMNS
+
+    n = 10**6
+    wide = tmp_path / "million.csv"
+    with open(wide, "w") as f:
+        f.write(",".join(f"c{j}" for j in range(n)) + ",label\n")
+        f.write("1," * n + "x\n" + "0," * n + "y\n")
+    (code, err, _), peak = isolated(_cli_case, ["train", wide, "--target", "label", "--out", tmp_path / "m"], None,
+                                    str(wide), 0, seconds=5)
+    _judge(code, err, None, "10^6 columns")
+    assert code == 2 and "million.csv" in err and f"more than the {MAX_TABLE_COLUMNS:,}" in err, err
+    assert "svmlight" in err and ".npz" in err and peak < 64 << 20, (err, peak)
+    small = tmp_path / "small.csv"
+    small.write_text("c0,c1,label\n" + "".join(f"{i},{i % 3},{'xy'[i % 2]}\n" for i in range(20)))
+    code, err, _ = _cli_case(["train", small, "--target", "label", "--out", tmp_path / "m", "-q", "--no-report"],
+                             None, str(small), 0)
+    assert code == 0, err
+    (code, err, _), _ = isolated(_cli_case, ["predict", tmp_path / "m", wide], None, str(wide), 0, seconds=5)
+    _judge(code, err, None, "predict on 10^6 columns")
+    assert code == 2 and "million.csv" in err and f"more than the {MAX_TABLE_COLUMNS:,}" in err, err
+
+
+def test_table_width_limit_for_every_table_reader(tmp_path, monkeypatch):
+    """The limit holds for CSV (also compressed, also an exact count), Parquet (from its footer) and
+    train --dask; the limit is lowered here so that the files stay small."""
+    from softxent.cli import data as data_module
+
+    monkeypatch.setattr(data_module, "MAX_TABLE_COLUMNS", 40)
+    frame = pd.DataFrame(np.ones((4, 41)), columns=[f"c{j}" for j in range(41)]).assign(label=list("xyxy"))
+    frame.to_csv(tmp_path / "w.csv", index=False)
+    (tmp_path / "w.csv.gz").write_bytes(gzip.compress((tmp_path / "w.csv").read_bytes()))
+    (tmp_path / "q.csv").write_text('"a,\n""b""",' + ",".join(f"c{j}" for j in range(38)) + ",label\n" + "1," * 39 + "x\n")
+    frame.to_parquet(tmp_path / "w.parquet", index=False)
+    for name, count in (("w.csv", "42"), ("w.csv.gz", "42"), ("w.parquet", "42")):
+        for extra in ([], ["--dask"]) if name == "w.parquet" else ([],):
+            (code, err, _), _ = isolated(_cli_case, ["train", tmp_path / name, "--target", "label", "--out",
+                                                     tmp_path / "m", *extra], None, str(tmp_path / name), 0)
+            _judge(code, err, None, name)
+            assert f"{name}' has {count} columns, more than the 40" in err, err
+    # a quoted name holding a separator, a newline and a quote is one column: 40 in all, within the limit
+    assert len(data_module.raw_csv_header(tmp_path / "q.csv", ",")) == 40
 
 
 def test_compression_bomb_and_huge_label_and_index_are_refused(tmp_path):
@@ -337,6 +384,23 @@ def test_a_finite_1e308_feature_trains_and_predicts(tmp_path):
     assert code == 0, err
     code, err, check = _cli_case(["predict", model, path, "--proba"], str(model), str(path), 0)
     assert code == 0 and check is None, (err, check)
+
+
+def test_unstandardised_huge_column_is_refused_by_name(tmp_path):
+    """``--no-standardize`` with a column of 1e20 (below the old 1e150 limit, and a model without intercept)
+    or 1e200 (issue 18's proximal hang): exit 2 naming the column and the fix."""
+    from sklearn.datasets import load_iris
+
+    frame = load_iris(as_frame=True).frame
+    for scale in (1e20, 1e200):
+        data = frame.copy()
+        data["sepal width (cm)"] *= scale
+        path = tmp_path / f"x{scale:.0e}.csv"
+        data.to_csv(path, index=False)
+        code, err, _ = _cli_case(["train", path, "--target", "target", "--out", tmp_path / "m", "-q", "--no-report",
+                                  "--no-standardize", "--l1-ratio", "0.5"], None, str(path), 0)
+        _judge(code, err, None, f"x {scale}")
+        assert code == 2 and "'sepal width (cm)'" in err and "drop --no-standardize" in err, err
 
 
 def test_report_prints_mathtext_labels_as_written(tmp_path):
@@ -553,37 +617,56 @@ def test_solvers_stop_on_a_non_finite_objective(solver):
 
 def test_gd_never_accepts_an_ascent_step_on_large_features():
     """Features of 1e150 are within float64's range: every step is below 1e-20, which the old absolute floor
-    accepted whatever it did to the objective (it climbed to 1e175)."""
-    import warnings
-
+    accepted whatever it did to the objective (it climbed to 1e175).  Run on the objective itself: the
+    estimator refuses such data (test_features_beyond_the_row_norm_limit_are_refused_and_large_ones_fit)."""
     from sklearn.datasets import load_iris
 
-    from softxent import SoftmaxRegression
+    from softxent.objective import LinearSoftmaxObjective
+    from softxent.solvers import Monitor, run_solver
 
     X, y = load_iris(return_X_y=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        est = SoftmaxRegression(solver="gd", max_iter=200).fit(X * 1e150, y)
-    curve = np.asarray(est.loss_curve_)
-    assert np.all(np.diff(curve) <= 1e-12 * np.abs(curve[:-1])) and est.objective_ < math.log(3)
-
+    obj = LinearSoftmaxObjective(X * 1e150, y, 3, alpha=1e-4)
+    monitor = Monitor(200)
+    result = run_solver("gd", obj, np.zeros(obj.n_coef), max_iter=200, tol=1e-6, monitor=monitor)
+    curve = np.asarray(monitor.curve)
+    assert np.all(np.diff(curve) <= 1e-12 * np.abs(curve[:-1])) and obj.objective(result.w) < math.log(3)
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e37])
 def test_float32_extremes_end_cleanly(scale):
     """float32 features of 1e30 made newton-cg's CG divide by a zero M-norm (ZeroDivisionError); 1e37 overflows
-    float32's gradient, a ValueError."""
+    float32's gradient.  The estimator refuses both scales (rows longer than MAX_ROW_NORM); the solvers on the
+    objective itself stop with an error or a finite iterate."""
     from sklearn.datasets import load_iris
 
     X, y = load_iris(return_X_y=True)
     X32 = (X * scale).astype(np.float32)
     for solver in SOLVERS:
         kind, value = isolated(_fit_case, X32, y, None, solver, X32[:5])[0]
-        if kind == "error":
-            assert scale == 1e37 and "non-finite" in value and "Scale the features" in value, value
-        else:
-            P = value[3]
-            assert np.all(np.isfinite(P)) and np.allclose(P.sum(axis=1), 1.0, atol=1e-6)
+        assert kind == "error" and "scale the features" in value, value
+    for solver in ("lbfgs", "newton-cg", "gd", "proximal"):
+        message, _ = isolated(_solver_on_raw_objective, solver, X32, y)
+        assert message == "stopped" or ("non-finite" in message and "Scale the features" in message), message
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_features_beyond_the_row_norm_limit_are_refused_and_large_ones_fit(solver):
+    """Issue 18: lbfgs on iris x 1e150 (finite squares, so the old overflow check passed) returned the uniform
+    model after 0 iterations, reported as converged; at 1e20 every solver silently lost the intercept.  Rows
+    longer than MAX_ROW_NORM (4.5e15) are a ValueError naming the cause and the fix; 1e6-scale data fit."""
+    from sklearn.datasets import load_iris
+
+    from softxent.estimator import MAX_ROW_NORM
+
+    X, y = load_iris(return_X_y=True)
+    for scale in (1e150, 1e20):
+        kind, message = isolated(_fit_case, X * scale, y, None, solver, X[:3])[0]
+        assert kind == "error" and "rows of norm up to" in message and f"{MAX_ROW_NORM:.3g}" in message, message
+        assert "scale the features" in message and "StandardScaler" in message and "\n" not in message
+    outcome, _ = isolated(_fit_case, X * 1e6, y, None, solver, X * 1e6)
+    _judge_fit(outcome, f"{solver} on iris x 1e6")
+    accuracy = np.mean(outcome[1][4] == y)
+    assert accuracy >= 0.9, (solver, accuracy)
 
 
 def test_figures(fuzz_scale):

@@ -488,6 +488,9 @@ def entry_cases(world, name: str):
             world["refs"]["image" if name == "table" else "table"]["folder"] / MODEL_JSON, f / MODEL_JSON)),
         ("the folder is empty", lambda f: [p.unlink() for p in list(f.iterdir())]),
         ("model.json is 300 MiB (sparse)", lambda f: os.truncate(f / MODEL_JSON, 300 * 2**20)),
+        # model.json's limit grows with the tensor file: holes must not count
+        ("model.json is 300 MiB beside a sparse 4 GiB staged copy", lambda f: (
+            (f / staged).touch(), os.truncate(f / staged, 4 * 2**30), os.truncate(f / MODEL_JSON, 300 * 2**20))),
         ("model.json is 16 MiB of one JSON list of zeros", lambda f: (f / MODEL_JSON).write_bytes(
             b"[" + b"0," * (8 * 2**20 - 1) + b"0]")),
         ("model.json is a list of 2**20 mixed values", lambda f: (f / MODEL_JSON).write_bytes(
@@ -625,3 +628,43 @@ def test_names_from_the_model_are_printed_not_interpreted(world, tmp_path):
     assert "'[/bold]', '[red]b'" in res.stdout
     res = CliRunner().invoke(app, ["predict", str(folder), str(world["refs"]["table"]["data"])])
     assert res.exit_code == 0 and set(res.stdout.splitlines()[1:]) <= {"[/bold]", "[red]b", "c\u202e"}
+
+
+def test_model_json_limits_grow_with_the_tensor_file(world, tmp_path, monkeypatch):
+    """Issue 18: model.json's fixed 16 MiB cap (and 2**20 values) made a model that trained on ~500 000
+    features (or svmlight's 2**20) fail when saved.  The limits now grow with the tensor file; a model.json
+    too large for the tensor file beside it is refused before it is parsed.  The fixed allowance is lowered
+    here, so that 5000 features stand for 500 000."""
+    from softxent.cli import model_io
+    from softxent.cli.data import Preprocessing
+    from softxent.cli.model_io import SavedModel, save_model
+
+    monkeypatch.setattr(model_io, "MAX_JSON_BYTES", 64 << 10)
+    monkeypatch.setattr(model_io, "MAX_VALUES", 4096)
+    rng = np.random.default_rng(18)
+    d = 5000
+    names = [f"feature_{j:05d}" for j in range(d)]
+    pre = Preprocessing(input_columns=names, feature_names=names, mean=rng.standard_normal(d), scale=np.ones(d))
+    model = SavedModel(classes=np.array(["a", "b", "c"]), coef=rng.standard_normal((3, d)),
+                       intercept=rng.standard_normal(3), preprocessing=pre)
+    folder = tmp_path / "wide"
+    save_model(folder, model)
+    assert (folder / MODEL_JSON).stat().st_size > 2 * (64 << 10)
+    loaded = load_model(folder)
+    assert np.array_equal(loaded.coef, model.coef) and loaded.preprocessing.feature_names == names
+    # the same model.json beside a small model's tensors, and a megabyte of junk as model.json: refused by size
+    small = world["refs"]["image"]["folder"] / MODEL_TENSORS
+    for label, mutate in (("small tensors", lambda f: shutil.copy(small, f / MODEL_TENSORS)),
+                          ("junk", lambda f: (shutil.copy(small, f / MODEL_TENSORS),
+                                              (f / MODEL_JSON).write_bytes(b"[" * (1 << 20))))):
+        hostile = tmp_path / label
+        shutil.copytree(folder, hostile)
+        mutate(hostile)
+        with pytest.raises(ModelFileError, match=f"beside a tensor file of {small.stat().st_size:,} bytes"):
+            load_model(hostile)
+    # a model whose names could never be saved is refused before it is fitted, nothing written
+    csv = tmp_path / "long.csv"
+    pd.DataFrame({"x" * 40_000: rng.standard_normal(20), "label": ["p", "q"] * 10}).to_csv(csv, index=False)
+    res = CliRunner().invoke(app, ["train", str(csv), "--target", "label", "--out", str(tmp_path / "m"), "-q"])
+    assert res.exit_code == 2 and "shorten the column names" in res.stderr and "40,000 characters" in res.stderr
+    assert not (tmp_path / "m").exists()

@@ -66,27 +66,55 @@ _CONVERGENCE_ADVICE = (
 )
 
 
+def _weight_divisor(top: float) -> float:
+    """What the sample weights are divided by, given their largest entry ``top``: ``top`` when it lies outside
+    [1e-100, 1e100], else 1.  The objective divides by ``S = sum(s)`` and so depends only on the weights'
+    ratios, but ``S`` (or ``s_i CE_i``) overflows for weights near 1e308 and loses digits for weights near
+    1e-308.  The in-memory fit (:func:`_tame_weights`) and the Dask fit (which finds ``top`` in its scan of
+    the blocks) both divide by it."""
+    return top if top > 0 and not 1e-100 <= top <= 1e100 else 1.0
+
+
 def _tame_weights(sw):
-    """``sw`` divided by its largest entry when that lies outside [1e-100, 1e100]: the objective divides by
-    ``S = sum(sw)`` and so depends only on the weights' ratios, but ``S`` (or ``s_i CE_i``) overflows for
-    weights near 1e308 and loses digits for weights near 1e-308."""
-    top = float(np.max(sw, initial=0.0))
-    return sw / sw.dtype.type(top) if top > 0 and not 1e-100 <= top <= 1e100 else sw
+    """``sw`` divided by :func:`_weight_divisor` of its largest entry."""
+    divisor = _weight_divisor(float(np.max(sw, initial=0.0)))
+    return sw if divisor == 1.0 else sw / sw.dtype.type(divisor)
 
 
-def _check_scale(obj, X) -> None:
-    """A ValueError when the features are so large that ``||x_i||^2`` overflows float64 (|x| above about
-    1e154): the gradient, the curvature bound behind every solver's first step and, soon after, the
-    objective are then not finite, and a fit would return a uniform model or NaN."""
-    if np.isfinite(obj.lipschitz_bound()):
+#: The largest row norm ``||x_i||`` a fit accepts: 1 / eps of float64, about 4.5e15.  The curvature of the
+#: objective along the features grows as ``||x_i||^2`` while the intercept's stays below 1/2; beyond this
+#: norm the two differ by more than 1/eps^2 and no solver moves the intercept any more (measured on iris and
+#: a 4-class make_classification set: newton-cg stops at the model without intercept from ||x|| ~ 1e12-1e14,
+#: lbfgs from ~1e8); further up L-BFGS-B's line search cannot even take a first step (digits at
+#: ||x|| ~ 5e27: the uniform model after 0 iterations), and from 1.3e154 the squared norms overflow.
+#: Below it every solver still returns a model (1e6-scale features fit; raw timestamps in seconds, 1.7e9,
+#: too), with a ConvergenceWarning where the scale slows it; scaling the features is the cure either way.
+MAX_ROW_NORM = 1.0 / float(np.finfo(np.float64).eps)
+
+
+def _check_scale(obj, X=None) -> None:
+    """A ValueError when a row of the features is longer than :data:`MAX_ROW_NORM` (or its squared norm
+    overflows): the fit would return a model without intercept, a uniform model or NaN.  ``obj`` is the fit's
+    objective (in memory or on Dask); ``X``, when at hand, locates the largest value for the message."""
+    sq = obj.max_squared_row_norm()
+    if np.isfinite(sq) and sq <= MAX_ROW_NORM**2:
         return
-    values = X.data if sp.issparse(X) else X
-    where = np.unravel_index(np.argmax(np.abs(values)), values.shape) if not sp.issparse(X) else None
-    at = f" (at row {where[0]}, column {where[1]})" if where is not None else ""
+    norm = (f"of norm up to {np.sqrt(sq):.3g}" if np.isfinite(sq)
+            else "whose norms exceed 1.3e154 (their squares overflow float64)")
+    at = ""
+    if X is not None:
+        values = X.data if sp.issparse(X) else X
+        top = float(np.max(np.abs(values)))
+        if sp.issparse(X):
+            at = f"; values up to {top:.3g}"
+        else:
+            i, j = np.unravel_index(np.argmax(np.abs(values)), values.shape)
+            at = f"; values up to {top:.3g} (at row {i}, column {j})"
     raise ValueError(
-        f"X holds values up to {float(np.max(np.abs(values))):.3g}{at}, so the squared row norms overflow float64 "
-        "and the objective's gradient and curvature are not finite; scale the features (e.g. "
-        "sklearn.preprocessing.StandardScaler, or divide them by their magnitude)")
+        f"X has rows {norm}{at}: beyond {MAX_ROW_NORM:.3g} (1/float64 eps) the features' scale "
+        "leaves the intercept's curvature below rounding, and the fit would be meaningless (a model without "
+        "intercept, or the uniform one); scale the features (e.g. sklearn.preprocessing.StandardScaler, or "
+        "divide them by their magnitude)")
 
 
 def _overflow_free_logits(X, coef, intercept, dtype):
@@ -295,7 +323,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         """Fit on ``X`` ``(N, D)`` (dense or CSR), labels ``y`` ``(N,)``, optional ``sample_weight``.
 
         A dask array ``X`` (with dask ``y``) is fitted on the current ``dask.distributed`` cluster by
-        :func:`softxent.dask.fit_dask`."""
+        :func:`softxent.dask.fit_dask`.  Rows of ``X`` longer than :data:`MAX_ROW_NORM` (1/eps, about 4.5e15)
+        are a ValueError: scale the features."""
         if _is_dask(X):
             from .dask import fit_dask
 

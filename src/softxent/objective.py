@@ -439,15 +439,11 @@ class LinearSoftmaxObjective:
             _axpy(l2, v[:k], hv[:k])
         return hv
 
-    def lipschitz_bound(self) -> float:
-        """A bound on the Lipschitz constant of a single row's gradient, for first step sizes.
-
-        The softmax Hessian has eigenvalues <= 1/2, so ``L <= 1/2 max_i (||x_i||^2 + 1) + alpha``, the max
-        over the rows with ``s_i > 0`` (a row of weight zero is no part of ``E``, and the bound is then the
-        same for weighted rows as for the same rows repeated).  Computed once per objective (a pass over X):
-        the estimator's scale check and the solvers' first steps share it.
-        """
-        cached = self.__dict__.get("_lipschitz_bound")
+    def max_squared_row_norm(self) -> float:
+        """``max_i ||x_i||^2`` over the rows with ``s_i > 0`` (a row of weight zero is no part of ``E``), in
+        float64 whatever the dtype of ``X``.  Computed once per objective (a pass over X): the estimator's
+        scale check and the solvers' first steps (:meth:`lipschitz_bound`) share it."""
+        cached = self.__dict__.get("_max_squared_row_norm")
         if cached is not None:
             return cached
         X = self.X
@@ -457,8 +453,17 @@ class LinearSoftmaxObjective:
             sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
         if self.sample_weight is not None:
             sq = sq[self.sample_weight > 0]
-        self._lipschitz_bound = 0.5 * (float(np.max(sq, initial=0.0)) + 1.0) + self.alpha
-        return self._lipschitz_bound
+        self._max_squared_row_norm = float(np.max(sq, initial=0.0))
+        return self._max_squared_row_norm
+
+    def lipschitz_bound(self) -> float:
+        """A bound on the Lipschitz constant of a single row's gradient, for first step sizes.
+
+        The softmax Hessian has eigenvalues <= 1/2, so ``L <= 1/2 max_i (||x_i||^2 + 1) + alpha``, the max
+        over the rows with ``s_i > 0`` (:meth:`max_squared_row_norm`: the bound is then the same for weighted
+        rows as for the same rows repeated).
+        """
+        return 0.5 * (self.max_squared_row_norm() + 1.0) + self.alpha
 
     def l1_penalty(self, w) -> float:
         """``alpha rho ||Theta||_1`` (the intercept is not penalised)."""

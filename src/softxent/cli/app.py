@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import EXIT_INTERRUPTED
 from .errors import DataError, ModelFileError, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -36,7 +37,6 @@ for _c in (console, err_console):  # in a log or a pipe, long lines stay whole i
     _c.soft_wrap = not _c.is_terminal
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 _STATE = {"debug": False}
 
 SOLVER_HELP = ("auto | lbfgs | newton-cg | gd | proximal | sgd | adam  (auto: lbfgs for L2, proximal for "
@@ -357,13 +357,15 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
 
     from ..dask import client_for, fit_dask, read_table
     from ..estimator import SoftmaxRegression
-    from .data import Preprocessing, detect_format, expand_paths
-    from .model_io import MODEL_JSON, SavedModel, save_model
+    from .data import Preprocessing, check_table_width, detect_format, expand_paths
+    from .model_io import MODEL_JSON, SavedModel, check_metadata_fits, save_model
     from .report import compute_metrics
 
     out = out if out is not None else _default_out()
     if (out / MODEL_JSON).exists() and not force:
         raise UserInputError(f"{str(out)!r} already holds a model; overwrite it with --force or choose another --out")
+    for path in expand_paths(list(data)):
+        check_table_width(path, fmt)
     try:
         X, y, names = read_table(list(data), target, fmt=fmt)
     except (ValueError, KeyError, FileNotFoundError) as exc:
@@ -385,6 +387,7 @@ def _train_on_dask(stack, *, data, target, fmt, alpha, l1_ratio, solver, max_ite
                         mean=np.asarray(mean, dtype=np.float64), scale=np.asarray(scale, dtype=np.float64))
     load_s = time.perf_counter() - t0
     sources = [str(p) for p in expand_paths(list(data))] or list(data)
+    check_metadata_fits(pre, classes_all, {"training": {"data": sources}})
     kind = fmt or detect_format(Path(sources[0]))
     console.print(f"[bold]softxent train --dask[/bold]: {len(sources)} {kind} file(s) — {len(y_np)} rows, "
                   f"{len(names)} features, {len(classes_all)} classes, {X.numblocks[0]} row blocks on "
@@ -572,8 +575,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                                   report=report)
 
     from .data import Preprocessing, load_data, split_target, train_test_indices
-    from .model_io import MODEL_JSON, SavedModel, load_model, save_model
-
+    from .model_io import MODEL_JSON, SavedModel, check_metadata_fits, load_model, save_model
 
     # ---- the output folder, and the model to resume ------------------------------------------------
     previous = None
@@ -646,6 +648,7 @@ def _train(*, data, target, fmt, test_size, alpha, l1_ratio, solver, max_iter, t
                                     impute=None if impute in (None, "none") else impute,
                                     standardize=True if standardize is None else standardize, raw=raw)
         _show_warnings(caught)
+        check_metadata_fits(pre, classes_all, {"training": {"data": raw.sources}})
     X_tr = pre.transform(_rows(features, tr))
     X_te = pre.transform(_rows(features, te)) if len(te) else None
     load_s = time.perf_counter() - t0

@@ -205,35 +205,71 @@ def _too_large(path: Path, what: str) -> DataError:
 def check_decompressed_size(path: Path) -> None:
     """Stream a compressed file once (constant memory) and raise a DataError when it expands beyond
     :func:`_expansion_limit` or is damaged; uncompressed files pass untouched."""
+    if path.suffix.lower() not in _COMPRESSION:
+        return
+    limit = _expansion_limit(path)
+    with _stream_errors(path), _open_binary(path) as stream:
+        total = 0
+        while chunk := stream.read(1 << 20):
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(path, f"expands to more than {limit:,} bytes when decompressed")
+
+
+@contextlib.contextmanager
+def _stream_errors(path: Path):
+    """What reading ``path``'s bytes through its compression may raise, as a DataError naming the file."""
     import lzma
     import zipfile
     import zlib
 
-    suffix = path.suffix.lower()
-    if suffix not in _COMPRESSION:
-        return
-    limit = _expansion_limit(path)
     try:
-        with _open_binary(path) as stream:
-            total = 0
-            while chunk := stream.read(1 << 20):
-                total += len(chunk)
-                if total > limit:
-                    raise _too_large(path, f"expands to more than {limit:,} bytes when decompressed")
+        yield
     except DataError:
         raise
     except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, ValueError) as exc:
-        raise DataError(f"cannot decompress {str(path)!r} ({suffix[1:]}): {_first_line(exc)}") from None
+        suffix = path.suffix.lower()
+        what = f"decompress {str(path)!r} ({suffix[1:]})" if suffix in _COMPRESSION else f"read {str(path)!r}"
+        raise DataError(f"cannot {what}: {_first_line(exc)}") from None
 
 
-def _check_parquet_size(path: Path) -> None:
-    """Refuse a Parquet file whose metadata claims more uncompressed bytes than the expansion limit."""
+def _parquet_metadata(path: Path):
+    """The footer of a Parquet file (the data is not read), refused when it has more than
+    :data:`MAX_TABLE_COLUMNS` columns."""
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(path).metadata
+    if meta.num_columns > MAX_TABLE_COLUMNS:
+        raise _too_wide(path, f"{meta.num_columns:,}")
+    return meta
+
+
+def _check_parquet_size(path: Path) -> None:
+    """Refuse a Parquet file whose metadata claims more columns than :data:`MAX_TABLE_COLUMNS` or more
+    uncompressed bytes than the expansion limit (the footer is read, not the data)."""
+    meta = _parquet_metadata(path)
     claimed = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if claimed > _expansion_limit(path):
         raise _too_large(path, f"claims {claimed:,} uncompressed bytes")
+
+
+def check_table_width(path: Path, fmt: str | None = None) -> None:
+    """Refuse a CSV or Parquet file wider than :data:`MAX_TABLE_COLUMNS` from its header or footer alone,
+    for readers that bring their own parser (``train --dask``); other formats pass."""
+    kind = detect_format(path, fmt)
+    if kind == "csv":
+        raw_csv_header(path, _csv_separator(path))
+    elif kind == "parquet":
+        try:
+            _parquet_metadata(path)
+        except DataError:
+            raise
+        except Exception as exc:  # not Parquet, damaged footer: the reader names it in its own words
+            raise DataError(f"cannot read {str(path)!r} as parquet: {_first_line(exc)}") from None
+
+
+def _csv_separator(path: Path) -> str:
+    return "\t" if ".tsv" in path.name.lower() else ","
 
 
 @contextlib.contextmanager
@@ -257,16 +293,73 @@ def _open_binary(path: Path):
         yield stream
 
 
+#: The widest table (CSV or Parquet) softxent reads, in columns.  A text table that wide is almost always
+#: sparse data in the wrong format, and the per-column costs of a table reader and of the data-frame steps
+#: after it grow faster than the file: a 10^6-column CSV of 6 rows took 122 s and 2.2 GB inside
+#: pandas.read_csv alone, and pyarrow.csv is no faster on wide files (~25 us per column: 2.7 s for 10^5, and
+#: the frame's later steps cost per column as much again).  So the header is counted first and wider tables
+#: are refused: at this limit, train and predict on a 6-row file (0.9 MB) take ~3 s each with the imports
+#: done (2 busy cores) and grow memory by 140-170 MiB, inside issue 18's 10 s and 10x the file + 200 MB;
+#: 10^5 columns would not be.  Wider data belongs in svmlight/libsvm (sparse, up to 2**20 features or one
+#: per non-zero) or in an .npz array (dense X, any width), whose readers cost per value, not per column.
+MAX_TABLE_COLUMNS = 50_000
+#: The longest CSV header line read, in bytes (MAX_TABLE_COLUMNS names of ~330 bytes): the header is read
+#: and counted before the body, so a file with one endless first line costs at most this much.
+MAX_HEADER_BYTES = 16 << 20
+_WIDE_HINT = ("save wide data as svmlight/libsvm (sparse; .svm, .libsvm) or as an .npz with arrays X and y, which "
+              "have no column limit")
+
+
+def _too_wide(path: Path, n_columns: str) -> DataError:
+    return DataError(f"{str(path)!r} has {n_columns} columns, more than the {MAX_TABLE_COLUMNS:,} a CSV or Parquet "
+                     f"table may have; {_WIDE_HINT}")
+
+
 def raw_csv_header(path: Path, sep: str) -> list[str]:
-    """The header row as written (pandas renames a repeated name ``a`` to ``a.1``, hiding duplicates)."""
+    """The header row as written (pandas renames a repeated name ``a`` to ``a.1``, hiding duplicates).
+
+    Read before the body with a bounded read: the first line (a newline inside double quotes does not end
+    it) is scanned in 1 MiB pieces, counting separators outside quotes, and the scan stops as soon as the
+    line has more than :data:`MAX_TABLE_COLUMNS` columns or :data:`MAX_HEADER_BYTES` bytes, each a DataError.
+    """
     import csv
 
-    with _open_binary(path) as stream:
-        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
-        try:
-            return next(csv.reader(text, delimiter=sep), [])
-        except csv.Error as exc:
-            raise DataError(f"cannot parse the header of {str(path)!r}: {_first_line(exc)}") from None
+    sep_byte = sep.encode()
+    head, n_seps, in_quotes, end = [], 0, False, None
+    with _stream_errors(path), _open_binary(path) as stream:
+        size = 0
+        while end is None:
+            piece = stream.read(1 << 20)
+            if not piece:
+                break
+            # split at quotes: every other part lies inside a quoted field ('""' toggles twice, so it counts
+            # as the quote it stands for); only the parts outside hold separators and the line's end
+            parts = piece.split(b'"')
+            offset = 0
+            for k, part in enumerate(parts):
+                if k:
+                    in_quotes = not in_quotes
+                if not in_quotes:
+                    cut = min((i for i in (part.find(b"\n"), part.find(b"\r")) if i >= 0), default=-1)
+                    if cut >= 0:
+                        n_seps += part.count(sep_byte, 0, cut)
+                        end = size + offset + cut
+                        break
+                    n_seps += part.count(sep_byte)
+                offset += len(part) + 1
+            head.append(piece)
+            size += len(piece)
+            if n_seps + 1 > MAX_TABLE_COLUMNS:
+                shown = f"{n_seps + 1:,}" if end is not None else f"more than {n_seps + 1:,}"
+                raise _too_wide(path, shown)
+            if (end if end is not None else size) > MAX_HEADER_BYTES:
+                raise DataError(f"the header line of {str(path)!r} is longer than {MAX_HEADER_BYTES >> 20} MiB "
+                                f"(the limit for its column names); is it a CSV file? {_WIDE_HINT}")
+    line = b"".join(head)[: end if end is not None else None]
+    try:
+        return next(csv.reader(io.StringIO(line.decode("utf-8-sig", errors="replace")), delimiter=sep), [])
+    except csv.Error as exc:
+        raise DataError(f"cannot parse the header of {str(path)!r}: {_first_line(exc)}") from None
 
 
 def _duplicates(names: list[str]) -> list[str]:
@@ -289,10 +382,10 @@ def _read_table(path: Path, kind: str):
 
                     pa.array(df[c].array).validate(full=True)
             return df
+        sep = _csv_separator(path)
+        header = raw_csv_header(path, sep)  # first: a bounded read, before anything reads the body
         check_decompressed_size(path)
-        name = path.name.lower()
-        sep = "\t" if ".tsv" in name else ","
-        dup = _duplicates(raw_csv_header(path, sep))
+        dup = _duplicates(header)
         if dup:
             raise DataError(f"{str(path)!r} has duplicate column names: {', '.join(map(repr, dup[:20]))}"
                             + (f", ... ({len(dup)} in all)" if len(dup) > 20 else ""))
@@ -635,7 +728,8 @@ class Preprocessing:
             cols = list(features.columns)
             if not cols:
                 raise DataError("the data has no feature columns besides the target")
-            non_numeric = [c for c in cols if not _numeric_column(features[c])]
+            numeric = {t: _numeric_dtype(t) for t in set(features.dtypes)}  # per dtype, not per column
+            non_numeric = [c for c, t in zip(cols, features.dtypes) if not numeric[t]]
             mostly_numeric = {c: share for c in non_numeric
                               if (share := _numeric_share(features[c])) >= MOSTLY_NUMERIC}
             if not categorical:  # numeric columns read as text: encode() parses them, naming bad cells
@@ -729,23 +823,24 @@ class Preprocessing:
                         f"standardised (mean {self.mean[j]:.6g}, scale {self.scale[j]:.6g}); softxent cannot score "
                         "it: remove or rescale that value")
 
-    #: Largest feature value (after standardising) a model is trained or applied on: squares of larger
-    #: ones overflow float64 (1.3e154 squared is 1.7e308), and with them the objective.
-    MAX_FEATURE_MAGNITUDE = 1e150
-
     def _check_magnitude(self, X) -> None:
-        """Refuse training features whose squares overflow (the objective would not be finite)."""
+        """Refuse training features (as standardised) of which one value alone makes its row longer than the
+        estimator's MAX_ROW_NORM, naming the columns; rows too long by several values are refused by the
+        estimator's own check."""
+        from ..estimator import MAX_ROW_NORM
+
         vals = X.data if sp.issparse(X) else X
-        if not vals.size or float(np.max(np.abs(vals))) <= self.MAX_FEATURE_MAGNITUDE:
+        if not vals.size or float(np.max(np.abs(vals))) <= MAX_ROW_NORM:
             return
         col_max = (np.asarray(abs(X).max(axis=0).todense()).ravel() if sp.issparse(X)
                    else np.max(np.abs(X), axis=0))
-        cols = np.flatnonzero(col_max > self.MAX_FEATURE_MAGNITUDE)
+        cols = np.flatnonzero(col_max > MAX_ROW_NORM)
         shown = ", ".join(f"{self.feature_names[j]!r} (up to {col_max[j]:.3g})" for j in cols[:8])
         fix = ("rescale those columns" if self.standardize else
                "standardise them (drop --no-standardize) or rescale those columns")
-        raise DataError(f"feature value(s) beyond {self.MAX_FEATURE_MAGNITUDE:g} in column(s) {shown}"
-                        f"{', ...' if len(cols) > 8 else ''}: their squares overflow float64; {fix}")
+        raise DataError(f"feature value(s) beyond {MAX_ROW_NORM:.3g} (1/float64 eps) in column(s) {shown}"
+                        f"{', ...' if len(cols) > 8 else ''}: at that scale no model can be fitted (the intercept's "
+                        f"curvature is lost below rounding); {fix}")
 
     def standardise(self, X):
         if not self.standardize:

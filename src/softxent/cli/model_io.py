@@ -13,7 +13,7 @@ parameters, the solver, the objective, the metrics, the training data's descript
 version 2) a checksum of all of that (:mod:`.model_schema`).
 
 Loading never executes code and reads nothing unbounded: only regular files inside the folder; model.json
-parsed strictly, its checksum verified and its schema validated; the tensor file's size, 8-byte header
+no larger than the tensor file beside it allows (:func:`metadata_limits`), parsed strictly, its checksum verified and its schema validated; the tensor file's size, 8-byte header
 length and JSON header checked against model.json before its body is read once, then its SHA-256.  Every
 problem raises :class:`~softxent.cli.errors.ModelFileError` with a one-line reason that never quotes the
 file's bytes.
@@ -43,7 +43,7 @@ import numpy as np
 
 from .data import Preprocessing
 from .errors import ModelFileError
-from .model_schema import canonical_sha256, parse_strict, validate, verify_checksum
+from .model_schema import MAX_VALUES, canonical_sha256, count_values, parse_strict, validate, verify_checksum
 
 __all__ = [
     "FORMAT_NAME",
@@ -53,6 +53,8 @@ __all__ = [
     "SavedModel",
     "save_model",
     "load_model",
+    "metadata_limits",
+    "check_metadata_fits",
     "resolve_model_dir",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -64,8 +66,55 @@ FORMAT_NAME = "softxent-model"
 FORMAT_VERSION = 2  # 2: model.json carries a checksum of its own content; the folder is saved as one step
 MODEL_JSON = "model.json"
 MODEL_TENSORS = "model.safetensors"
-MAX_JSON_BYTES = 16 * 2**20  # with model_schema.MAX_VALUES: ~500 000 features; the worst such file parses in ~1 s
+MAX_JSON_BYTES = 16 * 2**20  # model.json's allowance whatever the tensors (with MAX_VALUES; parses in ~1 s)
+#: beyond MAX_JSON_BYTES, a model.json may hold this many bytes per byte of the tensor file beside it
+JSON_BYTES_PER_TENSOR_BYTE = 16
 _MAX_HEADER = 2**20  # the safetensors JSON header; softxent's own is under 1 KiB
+
+
+def metadata_limits(tensor_bytes: int) -> tuple[int, int]:
+    """The most bytes and JSON values a model.json may have beside a tensor file of ``tensor_bytes`` bytes.
+
+    model.json lists a few names per feature (its input column, its name, a category), the tensor file holds
+    K + 2 >= 4 float64 per feature: both grow with the features, so the limits do too -- above a fixed
+    allowance, :data:`JSON_BYTES_PER_TENSOR_BYTE` bytes per tensor byte (512 bytes per feature at K = 2) and
+    one value per float64 (4 per feature).  A fixed 16 MiB made models of ~500 000 features fail when saved,
+    and 2**20 values svmlight's widest data; a small folder still cannot make the loader parse a large
+    model.json.  ``train`` checks before fitting that its names fit (:func:`check_metadata_fits`).
+    """
+    return MAX_JSON_BYTES + JSON_BYTES_PER_TENSOR_BYTE * tensor_bytes, MAX_VALUES + tensor_bytes // 8
+
+
+def check_metadata_fits(preprocessing: Preprocessing, classes, meta: dict | None = None) -> None:
+    """Before fitting: a DataError when the feature names, categories and class labels (and ``meta``, e.g. the
+    training files) would make a model.json over :func:`metadata_limits` for a model of these features and
+    classes, so that a model that trains is a model that saves (and loads); only absurdly long names fail."""
+    from .errors import DataError
+
+    k, d = len(classes), preprocessing.n_features
+    tensor_bytes = 8 * (k * d + k + d * len(preprocessing.tensors()))  # a lower bound: no loss curve, no header
+    text = _dumps(_jsonable({"classes": classes_to_json(classes), "features": preprocessing.to_json(),
+                             **(meta or {})})).encode("utf-8")
+    reserve = 64 << 10  # the rest: format, parameters, metrics
+    max_bytes, max_values = metadata_limits(tensor_bytes)
+    if len(text) + reserve > max_bytes or count_values(text) + 4096 > max_values:
+        names = list(preprocessing.input_columns) + [str(c) for c in classes]
+        longest = max(names, key=len, default="")
+        raise DataError(f"the names of this model ({d:,} features, {k:,} classes) would take {len(text):,} bytes of "
+                        f"{MODEL_JSON}, more than the {max_bytes - reserve:,} such a model may have; shorten the column "
+                        f"names, category values or class labels (the longest has {len(longest):,} characters)")
+
+
+def _refuse_metadata_size(json_bytes: int, n_values: int | None, tensor_bytes: int, where: str) -> None:
+    """ModelFileError when model.json's size or value count exceed :func:`metadata_limits` (the value count
+    is not checked when None)."""
+    max_bytes, max_values = metadata_limits(tensor_bytes)
+    if json_bytes > max_bytes or (n_values is not None and n_values > max_values):
+        what = f"{json_bytes:,} bytes" if json_bytes > max_bytes else f"{n_values:,} values"
+        raise ModelFileError(f"{where} has {what}; beside a tensor file of {tensor_bytes:,} bytes a model.json may "
+                             f"have at most {max_bytes:,} bytes and {max_values:,} values ({MAX_JSON_BYTES >> 20} MiB "
+                             f"and {MAX_VALUES:,}, plus {JSON_BYTES_PER_TENSOR_BYTE} bytes and 1/8 value per tensor "
+                             "byte)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,10 +301,8 @@ def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
     text = _dumps(meta) + "\n"
     try:  # the loader's own limits and parser on the very text: a model that saves is a model that loads
         data = text.encode("utf-8")
-        if len(data) > MAX_JSON_BYTES:
-            raise ModelFileError(f"{MODEL_JSON} would be {len(data)} bytes, over the {MAX_JSON_BYTES} a model.json "
-                                 "may have (about half a million features)")
-        parse_strict(data, MODEL_JSON)
+        _refuse_metadata_size(len(data), None, len(blob), MODEL_JSON)
+        parse_strict(data, MODEL_JSON, max_values=metadata_limits(len(blob))[1])
     except (ModelFileError, UnicodeEncodeError) as exc:
         raise ModelFileError(f"the model cannot be saved: {exc}") from None
     d.mkdir(parents=True, exist_ok=True)
@@ -358,8 +405,9 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     """Read and validate a model folder; every problem is a :class:`ModelFileError` with a one-line reason.
 
     Order of checks, so that nothing is read that its header does not declare:
-    model.json (a regular file inside the folder, at most :data:`MAX_JSON_BYTES`) -> strict JSON -> format
-    and version -> checksum of the metadata (version 2) -> schema; then the tensor file: its size must be
+    model.json (a regular file inside the folder, within :func:`metadata_limits` of the largest tensor file
+    beside it) -> strict JSON -> format and version -> checksum of the metadata (version 2) -> schema; then
+    the tensor file: its size must be
     the ``tensors.bytes`` model.json declares, its 8-byte header length and JSON header must describe exactly
     the tensors and shapes model.json lists, and only then is the body read, into one buffer of that size,
     and its SHA-256 compared.  Errors name the file and the rule, never the bytes found.
@@ -386,10 +434,10 @@ def _load_once(d: Path) -> SavedModel:
         raise ModelFileError(f"{str(d)!r} holds no {MODEL_JSON}; is it a folder written by 'softxent train'?")
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size > MAX_JSON_BYTES:
-            raise ModelFileError(f"{jpath} is {size} bytes; a model.json is at most {MAX_JSON_BYTES} bytes")
+        on_disk = _tensor_bytes_on_disk(d, real_dir)
+        _refuse_metadata_size(size, None, on_disk, str(jpath))  # before a byte of it is read
         raw_json = _read_exact(f, size, jpath)
-    meta = parse_strict(raw_json, str(jpath))
+    meta = parse_strict(raw_json, str(jpath), max_values=metadata_limits(on_disk)[1])
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{jpath} is not a softxent model file (its 'format' is not {FORMAT_NAME!r})")
     version = meta.get("format_version")
@@ -423,6 +471,8 @@ def _load_once(d: Path) -> SavedModel:
         if _read_json_again(d, real_dir) != raw_json:
             raise _ChangedWhileReading
         raise problem
+    if layout.tensor_bytes < on_disk:  # the limits came from a larger (staged) file than the one loaded
+        _refuse_metadata_size(len(raw_json), count_values(raw_json), layout.tensor_bytes, str(jpath))
     for name in ("coef", "intercept", "feature_mean", "feature_scale", "impute_values"):
         if name in tensors and not np.all(np.isfinite(tensors[name])):
             raise ModelFileError(f"{tpath} is corrupt: tensor {name!r} holds NaN or infinite values")
@@ -434,6 +484,36 @@ def _load_once(d: Path) -> SavedModel:
                       preprocessing=pre, loss_curve=tensors["loss_curve"], target=layout.target,
                       status=layout.status, meta=rest, path=d, json_text=raw_json.decode("utf-8"),
                       tensor_bytes=layout.tensor_bytes, notes=notes)
+
+
+_STAGED = re.compile(r"\.model\.safetensors\.[0-9a-f]{64}\Z")
+
+
+def _tensor_bytes_on_disk(d: Path, real_dir: str) -> int:
+    """The size of the largest tensor file the loader could use (model.safetensors, or a staged copy between
+    a save's steps 2 and 3), which sets model.json's limits before model.json is read.  A file mostly made of
+    holes counts its allocated bytes only: a sparse 4 GiB file must not let a 64 GiB model.json be read.
+    (On a file system that allocates late, e.g. ZFS before its next sync, a freshly saved tensor file may look
+    sparse for a few seconds; only model.json files above 16 MiB can then be refused.)  Entries that cannot
+    be opened are skipped: reading the tensors reports them."""
+    largest = 0
+    for name in [MODEL_TENSORS] + sorted(e.name for e in os.scandir(d) if _STAGED.match(e.name)):
+        try:
+            fd = _open_member(d, real_dir, name)
+        except (ModelFileError, _ChangedWhileReading, OSError):
+            continue
+        if fd is None:
+            continue
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        size = st.st_size
+        allocated = 512 * getattr(st, "st_blocks", size)
+        if allocated < size // 8:  # mostly holes (float64 tensors compress far less than 8x)
+            size = allocated
+        largest = max(largest, size)
+    return largest
 
 
 def _open_member(d: Path, real_dir: str, name: str) -> int | None:
@@ -477,7 +557,8 @@ def _read_json_again(d: Path, real_dir: str) -> bytes | None:
         return None
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        return _read_exact(f, size, d / MODEL_JSON) if size <= MAX_JSON_BYTES else None
+        fits = size <= metadata_limits(_tensor_bytes_on_disk(d, real_dir))[0]
+        return _read_exact(f, size, d / MODEL_JSON) if fits else None
 
 
 def _read_exact(f, n: int, where: Path) -> bytes:

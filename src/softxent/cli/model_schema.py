@@ -28,7 +28,7 @@ from .errors import ModelFileError
 __all__ = ["MAX_DEPTH", "MAX_VALUES", "ModelLayout", "parse_strict", "canonical_sha256", "verify_checksum", "validate"]
 
 MAX_DEPTH = 16  # model.json written by softxent nests 4 deep (metrics -> split -> value)
-MAX_VALUES = 2**20  # JSON values in one file: a model of ~500 000 features (input_columns + feature_names)
+MAX_VALUES = 2**20  # JSON values in a file, by default; model_io allows a model.json more (metadata_limits)
 INT64 = 2**63
 MAX_DIM = 2**40  # any tensor dimension; far above a real model, far below an overflow
 STATUSES = ("complete", "interrupted", "checkpoint")
@@ -64,14 +64,15 @@ _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b"[]{},:")))
 _LONG_INT = re.compile(rb"(?<![0-9.eE+-])-?[0-9]{19,}(?![0-9.eE])")  # an integer token (not a float's digits)
 
 
-def parse_strict(data: bytes, where: str):
-    """Parse ``data`` (the bytes of ``where``) as a model file's strict JSON; ModelFileError otherwise."""
+def parse_strict(data: bytes, where: str, *, max_values: int = MAX_VALUES):
+    """Parse ``data`` (the bytes of ``where``) as a model file's strict JSON of at most ``max_values`` values;
+    ModelFileError otherwise."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ModelFileError(f"{where} is corrupt (not UTF-8 text: byte {exc.start})") from None
     try:
-        _check_text(data)
+        _check_text(data, max_values)
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         # inf (a float that overflowed: '1e999') and lone surrogates ('\ud800') cannot be written back
         json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -91,14 +92,26 @@ def parse_strict(data: bytes, where: str):
     return obj
 
 
-def _check_text(data: bytes) -> None:
+def _structure(data: bytes) -> tuple[bytes, bytes]:
+    """``(data with its strings emptied, its structural characters [ ] { } , :)``: brackets, commas and digits
+    inside strings do not count."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    bare = _STRING.sub(b'""', unescaped)
+    return bare, bare.translate(None, _NOT_STRUCTURE)
+
+
+def count_values(data: bytes) -> int:
+    """How many JSON values ``data`` holds, at most (each value but the first follows a ',' or ':' or opens
+    with '[' / '{'), in a few passes at C speed."""
+    return len(_structure(data)[1])
+
+
+def _check_text(data: bytes, max_values: int) -> None:
     """Before parsing: the number of values, the nesting depth, and integers beyond int64 (3.10 would convert
     a million digits in quadratic time; 3.11+ refuses over 4300 with a ValueError of its own)."""
-    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    bare = _STRING.sub(b'""', unescaped)  # brackets, commas and digits inside strings do not count
-    structure = bare.translate(None, _NOT_STRUCTURE)
-    if len(structure) > MAX_VALUES:  # each value but the first follows a ',' or ':' or opens with '[' / '{'
-        raise _Invalid(f"more than {MAX_VALUES} values (a model.json lists its classes and features, each once)")
+    bare, structure = _structure(data)
+    if len(structure) > max_values:  # each value but the first follows a ',' or ':' or opens with '[' / '{'
+        raise _Invalid(f"more than {max_values:,} values (a model.json lists its classes and features, each once)")
     for m in _LONG_INT.finditer(bare):
         token = m.group()
         if len(token.lstrip(b"-")) > 19 or not -INT64 <= int(token) < INT64:

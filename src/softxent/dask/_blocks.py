@@ -60,31 +60,39 @@ def frame_column_values(part, columns, dtype):
 def scan_block(block) -> dict:
     """One pass over a raw block: its labels and their counts, and what is wrong with it, if anything.
 
-    Returns ``{"n_rows", "labels" (sorted unique), "counts" (per label), "nonfinite_X" (count of NaN/inf
-    entries), "negative_s", "nonfinite_s"}``.
+    Returns ``{"n_rows", "labels" (sorted unique), "counts" (per label), "max_s" (the largest sample weight
+    per label, 1 without weights), "nonfinite_X" (count of NaN/inf entries), "negative_s", "nonfinite_s"}``.
     """
     X, y, s = block
-    labels, counts = np.unique(y, return_counts=True)
+    labels, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     finite = np.isfinite(X)
     out = {"n_rows": int(X.shape[0]), "labels": labels, "counts": counts.astype(np.int64),
+           "max_s": np.ones(len(labels), dtype=X.dtype),
            "nonfinite_X": int(finite.size - np.count_nonzero(finite)), "negative_s": 0, "nonfinite_s": 0}
     if s is not None:
         out["nonfinite_s"] = int(s.size - np.count_nonzero(np.isfinite(s)))
         out["negative_s"] = int(np.count_nonzero(s < 0))
+        max_s = np.full(len(labels), -np.inf, dtype=s.dtype)
+        np.maximum.at(max_s, inverse.reshape(-1), s)
+        out["max_s"] = max_s
     return out
 
 
-def prepare_block(block, classes, class_weight):
+def prepare_block(block, classes, class_weight, weight_divisor=1.0):
     """Raw block -> prepared block: labels to indices into ``classes``, class weights folded into ``s``.
 
     ``class_weight`` is None or the ``(K,)`` weight per class, as the in-memory estimator folds it
-    (``s * cw[y_idx]`` in ``X``'s dtype).  ``X`` is passed through (no copy).
+    (``s * cw[y_idx]`` in ``X``'s dtype), and the weights are then divided by ``weight_divisor`` as the
+    in-memory ``_tame_weights`` divides them.  ``X`` is passed through (no copy).
     """
     X, y, s = block
     y_idx = np.searchsorted(classes, y).astype(np.int64, copy=False)
     if class_weight is not None:
         base = np.ones(X.shape[0], dtype=X.dtype) if s is None else s
         s = base * np.asarray(class_weight)[y_idx].astype(X.dtype)
+    if weight_divisor != 1.0:
+        base = np.ones(X.shape[0], dtype=X.dtype) if s is None else s
+        s = base / base.dtype.type(weight_divisor)
     return X, y_idx, s
 
 
@@ -136,9 +144,9 @@ def block_hessian_diag_sum(block, w, spec, proba=None):
     return _objective(block, spec).data_hessian_diag_sum(w, proba=proba)
 
 
-def block_lipschitz(block, spec) -> float:
-    """``LinearSoftmaxObjective.lipschitz_bound()`` of a prepared block (the bound is a max over rows)."""
-    return _objective(block, spec).lipschitz_bound()
+def block_max_squared_row_norm(block, spec) -> float:
+    """``LinearSoftmaxObjective.max_squared_row_norm()`` of a prepared block."""
+    return _objective(block, spec).max_squared_row_norm()
 
 
 def block_nbytes(block) -> int:
@@ -199,9 +207,9 @@ def group_gram_sum(spec, max_rows, *blocks):
     return total, weight
 
 
-def group_lipschitz(spec, *blocks) -> float:
-    """The largest :func:`block_lipschitz` over ``blocks``."""
-    return max(block_lipschitz(b, spec) for b in blocks)
+def group_max_squared_row_norm(spec, *blocks) -> float:
+    """The largest :func:`block_max_squared_row_norm` over ``blocks``."""
+    return max(block_max_squared_row_norm(b, spec) for b in blocks)
 
 
 def group_nbytes(*blocks) -> int:

@@ -13,6 +13,7 @@ import copy
 
 import numpy as np
 
+from ..estimator import _check_scale, _seed_sequence, _weight_divisor
 from ..objective import LinearSoftmaxObjective
 from ..solvers import (FULL_BATCH_SOLVERS, MinibatchState, Monitor, _no_improvement,
                        minibatch_epochs)
@@ -110,11 +111,15 @@ def fit_dask(est, X, y, sample_weight=None, *, client=None, persist="auto", coef
         if est.class_weight is not None:  # the class counts stand in for y (one row per class, weighted)
             cw = compute_class_weight(est.class_weight, classes=classes, y=classes,
                                       sample_weight=blocks.label_counts.astype(np.float64))
-        obj = blocks.objective(classes, cw, alpha=est.alpha, l1_ratio=est.l1_ratio,
-                               fit_intercept=est.fit_intercept, coef_node=coef_node)
-        if not obj.weight_sum > 0:
+        # the in-memory fit's weight taming and scale check, on the blocks
+        top = blocks.max_weight(classes, cw)
+        if not top > 0:  # weights are >= 0: no positive one is a zero total (a sum could overflow)
             raise ValueError("sample_weight must not sum to zero (every sample would be ignored); got a total "
-                             f"weight of {obj.weight_sum}")
+                             "weight of 0.0")
+        obj = blocks.objective(classes, cw, alpha=est.alpha, l1_ratio=est.l1_ratio,
+                               fit_intercept=est.fit_intercept, coef_node=coef_node,
+                               weight_divisor=_weight_divisor(top))
+        _check_scale(obj)
         solver = est._resolve_solver()
         est.solver_ = solver
         w0 = est._initial_w(obj)
@@ -141,8 +146,6 @@ def _fit_minibatch(est, obj, w0, solver, monitor):
     of each block, drawn with the seed; one map-reduce per epoch) -- and the fit stops when it has not
     improved by ``tol`` for ``n_iter_no_change`` epochs.
     """
-    from ..estimator import _seed_sequence
-
     if not (est.warm_start and getattr(est, "_mb_state", None) is not None):
         est._mb_state = MinibatchState()
     state = est._mb_state

@@ -1,7 +1,7 @@
 """The softmax-regression objective over a Dask cluster: one map-reduce per evaluation.
 
 :class:`DaskLinearSoftmaxObjective` has the interface of :class:`softxent.objective.LinearSoftmaxObjective`
-(``loss_gradient``, ``loss``, ``hessp``, ``lipschitz_bound``, ``l1_penalty``, ``prox_l1``, ``objective``,
+(``loss_gradient``, ``loss``, ``hessp``, ``max_squared_row_norm``, ``lipschitz_bound``, ``l1_penalty``, ``prox_l1``, ``objective``,
 ``pack`` / ``unpack``, ``n_coef`` ...), so every full-batch solver of :mod:`softxent.solvers` runs on it
 unchanged.  With the data in row blocks ``b = 1..B`` (each block holds all ``D`` columns)::
 
@@ -51,11 +51,12 @@ class DaskBlocks:
     ``False`` keeps only the recipe (the dask graph) and recomputes blocks when they are needed.
 
     Attributes: ``client``, ``n_rows``, ``n_features``, ``dtype``, ``chunks`` (rows per block),
-    ``labels`` (sorted unique labels over all blocks), ``label_counts``, ``persisted``, ``has_weight``.
+    ``labels`` (sorted unique labels over all blocks), ``label_counts``, ``label_max_weight`` (the largest
+    sample weight of each label), ``persisted``, ``has_weight``.
     """
 
-    def __init__(self, client, raw, *, n_rows, n_features, dtype, chunks, labels, label_counts, persisted,
-                 has_weight):
+    def __init__(self, client, raw, *, n_rows, n_features, dtype, chunks, labels, label_counts, label_max_weight,
+                 persisted, has_weight):
         self.client = client
         self._raw = raw              # per block: a Future (persisted) or a Delayed (streamed) raw block
         self.n_rows = n_rows
@@ -64,6 +65,7 @@ class DaskBlocks:
         self.chunks = chunks
         self.labels = labels
         self.label_counts = label_counts
+        self.label_max_weight = label_max_weight
         self.persisted = persisted
         self.has_weight = has_weight
 
@@ -94,16 +96,28 @@ class DaskBlocks:
         else:
             stats = client.gather(client.compute([scan(r) for r in raw]))
         _raise_for_bad_blocks(stats, X.chunks[0])
-        labels, counts = _merge_label_counts(stats)
+        labels, counts, max_weight = _merge_label_counts(stats)
         return cls(client, raw, n_rows=int(X.shape[0]), n_features=int(X.shape[1]), dtype=np.dtype(dtype),
                    chunks=tuple(int(c) for c in X.chunks[0]), labels=labels, label_counts=counts,
+                   label_max_weight=max_weight,
                    persisted=bool(persist), has_weight=sample_weight is not None)
 
     # ------------------------------------------------------------------------------ use
+    def max_weight(self, classes, class_weight=None) -> float:
+        """The largest sample weight once ``class_weight`` (``(K,)`` over ``classes``, or None) is folded in,
+        in the blocks' dtype as the blocks fold it: from the per-label maxima of the scan, no pass over the
+        data (rounding is monotone, so the largest product is the product of the largest weight)."""
+        top = self.label_max_weight
+        if class_weight is not None:
+            cw = np.asarray(class_weight, dtype=np.float64)[np.searchsorted(classes, self.labels)]
+            top = top * cw.astype(self.dtype)
+        return float(np.max(top, initial=0.0))
+
     def objective(self, classes, class_weight=None, *, alpha=0.0, l1_ratio=0.0, fit_intercept=True,
-                  coef_node=False):
+                  coef_node=False, weight_divisor=1.0):
         """The :class:`DaskLinearSoftmaxObjective` of these blocks for ``classes`` (sorted, a superset of
-        :attr:`labels`) and per-class weights ``class_weight`` (``(K,)`` or None); ``coef_node``: see
+        :attr:`labels`) and per-class weights ``class_weight`` (``(K,)`` or None), the weights divided by
+        ``weight_divisor`` (see ``softxent.estimator._weight_divisor``); ``coef_node``: see
         :meth:`DaskLinearSoftmaxObjective._node`."""
         if self._raw is None:
             raise RuntimeError("DaskBlocks.objective was already called on these persisted blocks (they now "
@@ -112,14 +126,15 @@ class DaskBlocks:
         cw = None if class_weight is None else np.asarray(class_weight, dtype=np.float64)
         client = self.client
         if self.persisted:
-            prepared = client.map(_blocks.prepare_block, self._raw, classes=classes, class_weight=cw, pure=False)
+            prepared = client.map(_blocks.prepare_block, self._raw, classes=classes, class_weight=cw,
+                                  weight_divisor=weight_divisor, pure=False)
             sums = client.gather(client.map(_blocks.block_weight_sum, prepared, pure=False))
             self._raw = None  # the prepared blocks share X with the raw ones; the raw ones go
         else:
             import dask
 
             prep = dask.delayed(_blocks.prepare_block, pure=True)
-            prepared = [prep(r, classes, cw) for r in self._raw]
+            prepared = [prep(r, classes, cw, weight_divisor) for r in self._raw]
             wsum = dask.delayed(_blocks.block_weight_sum, pure=True)
             sums = client.gather(client.compute([wsum(p) for p in prepared]))
         weight_sum = 0.0
@@ -162,7 +177,7 @@ class DaskLinearSoftmaxObjective:
         self._grouped_at = 0
         self._hess_cache = None      # (w, groups, w's graph node, per-group futures of the softmax at w)
         self._previous_futures = ()  # the last evaluation's futures: released after the next submit
-        self._lipschitz = None
+        self._max_sq = None
 
     # ------------------------------------------------------------------ LinearSoftmaxObjective's attributes
     n_classes = property(lambda self: self._layout.n_classes)
@@ -343,11 +358,14 @@ class DaskLinearSoftmaxObjective:
             weight += w
         return gram, weight
 
-    def lipschitz_bound(self) -> float:
-        """The largest of the blocks' :meth:`LinearSoftmaxObjective.lipschitz_bound` (a max over rows)."""
-        if self._lipschitz is None:
-            self._lipschitz = float(max(self.client.gather(self._map(_blocks.group_lipschitz, self.spec))))
-        return self._lipschitz
+    def max_squared_row_norm(self) -> float:
+        """The largest of the blocks' :meth:`LinearSoftmaxObjective.max_squared_row_norm` (one map-reduce,
+        once)."""
+        if self._max_sq is None:
+            self._max_sq = float(max(self.client.gather(self._map(_blocks.group_max_squared_row_norm, self.spec))))
+        return self._max_sq
+
+    lipschitz_bound = LinearSoftmaxObjective.lipschitz_bound  # the formula's one home, on max_squared_row_norm
 
     def objective(self, w) -> float:
         """The full objective ``E(w)``, L1 part included."""
@@ -476,12 +494,16 @@ def _raise_for_bad_blocks(stats, row_chunks):
 
 
 def _merge_label_counts(stats):
-    """Per-block ``(labels, counts)`` -> the sorted labels over all blocks and their total counts."""
+    """Per-block ``(labels, counts, max_s)`` -> the sorted labels over all blocks, their total counts and
+    their largest sample weights."""
     labels = np.unique(np.concatenate([st["labels"] for st in stats]))
     counts = np.zeros(len(labels), dtype=np.int64)
+    max_s = np.full(len(labels), -np.inf, dtype=np.result_type(*[st["max_s"] for st in stats]))
     for st in stats:
-        counts[np.searchsorted(labels, st["labels"])] += st["counts"]
-    return labels, counts
+        at = np.searchsorted(labels, st["labels"])
+        counts[at] += st["counts"]
+        max_s[at] = np.maximum(max_s[at], st["max_s"])
+    return labels, counts, max_s
 
 
 def _workers_info(client) -> dict:
