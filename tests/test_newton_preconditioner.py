@@ -156,13 +156,13 @@ def test_kept_probabilities_serve_the_hessian_at_that_point_only(sparse, dtype, 
     assert obj._hess_cache is None
     obj.loss_gradient(w, keep_proba=True)
     calls = {"n": 0}
-    decision = LinearSoftmaxObjective.decision_function
+    logits = LinearSoftmaxObjective._logits  # every product x Theta^T (or x V^T) of a block goes through it
 
-    def counting(self, u):
+    def counting(self, *args):
         calls["n"] += 1
-        return decision(self, u)
+        return logits(self, *args)
 
-    monkeypatch.setattr(LinearSoftmaxObjective, "decision_function", counting)
+    monkeypatch.setattr(LinearSoftmaxObjective, "_logits", counting)
     hv, hd = obj.hessp(w, v), obj.hessian_diag(w)
     assert calls["n"] == 1  # the product X V^T of hessp; none for h(z) at w
     rtol = 1e-5 if dtype == np.float32 else 1e-12

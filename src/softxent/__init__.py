@@ -24,6 +24,7 @@ _LAZY = {
     "check_seed_derivation": "gradcheck",
     "SoftmaxRegression": "estimator",  # needs scikit-learn (the 'sklearn' extra)
     "LinearSoftmaxObjective": "objective",
+    "show_config": "_config",
 }
 _SUBMODULES = ("loss", "gradcheck", "objective", "solvers", "estimator")
 
@@ -71,5 +72,6 @@ __all__ = [
     "check_seed_derivation",
     "SoftmaxRegression",
     "LinearSoftmaxObjective",
+    "show_config",
     "__version__",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
@@ -193,6 +193,12 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         callback: ``callback(info)`` after every iteration; ``info`` has ``iteration``, ``max_iter``,
             ``objective``, ``grad_norm``, ``elapsed``, ``coef`` and ``intercept`` (the current iterate).
             Returning True stops the fit.
+        n_jobs: threads for the objective's evaluations on dense ``X`` (loss + gradient, Hessian products):
+            None or -1 = every core this process may use (``os.sched_getaffinity``), or an int >= 1.
+            The rows are taken in blocks handed to the threads in turn, with BLAS held at one thread
+            meanwhile, so a thread on a core that another program keeps busy takes fewer blocks instead
+            of holding the others up (see :mod:`softxent._parallel`); the blocks' sums are added in
+            block order, so every ``n_jobs`` gives the same numbers.  Sparse ``X`` runs on one thread.
 
     Minibatch solvers: ``fit`` (all data at hand) runs SVRG, shuffled minibatches with a
     variance-reduced gradient (one full gradient per epoch; heavy-ball momentum for 'sgd', Adam's moments
@@ -230,12 +236,13 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "callback": [callable, None],
+        "n_jobs": [None, Interval(numbers.Integral, 1, None, closed="left"), Options(numbers.Integral, {-1})],
     }
 
     def __init__(self, alpha=1e-4, l1_ratio=0.0, fit_intercept=True, solver="auto", max_iter=1000,
                  tol=1e-6, class_weight=None, warm_start=False, batch_size=256, learning_rate="auto",
                  early_stopping=False, validation_fraction=0.1, n_iter_no_change=5, random_state=None,
-                 verbose=0, callback=None):
+                 verbose=0, callback=None, n_jobs=None):
         self.alpha = alpha
         self.l1_ratio = l1_ratio
         self.fit_intercept = fit_intercept
@@ -252,6 +259,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.callback = callback
+        self.n_jobs = n_jobs
 
     # ------------------------------------------------------------------------------- helpers
     def __sklearn_tags__(self):
@@ -289,7 +297,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     def _make_objective(self, X, y_idx, sw, weight_sum=None):
         return LinearSoftmaxObjective(X, y_idx, len(self.classes_), sw, alpha=self.alpha,
                                       l1_ratio=self.l1_ratio, fit_intercept=self.fit_intercept,
-                                      weight_sum=weight_sum)
+                                      weight_sum=weight_sum, n_jobs=self.n_jobs)
 
     def _initial_w(self, obj):
         if self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (obj.n_classes, obj.n_features):

@@ -1053,12 +1053,19 @@ def evaluate(
 
 @app.command()
 def info(
-    model_dir: Path = typer.Argument(..., metavar="MODEL", help="the folder that 'softxent train' wrote"),
+    model_dir: Optional[Path] = typer.Argument(None, metavar="[MODEL]",
+                                               help="the folder that 'softxent train' wrote"),
     as_json: bool = typer.Option(False, "--json", help="print model.json as it is (after validating the model)"),
     debug: bool = DebugOption,
 ) -> None:
-    """Describe a saved model: classes, features, preprocessing, solver, objective, metrics, files."""
+    """Describe a saved model: classes, features, preprocessing, solver, objective, metrics, files.
+    Without MODEL: this install (the row kernels in use, threads, BLAS, optional packages)."""
     with _handled(debug):
+        if model_dir is None:
+            from .._config import show_config
+
+            show_config()
+            return
         from .model_io import MODEL_JSON, MODEL_TENSORS, load_model
 
         model = load_model(model_dir)
@@ -1094,7 +1101,10 @@ def info(
         for split, m in model.meta.get("metrics", {}).items():
             rows.append((f"metrics ({split})", f"accuracy {num(m.get('accuracy'))}, log-loss "
                                                f"{num(m.get('log_loss'))}, macro-F1 {num(m.get('macro_f1'))}"))
+        from .._config import kernels_line
+
         rows += [("files", f"{MODEL_JSON}, {MODEL_TENSORS} ({model.tensor_bytes} bytes)"),
+                 ("row kernels here", kernels_line()),
                  ("written by", f"softxent {model.meta.get('softxent_version', '?')}")]
         from rich.text import Text
 
