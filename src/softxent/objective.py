@@ -196,8 +196,9 @@ class LinearSoftmaxObjective:
             loss_sum = 0.0
             g_theta = np.zeros((K, self.n_features)) if need_grad else None
             g_b = np.zeros(K) if need_grad else None
-            with self._threads() as n_jobs:
-                for loss, gt, gb in ordered_map(block, self.row_blocks(), n_jobs):
+            blocks = self.row_blocks()
+            with self._threads(len(blocks)) as n_jobs:
+                for loss, gt, gb in ordered_map(block, blocks, n_jobs):
                     loss_sum += loss
                     if need_grad:
                         g_theta += gt
@@ -250,10 +251,11 @@ class LinearSoftmaxObjective:
         rows = min(rows, max(64, self.MIN_BLOCK_BYTES // row_bytes, -(-N // self.MIN_BLOCKS)))
         return [slice(start, min(start + rows, N)) for start in range(0, N, rows)]
 
-    def _threads(self):
-        """``with obj._threads() as n: ...``: the blocks' thread count, BLAS at one thread meanwhile."""
-        n = effective_n_jobs(self.n_jobs)
-        return _holding(n, blas_single_thread() if n > 1 or self.n_jobs is not None else contextlib.nullcontext())
+    def _threads(self, n_blocks: int):
+        """``with obj._threads(len(blocks)) as n: ...``: the blocks' thread count, BLAS at one thread
+        meanwhile when there is a pool (one block, e.g. a minibatch, runs inline with BLAS as it is)."""
+        n = min(effective_n_jobs(self.n_jobs), n_blocks)
+        return _holding(n, blas_single_thread() if n > 1 else contextlib.nullcontext())
 
     def _x_transposed(self):
         """Sparse ``X^T`` as its own CSR matrix, made on first use and kept (one copy of ``X``)."""
@@ -315,8 +317,9 @@ class LinearSoftmaxObjective:
 
         g_theta = np.zeros((K, self.n_features))
         g_b = np.zeros(K)
-        with self._threads() as n_jobs:
-            for gt, gb in ordered_map(block, self.row_blocks(), n_jobs):
+        blocks = self.row_blocks()
+        with self._threads(len(blocks)) as n_jobs:
+            for gt, gb in ordered_map(block, blocks, n_jobs):
                 g_theta += gt
                 g_b += gb
         return self.pack(g_theta, g_b if self.fit_intercept else None, out_dtype)
