@@ -324,6 +324,33 @@ def test_backward_matches_float64(N, D, V, dtype, bias, softcap, cw, ignore_inde
         assert (stats["plan"].rows, stats["plan"].cols) == (min(chunk[0], N), min(chunk[1], V))
 
 
+def test_backward_float32_dx_of_16_bit_inputs():
+    """dx_dtype=float32 (a rank's partial dx of the vocabulary-parallel sum): the dx of bfloat16 inputs
+    accumulated over several vocabulary chunks in float32 and never rounded to bfloat16 -- its error is
+    that of the float16 deltas alone -- while dW stays the same; a float32 dx has no low half to borrow
+    dW's rows for."""
+    rng = np.random.default_rng()
+    N, D, V = 40, 24, 97
+    x, W, b, y, cwt = make_problem(rng, N, D, V, dtype=torch.bfloat16, bias=True, class_weight=True, n_ignored=5)
+    alpha, beta, gamma = coefficients(rng, N, zero_rows=2)
+    ref = reference(x, W, b, y, ignore_index=IGNORE, softcap=None, cw=cwt, alpha=alpha, beta=beta, gamma=gamma)
+    lse = torch.tensor(ref["lse"], dtype=torch.float32, device=DEVICE)
+    kw = dict(ignore_index=IGNORE, softcap=None, class_weight=cwt, need_dx=True, need_dw=True, need_db=False,
+              chunk_shape=(N, 32))
+    dx, dw, _ = K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, dx_dtype=torch.float32, **kw)
+    assert dx.dtype == torch.float32
+    floor16 = rounding_floor(ref["delta"], f64(W), torch.float16, torch.float32)
+    floor_bf16 = rounding_floor(ref["delta"], f64(W), torch.float16, torch.bfloat16)
+    err = rel(f64(dx), ref["dx"])
+    assert err <= 1.5 * floor16 + 1e-6 and err < floor_bf16 / 4, (err, floor16, floor_bf16)
+    np.testing.assert_array_equal(f64(dw), f64(K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, **kw)[1]))
+    with pytest.raises(ValueError, match="a 16-bit dx"):
+        K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, dx_dtype=torch.float32, lo_in_dw=True,
+                       **dict(kw, chunk_shape=None, workspace_bytes=1))
+    with pytest.raises(ValueError, match="dx_dtype must be"):
+        K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, dx_dtype=torch.float16, **kw)
+
+
 def test_backward_chain_rule_of_cross_entropy_with_grad():
     """alpha = beta = 1/n (n non-ignored rows, 0 on ignored ones), gamma = 0 is the plain mean
     cross-entropy: dx, dW, db must be the chain rule through softxent.loss.cross_entropy_with_grad's
