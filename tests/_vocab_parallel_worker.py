@@ -202,11 +202,11 @@ class Suite:
         loss.backward(grad_output.to(cdt).to(dev))
         sent = self.log.take()
         Nf = int(np.prod(out_shape))
-        # forward: the facts (12 per rank), the maxima (N: lse; 2 N with the row maxima of the accuracy),
+        # forward: the facts (14 per rank), the maxima (N: lse; 2 N with the row maxima of the accuracy),
         # the packed sums (N x (2..5) [+ 1]), with probability targets and the accuracy the most probable
         # class (N, N); backward: dx (sequence parallel: x's rows all-gathered, N / P x D each, and dx
         # reduce-scattered, N x D)
-        allowed = {12, Nf, 2 * Nf, Nf * D, Nf // self.world * D} | {Nf * c + e for c in range(2, 6) for e in (0, 1)}
+        allowed = {len(vp._FACTS), Nf, 2 * Nf, Nf * D, Nf // self.world * D} | {Nf * c + e for c in range(2, 6) for e in (0, 1)}
         V_r = sizes[self.rank]
         # every size sent is one of those, and (where N x V_r differs from all of them) smaller than N x V_r
         big = [s for s in sent if s[1] not in allowed or (V_r > max(D, 12) and Nf and s[1] >= Nf * V_r)]
@@ -584,6 +584,12 @@ def bad_inputs(s: Suite):
         s.checks += 1
     finally:
         del os.environ[vp.CHECK_REPLICATED_ENV]
+    # sample weights or the normalizer not the same on every rank
+    s.raises("sample_weight not replicated", "sample_weight (replicated",
+             lambda: linear_cross_entropy(x, wr, y, process_group=grp,
+                                          sample_weight=torch.full((6,), 1.0 + s.rank, dtype=torch.float64)))
+    s.raises("normalizer differs", "normalizer must be the same on every rank", lambda: linear_cross_entropy(
+        x, wr, y, process_group=grp, reduction="sum", normalizer=3.0 + s.rank))
     # a negative sample weight on every rank: the detailed message
     sw = torch.ones(6, dtype=torch.float64)
     sw[3] = -1

@@ -30,7 +30,8 @@ columns), plus one small all-gather of per-rank facts, plus, for the accuracy of
 
 Before any collective whose shapes depend on the input, every call all-gathers a few numbers per rank
 (shard size, ``N``, ``D``, dtype, a hash of the options -- the implementation that runs included --, the
-targets' range and checksum, the weights' and probabilities' validity, and with
+targets' range and checksum, the sample weights' checksum, the normalizer, the weights' and
+probabilities' validity, and with
 ``SOFTXENT_CHECK_REPLICATED=1`` a checksum of ``x``), so that a bad input raises the same ``ValueError``
 on every rank instead of hanging a collective or giving silently wrong losses.  The shards' offsets
 ``v_r`` are the prefix sums of the gathered sizes in rank order (or ``vocab_start``, checked to tile
@@ -96,7 +97,7 @@ class VocabParallelConfig:
 # the per-rank facts gathered before any other collective
 # --------------------------------------------------------------------------------------------------
 _FACTS = ("rows", "D", "N", "dtype", "options", "vocab_start", "target_min", "target_max",
-          "target_checksum", "bad_weights", "x_checksum", "local_error")
+          "target_checksum", "bad_weights", "x_checksum", "sample_weight_checksum", "normalizer", "local_error")
 _NO_TARGET_MIN, _NO_TARGET_MAX = 2.0**62, -(2.0**62)
 _CHECKSUM_MOD = 2**31 - 1
 
@@ -133,7 +134,7 @@ def _bad_weights_code(sample_weight, class_weight, normalizer, proba, device) ->
     return code
 
 
-def _x_checksum(x: torch.Tensor) -> torch.Tensor:
+def _float_checksum(x: torch.Tensor) -> torch.Tensor:
     """Two float64 sums of x (plain and position-weighted): equal on ranks holding the same x."""
     if not x.numel():
         return torch.zeros((), dtype=torch.float64, device=x.device)
@@ -214,6 +215,10 @@ def check_across_ranks(per_rank: list[dict], rank: int, *, ignore_index: int, sa
         bad = [(i, [n for b, n in enumerate(_WEIGHT_NAMES) if c >> b & 1]) for i, c in enumerate(codes) if c]
         raise ValueError("weights must be finite and >= 0; got other values on "
                          + "; ".join(f"rank {i} ({', '.join(n)})" for i, n in bad))
+    # after the values' check: a NaN would differ from itself
+    _agree(per_rank, "sample_weight_checksum", "sample_weight (replicated, like the targets; shown as a "
+                                               "checksum)")
+    _agree(per_rank, "normalizer", "normalizer")
     return shard
 
 
@@ -606,7 +611,7 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
     ``return_accuracy`` (the target logit -- for probability targets the logit of the most probable class
     of the whole vocabulary -- against the row's maximum over every shard), ``z_loss_weighting``.
 
-    Communication per call: one all-gather of 12 numbers per rank (checks); in forward one MAX
+    Communication per call: one all-gather of 14 numbers per rank (checks); in forward one MAX
     all-reduce of ``N`` numbers (``2 N`` with ``return_accuracy``) and one SUM all-reduce of ``N c (+ 1)``
     numbers (``c`` = 2 to 5 columns: the shares of the sum-exp, the target logit, the smoothing sum, the
     class weight at the target, the Triton path's target complement; for probability targets the
@@ -808,9 +813,13 @@ def _local_facts(p, vocab_start, check_x: bool) -> torch.Tensor:
     head = torch.tensor([p.weight.shape[0], p.x.shape[1], p.x.shape[0], val.FLOAT_DTYPES.index(p.x.dtype),
                          _options_hash(p.options), -1 if vocab_start is None else vocab_start],
                         dtype=torch.float64, device=dev)
-    x_check = (_x_checksum(p.x) if check_x and os.environ.get(CHECK_REPLICATED_ENV) == "1"
-               else torch.zeros((), dtype=torch.float64, device=dev))
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    x_check = _float_checksum(p.x) if check_x and os.environ.get(CHECK_REPLICATED_ENV) == "1" else zero
+    # sample weights (N numbers, like the targets) and the normalizer are cheap to compare on every call
+    sw_check = zero if p.sample_weight is None else _float_checksum(p.sample_weight)
+    norm = zero - 1 if p.normalizer is None else p.normalizer.to(torch.float64)
     return torch.cat([head, _target_facts(p.target, p.ignore_index),
                       _bad_weights_code(p.sample_weight, p.class_weight, p.normalizer,
                                         p.target.detach() if p.proba else None, dev).reshape(1),
-                      x_check.reshape(1), torch.zeros(1, dtype=torch.float64, device=dev)])
+                      x_check.reshape(1), sw_check.reshape(1), norm.reshape(1),
+                      torch.zeros(1, dtype=torch.float64, device=dev)])
