@@ -202,11 +202,12 @@ class Suite:
         loss.backward(grad_output.to(cdt).to(dev))
         sent = self.log.take()
         Nf = int(np.prod(out_shape))
-        # forward: the facts (14 per rank), the maxima (N: lse; 2 N with the row maxima of the accuracy),
+        # forward: the facts (14 per rank), the rows' maxima (N),
         # the packed sums (N x (2..5) [+ 1]), with probability targets and the accuracy the most probable
         # class (N, N); backward: dx (sequence parallel: x's rows all-gathered, N / P x D each, and dx
         # reduce-scattered, N x D)
-        allowed = {len(vp._FACTS), Nf, 2 * Nf, Nf * D, Nf // self.world * D} | {Nf * c + e for c in range(2, 6) for e in (0, 1)}
+        allowed = ({len(vp._FACTS), Nf, Nf * D, Nf // self.world * D}
+                   | {Nf * c + e for c in range(2, 6) for e in (0, 1)})
         V_r = sizes[self.rank]
         # every size sent is one of those, and (where N x V_r differs from all of them) smaller than N x V_r
         big = [s for s in sent if s[1] not in allowed or (V_r > max(D, 12) and Nf and s[1] >= Nf * V_r)]

@@ -94,7 +94,7 @@ def reference(x, W, b, y, *, ignore_index, softcap, cw, alpha=None, beta=None, g
     p = ref_loss.softmax(zh)
     not_target = np.ones_like(p, dtype=bool)
     not_target[rows[valid], y64[valid]] = False
-    out = dict(lse=ref_loss.logsumexp(zh),
+    out = dict(lse=ref_loss.logsumexp(zh), zmax=zh.max(axis=1),
                zt=np.where(valid, zh[rows, np.where(valid, y64, 0)], 0.0),
                ws=(zh * cw64).sum(axis=1),
                q=np.where(not_target, p, 0.0).sum(axis=1))  # 1 - p_y, summed without the target
@@ -216,6 +216,14 @@ def test_forward_matches_float64(N, D, V, dtype, bias, softcap, cw, ignore_index
         assert len(got) == 3 + need_q
         assert all(t is None or (t.dtype == torch.float32 and t.shape == (N,)) for t in got)
         check_forward(got, ref, need_ws)
+    # the row maxima and the sums of exp(zh - max), from which lse comes (what a caller combining
+    # vocabulary shards needs): max + log s == lse
+    *got, zmax, s = K.lce_forward(x, W, b, y, ignore_index=ignore_index, softcap=softcap, class_weight=cwt,
+                                  need_weighted_sum=need_ws, return_max=True, return_sumexp=True, config=config)
+    check_forward(got, ref, need_ws)
+    np.testing.assert_allclose(f64(zmax), ref["zmax"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(s), np.exp(ref["lse"] - f64(zmax)), rtol=2e-5)
+    np.testing.assert_allclose(f64(zmax + torch.log(s)), f64(got[0]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -731,7 +731,7 @@ def _forward_splits(n_row_blocks: int, V: int, block_v: int, cfg: TileConfig, de
 
 def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | None, class_weight,
                 need_weighted_sum: bool, need_target_complement: bool = False, target_proba=None,
-                return_max: bool = False, config: TileConfig | None = None):
+                return_max: bool = False, return_sumexp: bool = False, config: TileConfig | None = None):
     """Row statistics of the capped logits ``zh = softcap(x W^T + b)`` without holding them.
 
     Args:
@@ -750,6 +750,9 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         target_proba: optional ``(N, V)`` probability targets ``p`` (any float dtype, unit column
             stride; not with ``need_target_complement``): adds ``z_proba_i = sum_j p_ij cw_j zh_ij``.
         return_max: also return the row maxima ``max_j zh_ij`` (bitwise the logits ``z_target`` saw).
+        return_sumexp: also return ``s_i = sum_j exp(zh_ij - max_j zh_ij)`` (with ``return_max``: the
+            pair that lse comes from, ``lse = max + log s``, which a caller combining several vocabulary
+            blocks needs without lse's rounding).
         config: optional :class:`TileConfig` for this call (``block_n`` = vocabulary block).
 
     Returns:
@@ -757,14 +760,14 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         ``z_target_i = zh_{i, y_i}`` (0 where ``y_i == ignore_index``), ``z_wsum_i = sum_j cw_j zh_ij``
         (None unless ``need_weighted_sum``); ``(lse, z_target, z_wsum, q)`` with
         ``need_target_complement``; then ``z_proba`` with ``target_proba`` and the row maxima with
-        ``return_max``, in that order.
+        ``return_max`` and the sums ``s`` with ``return_sumexp``, in that order.
     """
     N, D, V = _check_common(x, weight, bias, target, class_weight, ignore_index, softcap)
     dev = x.device
     _check_proba(target_proba, N, V, dev)
     if target_proba is not None and need_target_complement:
         raise ValueError("need_target_complement is for class-index targets; got target_proba too")
-    extras = int(need_target_complement) + int(target_proba is not None) + int(return_max)
+    extras = int(need_target_complement) + int(target_proba is not None) + int(return_max) + int(return_sumexp)
     if N == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=dev)
         out = empty, empty.clone(), (empty.clone() if need_weighted_sum else None)
@@ -808,7 +811,9 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         out += (sq_total / s_total,)
     if has_proba:
         out += (part[4].sum(dim=0),)
-    return out + (m_max,) if return_max else out
+    if return_max:
+        out += (m_max,)
+    return out + (s_total,) if return_sumexp else out
 
 
 def _check_proba(target_proba, N: int, V: int, device) -> None:

@@ -10,11 +10,12 @@ probability target is split by columns like ``W`` by rows)::
     rank 0: W[v_0 : v_1]      rank 1: W[v_1 : v_2]   ...   rank P-1: W[v_{P-1} : V]   (+ bias, class_weight,
                  |                    |                          |                      P[:, v_r : v_{r+1}])
     per row i, over the shard's classes k (chunked logits, or the Triton forward kernel):
-       lse_i^r = logsumexp_k zhat_ik;  zhat_{i,y_i} and w_{y_i} where y_i lies in the shard, else 0;
-       sum_k w_k zhat_ik (smoothing);  sum_k p_ik w_k, sum_k p_ik w_k zhat_ik (probabilities);
-       max_k zhat_ik (accuracy);  q_i^r = 1 - p_{i,y_i} within the shard (Triton, with a gradient)
-                 \___ all-reduce MAX (N x 1..2), then one SUM (N x 2..5 [+ 1]); never N x V_r ___/
-    lse_i = m_i + log sum_r exp(lse_i^r - m_i),  m_i = max_r lse_i^r;  the loss, identical on every rank
+       m_i^r = max_k zhat_ik,  s_i^r = sum_k exp(zhat_ik - m_i^r);  zhat_{i,y_i} and w_{y_i} where y_i
+       lies in the shard, else 0;  sum_k w_k zhat_ik (smoothing);  sum_k p_ik w_k, sum_k p_ik w_k zhat_ik
+       (probabilities);  q_i^r = 1 - p_{i,y_i} within the shard (Triton, with a gradient)
+                 \___ all-reduce MAX of m^r (N), then one SUM (N x 2..5 [+ 1]); never N x V_r ___/
+    lse_i = log sum_r s_i^r exp(m_i^r - m_i) + m_i,  m_i = max_r m_i^r (the unsharded forward's formula);
+    the loss, identical on every rank
     backward: delta on the shard's columns from the global lse and row coefficients (no communication)
        -> dW_r, db_r (and the shard's dP); partial dx_r in float32 (float64):
           all-reduce SUM (N x D), rounded once
@@ -23,7 +24,7 @@ Backward: each rank forms its shard's columns of ``delta`` from the global ``lse
 coefficients (softxent.torch._row_terms; no communication), ``dW_r = delta_r^T x``, ``db_r``, and a
 partial ``dx_r = delta_r W_r`` kept in the compute dtype; ``dx = sum_r dx_r`` is one all-reduce of
 ``N x D``, rounded to x's dtype once (a bfloat16 dx is rounded once, not once per rank and again).
-Nothing of size ``N x V_r`` ever crosses the group: forward sends ``N (1..2 + c)`` numbers (``c`` = 2 to 5
+Nothing of size ``N x V_r`` ever crosses the group: forward sends ``N (1 + c)`` numbers (``c`` = 2 to 5
 columns), plus one small all-gather of per-rank facts, plus, for the accuracy of probability targets,
 ``2 N`` for the most probable class (the lowest global id among ties, as ``torch.argmax``); backward
 ``N D``.
@@ -256,13 +257,13 @@ def global_argmax(proba: torch.Tensor, shard: VocabShard) -> torch.Tensor:
 
 def chunked_shard_stats(x, weight, bias, proba, idx, is_local, cw, c: ChunkConfig, need_grad: bool) -> dict:
     """This shard's row statistics from softxent.torch._chunked's logit chunks (the same chunks as its
-    backward: bitwise the same ``zhat``): ``lse`` (-inf for an empty shard), and as needed ``z_t`` (the
-    logit at ``idx`` where ``is_local``, else 0), ``z_ws = sum_k w_k zhat_ik`` (label smoothing),
-    ``p_w``, ``pz`` (probability targets: rt.proba_row_sums) and ``row_max`` (accuracy)."""
+    backward: bitwise the same ``zhat``): ``max = max_k zhat_ik`` (-inf for an empty shard) and ``sumexp =
+    sum_k exp(zhat_ik - max)`` (0), as the unsharded forward forms them (its ``lse = max + log sumexp``),
+    and as needed ``z_t`` (the logit at ``idx`` where ``is_local``, else 0), ``z_ws = sum_k w_k zhat_ik``
+    (label smoothing), ``p_w``, ``pz`` (probability targets: rt.proba_row_sums)."""
     N, V_r = x.shape[0], weight.shape[0]
     cdt = val.compute_dtype(x.dtype)
-    out = _empty_stats(N, cdt, x.device, idx is not None, c.label_smoothing > 0, proba is not None,
-                       c.want_correct)
+    out = _empty_stats(N, cdt, x.device, idx is not None, c.label_smoothing > 0, proba is not None)
     if V_r == 0:
         return out
     prod = _Products(x, weight, bias, cdt)
@@ -275,9 +276,9 @@ def chunked_shard_stats(x, weight, bias, proba, idx, is_local, cw, c: ChunkConfi
         if proba is not None:
             out["p_w"][i0:i1], out["pz"][i0:i1] = rt.proba_row_sums(
                 rt.class_weighted(proba[i0:i1].to(cdt), cw), zb)
-        if "row_max" in out:
-            out["row_max"][i0:i1] = zb.amax(dim=1)
-        out["lse"][i0:i1] = torch.logsumexp(zb, dim=1)
+        m = zb.amax(dim=1)
+        out["max"][i0:i1] = m
+        out["sumexp"][i0:i1] = zb.sub_(m[:, None]).exp_().sum(dim=1)  # in place: zb is done with
     if idx is not None:
         out["z_t"] = torch.where(is_local, out["z_t"], 0)
     return out
@@ -286,11 +287,10 @@ def chunked_shard_stats(x, weight, bias, proba, idx, is_local, cw, c: ChunkConfi
 def triton_shard_stats(x, weight, bias, proba, idx, is_local, cw, c: ChunkConfig, need_grad: bool) -> dict:
     """:func:`chunked_shard_stats` from softxent.torch._triton_kernels.lce_forward on the shard (targets
     as shard rows, -1 where not local), plus for index targets with a gradient ``q``: the shard's
-    ``sum_{k != y_i} exp(zhat_ik - lse_i^r) / sum_k exp(zhat_ik - lse_i^r)`` (1 where the target lies
-    elsewhere), which the kernels' backward needs globally for the target column."""
+    ``sum_{k != y_i} exp(zhat_ik - max) / sumexp`` (1 where the target lies elsewhere), which the kernels'
+    backward needs globally for the target column."""
     N, V_r = x.shape[0], weight.shape[0]
-    out = _empty_stats(N, torch.float32, x.device, idx is not None, c.label_smoothing > 0,
-                       proba is not None, c.want_correct)
+    out = _empty_stats(N, torch.float32, x.device, idx is not None, c.label_smoothing > 0, proba is not None)
     want_q = need_grad and proba is None
     if want_q:
         out["q"] = torch.ones(N, dtype=torch.float32, device=x.device)
@@ -300,11 +300,11 @@ def triton_shard_stats(x, weight, bias, proba, idx, is_local, cw, c: ChunkConfig
 
     y = (torch.where(is_local, idx, -1) if idx is not None
          else torch.full((N,), -1, dtype=torch.int64, device=x.device))
-    lse, z_t, z_ws, *extra = _triton_kernels().lce_forward(
+    _, z_t, z_ws, *extra = _triton_kernels().lce_forward(
         x, weight, bias, y, ignore_index=-1, softcap=c.softcap, class_weight=cw,
         need_weighted_sum="z_ws" in out, need_target_complement=want_q, target_proba=proba,
-        return_max=c.want_correct)
-    out["lse"] = lse
+        return_max=True, return_sumexp=True)
+    out["max"], out["sumexp"] = extra[-2:]
     if idx is not None:
         out["z_t"] = z_t
     if z_ws is not None:
@@ -313,23 +313,19 @@ def triton_shard_stats(x, weight, bias, proba, idx, is_local, cw, c: ChunkConfig
         out["q"] = extra.pop(0)
     if proba is not None:
         out["p_w"], out["pz"] = rt.class_weighted_rowsum(proba, cw, torch.float32), extra.pop(0)
-    if c.want_correct:
-        out["row_max"] = extra.pop(0)
     return out
 
 
-def _empty_stats(N, cdt, device, z_t: bool, z_ws: bool, proba: bool, row_max: bool) -> dict:
+def _empty_stats(N, cdt, device, z_t: bool, z_ws: bool, proba: bool) -> dict:
     """The statistics of a shard without columns: what the sums and maxima start from."""
     zeros = lambda: torch.zeros(N, dtype=cdt, device=device)  # noqa: E731
-    out = {"lse": torch.full((N,), -math.inf, dtype=cdt, device=device)}
+    out = {"max": torch.full((N,), -math.inf, dtype=cdt, device=device), "sumexp": zeros()}
     if z_t:
         out["z_t"] = zeros()
     if z_ws:
         out["z_ws"] = zeros()
     if proba:
         out["p_w"], out["pz"] = zeros(), zeros()
-    if row_max:
-        out["row_max"] = torch.full((N,), -math.inf, dtype=cdt, device=device)
     return out
 
 
@@ -352,34 +348,32 @@ class _GatheredClassWeight:
 
 
 def combine_shards(group, stats: dict, totals: dict) -> dict:
-    """The global row statistics from every shard's, bitwise the same on every rank:
-    ``lse = m + log sum_r exp(lse^r - m)`` with ``m`` (and ``row_max``, when present) from one MAX
-    all-reduce of ``N x (1..2)``; every other ``(N,)`` entry of ``stats`` and the 0-d ``totals`` summed in
-    one SUM all-reduce of ``N c (+ 1)`` numbers.  ``q`` (relative to the shard's own lse) is weighted by
-    the shard's share ``exp(lse^r - m)`` of the sum-exp before it is added, then divided by the sum."""
-    lse_r = stats["lse"]
-    N = lse_r.shape[0]
-    maxima = torch.stack([lse_r] + ([stats["row_max"]] if "row_max" in stats else []), dim=1)
+    """The global row statistics from every shard's, bitwise the same on every rank: the row maximum
+    ``m = max_r max^r`` in one MAX all-reduce of ``N`` numbers, then ``lse = m + log sum_r sumexp^r
+    exp(max^r - m)`` -- the unsharded forward's formula and rounding (``max^r = m`` on the shard holding
+    the maximum: no factor there) -- with every other ``(N,)`` entry of ``stats`` and the 0-d ``totals``
+    summed in one SUM all-reduce of ``N c (+ 1)`` numbers.  ``q`` (relative to the shard's sum-exp) is
+    weighted by the shard's share of the sum before it is added, then divided by the sum."""
+    N = stats["max"].shape[0]
+    m = stats["max"].clone()
     if N:
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    m = maxima[:, 0]
-    share = torch.exp(lse_r - m)  # 0 for an empty shard (lse^r = -inf)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    share = stats["sumexp"] * torch.exp(stats["max"] - m)  # 0 for an empty shard (max^r = -inf)
     rows = {"share": share}
-    rows.update((k, v) for k, v in stats.items() if k not in ("lse", "row_max", "q"))
+    rows.update((k, v) for k, v in stats.items() if k not in ("max", "sumexp", "q"))
     if "q" in stats:
         rows["q"] = share * stats["q"]
     packed = torch.cat([torch.stack(list(rows.values()), dim=1).reshape(-1)]
-                       + [v.reshape(1).to(lse_r.dtype) for v in totals.values()])
+                       + [v.reshape(1).to(m.dtype) for v in totals.values()])
     if packed.numel():  # N = 0 without class weights: nothing to add (every rank agrees on both)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     summed = packed[: N * len(rows)].reshape(N, len(rows))
     out = {k: summed[:, j].contiguous() for j, k in enumerate(rows)}
     out.update((k, packed[N * len(rows) + j]) for j, k in enumerate(totals))
-    out["lse"] = m + torch.log(out["share"])
+    out["lse"] = torch.log(out["share"]) + m
+    out["row_max"] = m
     if "q" in out:
         out["q"] = out["q"] / out["share"]
-    if "row_max" in stats:
-        out["row_max"] = maxima[:, 1].contiguous()
     return out
 
 
@@ -612,8 +606,8 @@ def vocab_parallel_linear_cross_entropy(x, weight, target, bias=None, *, process
     of the whole vocabulary -- against the row's maximum over every shard), ``z_loss_weighting``.
 
     Communication per call: one all-gather of 14 numbers per rank (checks); in forward one MAX
-    all-reduce of ``N`` numbers (``2 N`` with ``return_accuracy``) and one SUM all-reduce of ``N c (+ 1)``
-    numbers (``c`` = 2 to 5 columns: the shares of the sum-exp, the target logit, the smoothing sum, the
+    all-reduce of ``N`` numbers (the rows' maxima) and one SUM all-reduce of ``N c (+ 1)``
+    numbers (``c`` = 2 to 5 columns: the shards' sum-exp at the global maximum, the target logit, the smoothing sum, the
     class weight at the target, the Triton path's target complement; for probability targets the
     probability-weighted sums in place of the target's); with probability targets and
     ``return_accuracy`` two more of ``N`` (the most probable class); in backward one all-reduce of
