@@ -13,7 +13,7 @@ probability target is split by columns like ``W`` by rows)::
        m_i^r = max_k zhat_ik,  s_i^r = sum_k exp(zhat_ik - m_i^r);  zhat_{i,y_i} and w_{y_i} where y_i
        lies in the shard, else 0;  sum_k w_k zhat_ik (smoothing);  sum_k p_ik w_k, sum_k p_ik w_k zhat_ik
        (probabilities);  q_i^r = 1 - p_{i,y_i} within the shard (Triton, with a gradient)
-                 \___ all-reduce MAX of m^r (N), then one SUM (N x 2..5 [+ 1]); never N x V_r ___/
+                 \\___ all-reduce MAX of m^r (N), then one SUM (N x 2..5 [+ 1]); never N x V_r ___/
     lse_i = log sum_r s_i^r exp(m_i^r - m_i) + m_i,  m_i = max_r m_i^r (the unsharded forward's formula);
     the loss, identical on every rank
     backward: delta on the shard's columns from the global lse and row coefficients (no communication)
