@@ -1,26 +1,35 @@
-"""Vocabulary-parallel (tensor-parallel) fused linear + cross-entropy: time and peak memory per rank.
+"""Vocabulary-parallel (tensor-parallel) fused linear + cross-entropy: time, peak memory and bytes sent
+per rank.
 
 P ranks (default 2) each hold ``V / P`` rows of the output layer ``W`` ``(V, D)``; ``x`` ``(N, D)`` and
 the targets are replicated.  Work per call: the 'mean' cross-entropy of ``x W^T``, forward + backward with
 gradients for ``x`` and this rank's rows of ``W``.  Contenders (alternated in rounds, medians; every rank
 runs the same sequence, the collectives keep them in step):
 
-* ``gather+naive``  -- all-gather the shards into the full ``W``, ``F.cross_entropy(x @ W.T, y)``,
+* ``gather+naive``   -- all-gather the shards into the full ``W``, ``F.cross_entropy(x @ W.T, y)``,
   backward (each rank keeps its rows of ``dW``): what a user does today without a sharded loss;
-* ``megatron``      -- Megatron-LM's unfused vocab-parallel cross-entropy in plain PyTorch: the rank's
-  ``N x V/P`` logits materialised, max / sum-exp / target-logit all-reduces, softmax kept for backward,
-  ``dx`` all-reduced;
-* ``softxent``      -- ``softxent.torch.linear_cross_entropy(x, W_r, y, process_group=group)``
-  (chunked per shard, ``N x (1..4)`` all-reduces, ``dx`` all-reduced).
+* ``gather+builtin`` -- the same with PyTorch's own ``F.linear_cross_entropy`` (2.13, default
+  ``LinearCrossEntropyOptions()``) on the gathered ``W``, where torch has it;
+* ``megatron``       -- Megatron-LM's unfused vocab-parallel cross-entropy in plain PyTorch: the rank's
+  ``N x V/P`` logits materialised (upcast to float32 for 16-bit inputs, as Megatron's
+  ``vocab_parallel_cross_entropy(logits.float(), ...)``), max / sum-exp / target-logit all-reduces,
+  softmax kept for backward, ``dx`` all-reduced;
+* ``softxent``       -- ``softxent.torch.linear_cross_entropy(x, W_r, y, process_group=group)``
+  (``impl='auto'``: the chunked path per shard on the CPU, the Triton kernels on CUDA; ``N x (1..5)``
+  all-reduces, ``dx`` all-reduced in float32); on CUDA also ``softxent-chunked`` (``impl='chunked'``).
 
 Peak memory per rank: on CPU the kernel's VmHWM, reset (after ``malloc_trim``) right before one step of a
 contender, minus the resident set then ("extra": includes the gradients every contender returns); on CUDA
-``torch.cuda.max_memory_allocated`` minus the allocated memory before the step.  Also each contender's
-loss / dx / dW errors against ``gather+naive`` (both float32; relative max-norm).
+``torch.cuda.max_memory_allocated`` minus the allocated memory before the step.  Bytes sent per rank: the
+tensors this rank hands to torch.distributed's collectives in one step (all-reduce / all-gather inputs),
+counted by wrapping them.  Errors: loss / dx / dW (this rank's rows) against softxent's unsharded float64
+chunked path on the full ``W`` (relative max-norm).  Targets (issue 15): softxent's peak extra memory
+<= 1/8 of ``megatron``'s, CPU time <= 1.2x ``megatron``'s, bytes sent O(N) (not O(N V / P)).
 
     python benchmarks/linear_ce_tp.py                      # P = 2 gloo processes on the CPU
     python benchmarks/linear_ce_tp.py --quick              # tiny sizes, checks the script runs
-    python benchmarks/linear_ce_tp.py --backend nccl --nproc 8 --n 16384 --d 4096 --v 128256   # GPUs
+    python benchmarks/linear_ce_tp.py --backend nccl --nproc 8 --n 16384 --d 4096 --v 128256 --dtype bfloat16
+                                                           # one GPU per process (not yet run: RESULTS.md)
 """
 
 from __future__ import annotations
@@ -68,7 +77,8 @@ class _AllReduceGradient(torch.autograd.Function):
 
 
 class _MegatronVocabParallelCE(torch.autograd.Function):
-    """Megatron-LM's ``_VocabParallelCrossEntropy``: logits ``(N, V_r)`` of rows ``[v0, v0 + V_r)``."""
+    """Megatron-LM's ``_VocabParallelCrossEntropy``: logits ``(N, V_r)`` of rows ``[v0, v0 + V_r)``
+    (float32; the gradient goes back in the logits' dtype)."""
 
     @staticmethod
     def forward(ctx, logits, target, v0, group):
@@ -98,18 +108,19 @@ class _MegatronVocabParallelCE(torch.autograd.Function):
 def step_fn(name, x, w_shard, y, v0, V, group):
     """One forward + backward of contender ``name`` on this rank; returns a closure returning
     ``(loss, dx, dW_shard)``."""
+    # gather + a single-process loss: all_gather wants equal sizes, so the shards are padded to
+    # ceil(V / P) rows and the padding cut off after
     P = dist.get_world_size(group)
     rows = w_shard.shape[0]
 
-    def gather_naive():
-        # all_gather wants equal sizes: shards padded to ceil(V / P) rows, the padding cut off after
+    def gathered(loss_fn):
         per = -(-V // P)
         padded = F.pad(w_shard.detach(), (0, 0, 0, per - rows))
         parts = [torch.empty_like(padded) for _ in range(P)]
         dist.all_gather(parts, padded, group=group)
         w = torch.cat(parts)[:V].requires_grad_()
         xs = x.detach().requires_grad_()
-        loss = F.cross_entropy(xs @ w.T, y)
+        loss = loss_fn(xs, w)
         loss.backward()
         return loss, xs.grad, w.grad[v0: v0 + rows]
 
@@ -117,18 +128,50 @@ def step_fn(name, x, w_shard, y, v0, V, group):
         xs = x.detach().requires_grad_()
         ws = w_shard.detach().requires_grad_()
         logits = _AllReduceGradient.apply(xs, group) @ ws.T
-        loss = _MegatronVocabParallelCE.apply(logits, y, v0, group)
+        loss = _MegatronVocabParallelCE.apply(logits.float(), y, v0, group)
         loss.backward()
         return loss, xs.grad, ws.grad
 
-    def softxent():
+    def softxent(impl):
         xs = x.detach().requires_grad_()
         ws = w_shard.detach().requires_grad_()
-        loss = linear_cross_entropy(xs, ws, y, process_group=group)
+        loss = linear_cross_entropy(xs, ws, y, process_group=group, impl=impl)
         loss.backward()
         return loss, xs.grad, ws.grad
 
-    return {"gather+naive": gather_naive, "megatron": megatron, "softxent": softxent}[name]
+    return {"gather+naive": lambda: gathered(lambda xs, w: F.cross_entropy((xs @ w.T).float(), y)),
+            "gather+builtin": lambda: gathered(lambda xs, w: F.linear_cross_entropy(
+                xs, w, y, options=torch.nn.LinearCrossEntropyOptions())),
+            "megatron": megatron, "softxent": lambda: softxent("auto"),
+            "softxent-chunked": lambda: softxent("chunked")}[name]
+
+
+class SentBytes:
+    """Counts the bytes of the tensors this rank hands to torch.distributed's collectives while active
+    (the input of all-reduce and all-gather; the check's all-gather of a dozen numbers included)."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "reduce_scatter_single", "broadcast")
+
+    def __enter__(self):
+        self.bytes = 0
+        self.originals = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
+        for name, fn in self.originals.items():
+            setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            sent = args[0] if name in ("all_reduce", "broadcast") else args[1]
+            for t in (sent if isinstance(sent, (list, tuple)) else [sent]):
+                self.bytes += t.numel() * t.element_size()
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(dist, name, fn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +208,17 @@ def peak_extra_mib(fn, device) -> float:
 # --------------------------------------------------------------------------------------------------
 # the ranks
 # --------------------------------------------------------------------------------------------------
-NAMES = ("gather+naive", "megatron", "softxent")
+def contenders(device) -> tuple[str, ...]:
+    names = ["gather+naive"]
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        names.append("gather+builtin")
+    names += ["megatron", "softxent"]
+    if device.type == "cuda":  # 'auto' is the Triton path there: the chunked one as well
+        names.append("softxent-chunked")
+    return tuple(names)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def rank_main(rank, a, port, out_path):
@@ -179,29 +232,39 @@ def rank_main(rank, a, port, out_path):
                             world_size=a.nproc, timeout=datetime.timedelta(seconds=600))
     try:
         group = dist.group.WORLD
+        names = contenders(device)
+        dtype = DTYPES[a.dtype]
         g = torch.Generator().manual_seed(0)  # the same x, W, y on every rank
         x = (torch.randn(a.n, a.d, generator=g) / a.d**0.25).to(device)
         w = (torch.randn(a.v, a.d, generator=g) / a.d**0.25).to(device)
         y = torch.randint(0, a.v, (a.n,), generator=g).to(device)
         per = -(-a.v // a.nproc)
         v0 = rank * per
-        w_shard = w[v0: min(a.v, v0 + per)].clone()
+        rows = slice(v0, min(a.v, v0 + per))
+        # the float64 reference on the full W (softxent's unsharded chunked path: no N x V buffer)
+        x64, w64 = x.to(dtype).double().requires_grad_(), w.to(dtype).double().requires_grad_()
+        loss64 = linear_cross_entropy(x64, w64, y, impl="chunked")
+        loss64.backward()
+        ref = (loss64.detach(), x64.grad, w64.grad[rows])
+        del x64, w64, loss64
+        x = x.to(dtype)
+        w_shard = w[rows].to(dtype).clone()
         del w
-        fns = {name: step_fn(name, x, w_shard, y, v0, a.v, group) for name in NAMES}
-        # agreement against gather+naive (float32 both)
-        ref = [t.detach().clone() for t in fns["gather+naive"]()]
-        errors = {}
-        for name in NAMES[1:]:
-            got = fns[name]()
-            errors[name] = {k: float((u.detach() - r).abs().max() / r.abs().max().clamp_min(1e-30))
+        fns = {name: step_fn(name, x, w_shard, y, v0, a.v, group) for name in names}
+        errors, sent = {}, {}
+        for name in names:
+            with SentBytes() as counter:
+                got = fns[name]()
+            sent[name] = counter.bytes
+            errors[name] = {k: float((u.detach().double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
                             for k, u, r in zip(("loss", "dx", "dW"), got, ref)}
         del ref, got
-        # memory: ascending expected peaks, one step each
-        memory = {name: peak_extra_mib(fns[name], device) for name in reversed(NAMES)}
+        # memory: one step each, in the same order on every rank
+        memory = {name: peak_extra_mib(fns[name], device) for name in reversed(names)}
         # time: alternated rounds, every rank in the same order
         for fn in fns.values():
             fn()
-        times = {name: [] for name in NAMES}
+        times = {name: [] for name in names}
         for _ in range(a.rounds):
             for name, fn in fns.items():
                 dist.barrier(group)
@@ -213,8 +276,9 @@ def rank_main(rank, a, port, out_path):
                     torch.cuda.synchronize(device)
                 times[name].append(time.perf_counter() - t0)
         with open(f"{out_path}.rank{rank}", "w") as f:
-            json.dump({"times_s": times, "memory_mib": memory, "errors": errors,
-                       "shard_rows": w_shard.shape[0]}, f)
+            json.dump({"times_s": times, "memory_mib": memory, "errors": errors, "sent_bytes": sent,
+                       "shard_rows": w_shard.shape[0], "device": str(device),
+                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}, f)
     finally:
         dist.destroy_process_group()
 
@@ -229,18 +293,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (checks the script runs)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
-                   help="gloo: CPU processes; nccl: one GPU per process")
+                   help="gloo: CPU processes; nccl: one GPU per process (rank r on cuda:r)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--v", type=int, default=32000)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="inputs' dtype (bfloat16 for the GPU run; the math is float32 either way)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
     a = p.parse_args(argv)
     if a.quick:
         a.n, a.d, a.v, a.rounds = 128, 16, 1001, 2
-    if a.backend == "nccl" and torch.cuda.device_count() < a.nproc:
-        raise SystemExit(f"--backend nccl needs {a.nproc} GPUs; {torch.cuda.device_count()} visible")
+    if a.backend == "nccl":
+        if not dist.is_nccl_available():
+            raise SystemExit("--backend nccl: this torch build has no NCCL")
+        if torch.cuda.device_count() < a.nproc:
+            raise SystemExit(f"--backend nccl needs {a.nproc} GPUs (one per process); "
+                             f"{torch.cuda.device_count()} visible")
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,30 +318,45 @@ def main(argv=None):
         mp.spawn(rank_main, args=(a, _free_port(), out), nprocs=a.nproc, join=True)
         ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(a.nproc)]
 
+    names = list(ranks[0]["times_s"])
     rows = []
-    t_ref = median(ranks[0]["times_s"]["gather+naive"])
-    m_ref = max(r["memory_mib"]["gather+naive"] for r in ranks)
-    for name in NAMES:
+    t_meg = median(ranks[0]["times_s"]["megatron"])
+    m_meg = max(r["memory_mib"]["megatron"] for r in ranks)
+    for name in names:
         t = median(ranks[0]["times_s"][name])
         m = max(r["memory_mib"][name] for r in ranks)
-        err = ranks[0]["errors"].get(name, {})
-        rows.append({"contender": name, "median s (rank 0)": t, "time / gather+naive": t / t_ref,
+        err = ranks[0]["errors"][name]
+        sent = max(r["sent_bytes"][name] for r in ranks)
+        rows.append({"contender": name, "median s (rank 0)": t, "time / megatron": t / t_meg,
                      "peak extra MiB (max over ranks)": m,
-                     "extra / gather+naive": m / m_ref if m_ref > 0 else float("nan"),
-                     "dx err": err.get("dx", 0.0), "dW err": err.get("dW", 0.0)})
-    title = (f"vocab-parallel linear + cross-entropy, fwd+bwd, {a.backend} x {a.nproc}, float32, "
-             f"N={a.n} D={a.d} V={a.v} ({a.v // a.nproc}+ rows per rank), "
-             f"{a.threads if a.backend == 'gloo' else 'GPU'} thread(s) per rank")
+                     "extra / megatron": m / m_meg if m_meg > 0 else float("nan"),
+                     "KiB sent (max rank)": sent / 1024, "bytes sent / N": sent / a.n,
+                     "loss err": err["loss"], "dx err": err["dx"], "dW err": err["dW"]})
+    where = ranks[0]["gpu"] or f"{a.threads} thread(s) per rank"
+    title = (f"vocab-parallel linear + cross-entropy, fwd+bwd, {a.backend} x {a.nproc}, {a.dtype}, "
+             f"N={a.n} D={a.d} V={a.v} ({ranks[-1]['shard_rows']}..{ranks[0]['shard_rows']} rows per rank), "
+             f"{where}; errors against float64")
     table = print_table(rows, list(rows[0]), title=title)
     if a.quick:
         print("(--quick: tiny sizes that only check the script runs)")
-    for name in NAMES[1:]:
-        for k, e in ranks[0]["errors"][name].items():
-            if not e < 1e-4:
-                raise SystemExit(f"{name} disagrees with gather+naive: {k} relative error {e:.3g}")
+    ours = next(r for r in rows if r["contender"] == "softxent")
+    vs = {"time": ours["time / megatron"], "extra": ours["extra / megatron"],
+          "bytes_sent_per_row": ours["bytes sent / N"]}
+    print(f"softxent vs megatron: extra memory {vs['extra']:.3f}x (target <= 1/8 = 0.125: "
+          f"{'met' if vs['extra'] <= 0.125 else 'NOT met'}), time {vs['time']:.2f}x (target <= 1.2 on the "
+          f"CPU: {'met' if vs['time'] <= 1.2 else 'NOT met'}), {vs['bytes_sent_per_row']:.0f} bytes sent per "
+          f"row of x (O(N); megatron {rows[names.index('megatron')]['bytes sent / N']:.0f})")
+    # every contender computes the same loss: float32 inputs to ~1e-5 of float64, 16-bit ones to their
+    # own rounding
+    tol = 1e-4 if a.dtype == "float32" else 5e-2
+    for r in rows:
+        for k in ("loss err", "dx err", "dW err"):
+            if not r[k] < tol:
+                raise SystemExit(f"{r['contender']} disagrees with the float64 reference: {k} {r[k]:.3g}")
     write_json("linear_ce_tp" + ("_quick" if a.quick else ""), {
-        "sizes": {"N": a.n, "D": a.d, "V": a.v, "P": a.nproc}, "backend": a.backend, "rounds": a.rounds,
-        "threads_per_rank": a.threads, "ranks": ranks, "table": table})
+        "sizes": {"N": a.n, "D": a.d, "V": a.v, "P": a.nproc}, "backend": a.backend, "dtype": a.dtype,
+        "rounds": a.rounds, "threads_per_rank": a.threads, "ranks": ranks,
+        "softxent_vs_megatron": vs, "table": table})
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def reference(x, W, b, y, *, ignore_index, softcap, cw, alpha=None, beta=None, g
     p = ref_loss.softmax(zh)
     not_target = np.ones_like(p, dtype=bool)
     not_target[rows[valid], y64[valid]] = False
-    out = dict(lse=ref_loss.logsumexp(zh),
+    out = dict(lse=ref_loss.logsumexp(zh), zmax=zh.max(axis=1),
                zt=np.where(valid, zh[rows, np.where(valid, y64, 0)], 0.0),
                ws=(zh * cw64).sum(axis=1),
                q=np.where(not_target, p, 0.0).sum(axis=1))  # 1 - p_y, summed without the target
@@ -216,6 +216,14 @@ def test_forward_matches_float64(N, D, V, dtype, bias, softcap, cw, ignore_index
         assert len(got) == 3 + need_q
         assert all(t is None or (t.dtype == torch.float32 and t.shape == (N,)) for t in got)
         check_forward(got, ref, need_ws)
+    # the row maxima and the sums of exp(zh - max), from which lse comes (what a caller combining
+    # vocabulary shards needs): max + log s == lse
+    *got, zmax, s = K.lce_forward(x, W, b, y, ignore_index=ignore_index, softcap=softcap, class_weight=cwt,
+                                  need_weighted_sum=need_ws, return_max=True, return_sumexp=True, config=config)
+    check_forward(got, ref, need_ws)
+    np.testing.assert_allclose(f64(zmax), ref["zmax"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(s), np.exp(ref["lse"] - f64(zmax)), rtol=2e-5)
+    np.testing.assert_allclose(f64(zmax + torch.log(s)), f64(got[0]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -322,6 +330,33 @@ def test_backward_matches_float64(N, D, V, dtype, bias, softcap, cw, ignore_inde
     check_backward(got, ref, x, W, dict(need, db=need["db"] and bias))
     if chunk is not None:
         assert (stats["plan"].rows, stats["plan"].cols) == (min(chunk[0], N), min(chunk[1], V))
+
+
+def test_backward_float32_dx_of_16_bit_inputs():
+    """dx_dtype=float32 (a rank's partial dx of the vocabulary-parallel sum): the dx of bfloat16 inputs
+    accumulated over several vocabulary chunks in float32 and never rounded to bfloat16 -- its error is
+    that of the float16 deltas alone -- while dW stays the same; a float32 dx has no low half to borrow
+    dW's rows for."""
+    rng = np.random.default_rng()
+    N, D, V = 40, 24, 97
+    x, W, b, y, cwt = make_problem(rng, N, D, V, dtype=torch.bfloat16, bias=True, class_weight=True, n_ignored=5)
+    alpha, beta, gamma = coefficients(rng, N, zero_rows=2)
+    ref = reference(x, W, b, y, ignore_index=IGNORE, softcap=None, cw=cwt, alpha=alpha, beta=beta, gamma=gamma)
+    lse = torch.tensor(ref["lse"], dtype=torch.float32, device=DEVICE)
+    kw = dict(ignore_index=IGNORE, softcap=None, class_weight=cwt, need_dx=True, need_dw=True, need_db=False,
+              chunk_shape=(N, 32))
+    dx, dw, _ = K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, dx_dtype=torch.float32, **kw)
+    assert dx.dtype == torch.float32
+    floor16 = rounding_floor(ref["delta"], f64(W), torch.float16, torch.float32)
+    floor_bf16 = rounding_floor(ref["delta"], f64(W), torch.float16, torch.bfloat16)
+    err = rel(f64(dx), ref["dx"])
+    assert err <= 1.5 * floor16 + 1e-6 and err < floor_bf16 / 4, (err, floor16, floor_bf16)
+    np.testing.assert_array_equal(f64(dw), f64(K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, **kw)[1]))
+    with pytest.raises(ValueError, match="a 16-bit dx"):
+        K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, dx_dtype=torch.float32, lo_in_dw=True,
+                       **dict(kw, chunk_shape=None, workspace_bytes=1))
+    with pytest.raises(ValueError, match="dx_dtype must be"):
+        K.lce_backward(x, W, b, y, lse, alpha, beta, gamma, dx_dtype=torch.float16, **kw)
 
 
 def test_backward_chain_rule_of_cross_entropy_with_grad():

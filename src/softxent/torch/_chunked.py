@@ -87,6 +87,9 @@ class ChunkConfig:
     z_loss_weighting: str = "class"
     need_dp: bool = False          # the gradient of probability targets
     want_correct: bool = False     # return_accuracy: whether each row's target logit is its maximum
+    # dx left in the compute dtype: one rank's partial dx of a vocabulary-parallel sum, rounded to x's
+    # dtype once after the reduction instead of once per rank and again after it
+    partial_dx: bool = False
 
 
 def chunk_rows(n_rows: int, n_classes: int, itemsize: int, n_buffers: int, max_chunk_bytes: int) -> int:
@@ -206,11 +209,12 @@ def _logit_chunks(prod, x, n_classes, softcap, need_grad, keep_tanh, max_chunk_b
 
 
 class _Gradients:
-    """The gradients being formed chunk by chunk: ``dx`` ``(N, D)`` in x's dtype, ``dW`` ``(V, D)`` and
+    """The gradients being formed chunk by chunk: ``dx`` ``(N, D)`` in x's dtype (or ``dx_dtype``),
+    ``dW`` ``(V, D)`` and
     ``db`` ``(V,)`` summed over the chunks in the compute dtype; None where not needed."""
 
-    def __init__(self, x, n_classes, cdt, need_dx, need_dw, need_db):
-        self.dx = torch.empty_like(x) if need_dx else None
+    def __init__(self, x, n_classes, cdt, need_dx, need_dw, need_db, dx_dtype=None):
+        self.dx = torch.empty_like(x, dtype=dx_dtype or x.dtype) if need_dx else None
         self.dw = torch.zeros(n_classes, x.shape[1], dtype=cdt, device=x.device) if need_dw else None
         self.db = torch.zeros(n_classes, dtype=cdt, device=x.device) if need_db else None
 
@@ -417,7 +421,7 @@ def _recomputed_gradients(cfg, st: RecomputeState):
     need_db = cfg.need_db and bias is not None
     prod = _Products(x, weight, bias, cdt)
     V = weight.shape[0]
-    grads = _Gradients(x, V, cdt, cfg.need_dx, cfg.need_dw, need_db)
+    grads = _Gradients(x, V, cdt, cfg.need_dx, cfg.need_dw, need_db, cdt if cfg.partial_dx else None)
     terms = st.terms()
     proba = terms.proba is not None
     d_proba = torch.empty_like(terms.proba) if (proba and cfg.need_dp) else None

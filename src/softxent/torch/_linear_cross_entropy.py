@@ -160,31 +160,46 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse, grad_z_part, grad_correct):
         cfg = ctx.cfg
         st = recompute_state(ctx, grad_loss, grad_lse, cfg["reduction"])
-        x, weight, bias = st.x, st.weight, st.bias
-        proba = st.target.is_floating_point()
-        N = x.shape[0]
-        skip = cfg["skip_threshold"]
-        K = _triton_kernels()
-        if skip == "auto":
-            skip = K.auto_skip_threshold(x.dtype, weight.shape[0])
-        if skip is not None:
-            # The kernels skip a tile when every |alpha_i p_ij| < t; relative to the largest row weight,
-            # t = skip_threshold * max |alpha| means "every probability below skip_threshold" for
-            # uniformly weighted rows (CCE's rule).  On the device: the kernel reads t, no host sync.
-            skip = (skip * st.alpha.abs().amax()).reshape(1) if N else None
-        y = st.target if not proba else torch.full((N,), -1, dtype=torch.int64, device=x.device)
-        with autocast_off(x.device.type):
-            dx, dw, db = K.lce_backward(
-                x, weight, bias, y, st.lse, st.alpha, st.beta, st.gamma,
-                target_complement=ctx.target_complement, target_proba=st.target if proba else None,
-                ignore_index=cfg["ignore_index"] if not proba else -1,
-                softcap=cfg["softcap"], class_weight=st.class_weight, need_dx=cfg["need_dx"],
-                need_dw=cfg["need_dw"], need_db=cfg["need_db"] and bias is not None,
-                skip_threshold=skip, workspace_bytes=cfg["max_chunk_bytes"], dw_dtype=weight.dtype)
-        return (dx if cfg["need_dx"] else None,
-                dw.to(weight.dtype) if (cfg["need_dw"] and dw is not None) else None,
-                db.to(bias.dtype) if (bias is not None and cfg["need_db"] and db is not None) else None,
-                None, None, None, None, None)
+        dx, dw, db = triton_gradients(
+            st, None if st.target.is_floating_point() else st.target, ignore_index=cfg["ignore_index"],
+            target_complement=ctx.target_complement, vocab_size=st.weight.shape[0], softcap=cfg["softcap"],
+            need_dx=cfg["need_dx"], need_dw=cfg["need_dw"], need_db=cfg["need_db"],
+            skip_threshold=cfg["skip_threshold"], workspace_bytes=cfg["max_chunk_bytes"])
+        return dx, dw, db, None, None, None, None, None
+
+
+def triton_gradients(st, y, *, ignore_index: int, target_complement, vocab_size: int, softcap, need_dx: bool,
+                     need_dw: bool, need_db: bool, skip_threshold, workspace_bytes, dx_dtype=None):
+    """``(dx, dW, db)`` (None where not needed; dW and db in the weight's and bias's dtypes) of the
+    Triton backward for the scaled row coefficients ``st`` (softxent.torch._chunked.recompute_state):
+    ``y`` the class indices (entries equal to ``ignore_index`` have no target column here; None for
+    probability targets, read from ``st.target``), ``vocab_size`` the ``V`` of ``skip_threshold='auto'``
+    (the whole vocabulary's, also on a shard), ``dx_dtype`` as in ``lce_backward``."""
+    x, weight, bias = st.x, st.weight, st.bias
+    proba = st.target.is_floating_point()
+    N = x.shape[0]
+    K = _triton_kernels()
+    skip = skip_threshold
+    if skip == "auto":
+        skip = K.auto_skip_threshold(x.dtype, vocab_size)
+    if skip is not None:
+        # The kernels skip a tile when every |alpha_i p_ij| < t; relative to the largest row weight,
+        # t = skip_threshold * max |alpha| means "every probability below skip_threshold" for
+        # uniformly weighted rows (CCE's rule).  On the device: the kernel reads t, no host sync.
+        skip = (skip * st.alpha.abs().amax()).reshape(1) if N else None
+    if proba:
+        y, ignore_index = torch.full((N,), -1, dtype=torch.int64, device=x.device), -1
+    need_db = need_db and bias is not None
+    with autocast_off(x.device.type):
+        dx, dw, db = K.lce_backward(
+            x, weight, bias, y, st.lse, st.alpha, st.beta, st.gamma,
+            target_complement=target_complement, target_proba=st.target if proba else None,
+            ignore_index=ignore_index, softcap=softcap, class_weight=st.class_weight, need_dx=need_dx,
+            need_dw=need_dw, need_db=need_db, skip_threshold=skip, workspace_bytes=workspace_bytes,
+            dw_dtype=weight.dtype, dx_dtype=dx_dtype)
+    return (dx if need_dx else None,
+            dw.to(weight.dtype) if (need_dw and dw is not None) else None,
+            db.to(bias.dtype) if (need_db and db is not None) else None)
 
 
 def _check_shift(shift) -> int:
@@ -279,9 +294,11 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             row being its largest probability; per token (1.0 / 0.0, 0.0 where ignored) for
             ``reduction='none'``.
         process_group: a torch.distributed group over which ``weight`` (and ``bias``, ``class_weight``)
-            is split by vocabulary rows (tensor parallel): each rank passes its rows, ``x`` and
-            ``target`` (global ids) replicated.  A DTensor weight sharded ``Shard(0)`` on a 1-D mesh
-            does this over the mesh's group.  See softxent.torch.vocab_parallel_linear_cross_entropy.
+            is split by vocabulary rows (tensor parallel): each rank passes its rows, ``x`` and class-index
+            ``target`` (global ids) replicated, probability targets as this rank's columns (sharded like
+            the weight's rows).  A DTensor weight sharded ``Shard(0)`` on a 1-D mesh does this over the
+            mesh's group.  Every option works sharded.  See
+            softxent.torch.vocab_parallel_linear_cross_entropy.
 
     Returns:
         the loss (float32; float64 for float64 inputs), or ``(loss, lse)`` with ``return_lse`` only, or
@@ -398,6 +415,15 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
             with autocast_off(dev.type):
                 loss, lse, z_part, correct = ChunkedLinearCrossEntropy.apply(x2, weight, bias, t2, sw2, cw,
                                                                              norm, cfg)
+    return package_outputs(loss, lse, z_part, correct, t2, ignore_index=ignore_index, reduction=reduction,
+                           out_shape=out_shape, return_lse=return_lse, return_z_loss=return_z_loss,
+                           return_accuracy=return_accuracy)
+
+
+def package_outputs(loss, lse, z_part, correct, target, *, ignore_index: int, reduction: str,
+                    out_shape: tuple, return_lse: bool, return_z_loss: bool, return_accuracy: bool):
+    """What :func:`linear_cross_entropy` returns, from the flat ``(N,)`` results of an implementation
+    (``target``: its flat class indices, or probability rows)."""
     if reduction == "none":
         loss, z_part = loss.reshape(out_shape), z_part.reshape(out_shape)
     lse = lse.reshape(out_shape)
@@ -405,8 +431,8 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index: int = -1
         return (loss, lse) if return_lse else loss
     accuracy = None
     if return_accuracy:
-        accuracy = _accuracy(correct, t2, proba, ignore_index, reduction, loss.dtype).reshape(
-            out_shape if reduction == "none" else ())
+        accuracy = _accuracy(correct, target, target.is_floating_point(), ignore_index, reduction,
+                             loss.dtype).reshape(out_shape if reduction == "none" else ())
     return LinearCrossEntropyOutput(loss, lse if return_lse else None, z_part if return_z_loss else None,
                                     accuracy)
 

@@ -113,9 +113,12 @@ def index_terms(target: torch.Tensor, num_classes: int, *, ignore_index: int, la
 
 
 def proba_terms(proba: torch.Tensor, *, label_smoothing: float, sample_weight: torch.Tensor | None,
-                dtype: torch.dtype) -> RowTerms:
-    """:class:`RowTerms` for probability targets ``(N, V)`` (``b_sum`` left to :func:`proba_target_sums`)."""
-    N, V = proba.shape
+                dtype: torch.dtype, num_classes: int | None = None) -> RowTerms:
+    """:class:`RowTerms` for probability targets ``(N, V)`` (``b_sum`` left to :func:`proba_target_sums`).
+    ``num_classes``: the ``V`` of ``eps / V`` when ``proba`` holds only some of the classes' columns (a
+    vocabulary shard's); default ``proba.shape[1]``."""
+    N = proba.shape[0]
+    V = proba.shape[1] if num_classes is None else num_classes
     s = (torch.ones(N, dtype=dtype, device=proba.device) if sample_weight is None
          else sample_weight.to(dtype).contiguous())
     eps = float(label_smoothing)
@@ -128,7 +131,8 @@ def target_terms(target: torch.Tensor, num_classes: int, *, ignore_index: int, l
                  class_weight: torch.Tensor | None, dtype: torch.dtype) -> RowTerms:
     """:class:`RowTerms` of flat targets: ``(N,)`` class indices or ``(N, V)`` probabilities."""
     if target.is_floating_point():
-        return proba_terms(target, label_smoothing=label_smoothing, sample_weight=sample_weight, dtype=dtype)
+        return proba_terms(target, label_smoothing=label_smoothing, sample_weight=sample_weight, dtype=dtype,
+                           num_classes=num_classes)
     return index_terms(target, num_classes, ignore_index=ignore_index, label_smoothing=label_smoothing,
                        sample_weight=sample_weight, class_weight=class_weight, dtype=dtype,
                        z_loss_weighting=z_loss_weighting, reduction=reduction)
@@ -143,8 +147,15 @@ def proba_target_sums(terms: RowTerms, pw: torch.Tensor, zhat: torch.Tensor,
                       w_sum, z_wsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(b_i, lin_i)`` of a block of rows with probability targets, from ``pw = p w`` (``(R, V)``),
     the capped logits, ``sum_k w_k`` and ``z_wsum_i = sum_k w_k zhat_ik`` (needed with smoothing)."""
+    return proba_target_sums_from(terms, *proba_row_sums(pw, zhat), w_sum, z_wsum)
+
+
+def proba_row_sums(pw: torch.Tensor, zhat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_k p_ik w_k, sum_k p_ik w_k zhat_ik)`` of a block of rows from ``pw = p w``; a zero target
+    weight drops its logit (``0 * -inf`` is not NaN).  Sums over disjoint column blocks add up (the
+    vocabulary-parallel path sums the shards')."""
     pz = torch.where(pw == 0, torch.zeros((), dtype=zhat.dtype, device=zhat.device), pw * zhat).sum(dim=1)
-    return proba_target_sums_from(terms, pw.sum(dim=1), pz, w_sum, z_wsum)
+    return pw.sum(dim=1), pz
 
 
 def proba_target_sums_from(terms: RowTerms, p_w: torch.Tensor, pz: torch.Tensor, w_sum,

@@ -731,7 +731,7 @@ def _forward_splits(n_row_blocks: int, V: int, block_v: int, cfg: TileConfig, de
 
 def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | None, class_weight,
                 need_weighted_sum: bool, need_target_complement: bool = False, target_proba=None,
-                return_max: bool = False, config: TileConfig | None = None):
+                return_max: bool = False, return_sumexp: bool = False, config: TileConfig | None = None):
     """Row statistics of the capped logits ``zh = softcap(x W^T + b)`` without holding them.
 
     Args:
@@ -750,6 +750,9 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         target_proba: optional ``(N, V)`` probability targets ``p`` (any float dtype, unit column
             stride; not with ``need_target_complement``): adds ``z_proba_i = sum_j p_ij cw_j zh_ij``.
         return_max: also return the row maxima ``max_j zh_ij`` (bitwise the logits ``z_target`` saw).
+        return_sumexp: also return ``s_i = sum_j exp(zh_ij - max_j zh_ij)`` (with ``return_max``: the
+            pair that lse comes from, ``lse = max + log s``, which a caller combining several vocabulary
+            blocks needs without lse's rounding).
         config: optional :class:`TileConfig` for this call (``block_n`` = vocabulary block).
 
     Returns:
@@ -757,14 +760,14 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         ``z_target_i = zh_{i, y_i}`` (0 where ``y_i == ignore_index``), ``z_wsum_i = sum_j cw_j zh_ij``
         (None unless ``need_weighted_sum``); ``(lse, z_target, z_wsum, q)`` with
         ``need_target_complement``; then ``z_proba`` with ``target_proba`` and the row maxima with
-        ``return_max``, in that order.
+        ``return_max`` and the sums ``s`` with ``return_sumexp``, in that order.
     """
     N, D, V = _check_common(x, weight, bias, target, class_weight, ignore_index, softcap)
     dev = x.device
     _check_proba(target_proba, N, V, dev)
     if target_proba is not None and need_target_complement:
         raise ValueError("need_target_complement is for class-index targets; got target_proba too")
-    extras = int(need_target_complement) + int(target_proba is not None) + int(return_max)
+    extras = int(need_target_complement) + int(target_proba is not None) + int(return_max) + int(return_sumexp)
     if N == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=dev)
         out = empty, empty.clone(), (empty.clone() if need_weighted_sum else None)
@@ -808,7 +811,9 @@ def lce_forward(x, weight, bias, target, *, ignore_index: int, softcap: float | 
         out += (sq_total / s_total,)
     if has_proba:
         out += (part[4].sum(dim=0),)
-    return out + (m_max,) if return_max else out
+    if return_max:
+        out += (m_max,)
+    return out + (s_total,) if return_sumexp else out
 
 
 def _check_proba(target_proba, N: int, V: int, device) -> None:
@@ -851,11 +856,12 @@ _FLOP_PER_BYTE = 200  # GEMM throughput over bandwidth (H100/H200: ~750 TFLOP/s 
 def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need_dw: bool,
                   workspace_bytes: int | None = None, dw_in_float32: bool = True,
                   block_m: int = 128, block_v: int = 128, lo_in_dw: bool | None = None,
-                  skip_corrected: bool = False) -> BackwardPlan:
+                  skip_corrected: bool = False, dx_elem_size: int | None = None) -> BackwardPlan:
     """Choose the row super-block ``R``, the vocabulary chunk ``C`` and where ``dx``'s low half lives
     (``lo_in_dw``: None to choose, True to prefer it wherever it applies, False never).
 
-    Workspace (bytes, e = element size of x)::
+    Workspace (bytes, e = element size of x; ``dx_elem_size`` that of dx when it differs: 4 for a
+    float32 dx, which accumulates in place and has no low half)::
 
         R C e                                  delta chunk (when dx or dW is needed)
       + ceil(R / block_m) C 4                  db partials
@@ -888,7 +894,8 @@ def plan_backward(N: int, V: int, D: int, elem_size: int, *, need_dx: bool, need
     """
     budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     return _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, int(budget), dw_in_float32, block_m,
-                            block_v, lo_in_dw, skip_corrected)
+                            block_v, lo_in_dw, skip_corrected,
+                            elem_size if dx_elem_size is None else dx_elem_size)
 
 
 def _lo_rows(N, elem_size, dw_in_float32) -> int:
@@ -902,11 +909,12 @@ def _can_borrow_lo(N, R, V, lo_rows, elem_size, need_dx, need_dw) -> bool:
 
 
 def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_in_float32, block_m,
-                     block_v, lo_in_dw=None, skip_corrected=False) -> BackwardPlan:
+                     block_v, lo_in_dw=None, skip_corrected=False, dx_elem=None) -> BackwardPlan:
     need_delta = need_dx or need_dw
     e = elem_size if need_delta else 0
-    split_lo = need_dx and elem_size < 4
-    lo_rows = _lo_rows(N, elem_size, dw_in_float32)
+    dx_elem = elem_size if dx_elem is None else dx_elem
+    split_lo = need_dx and dx_elem < 4
+    lo_rows = _lo_rows(N, dx_elem, dw_in_float32)
     cands = {N}
     r = block_m
     while r < N:
@@ -922,12 +930,12 @@ def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_i
             if skip_corrected:  # n_vb <= C / block_v + 1
                 per_col += triton.cdiv(4 * (R + D), block_v) + 4 * n_rb
                 fixed += 4 * (R + D) + 4 * n_rb * D + 12 * V
-            can_borrow = lo_in_dw is not False and _can_borrow_lo(N, R, V, lo_rows, elem_size, need_dx, need_dw)
+            can_borrow = lo_in_dw is not False and _can_borrow_lo(N, R, V, lo_rows, dx_elem, need_dx, need_dw)
             for borrow in ((True,) if can_borrow and lo_in_dw else (False, True) if can_borrow else (False,)):
                 if fixed + per_col * V <= budget:  # one chunk: no dx accumulation across chunks
                     C, lo, borrow = V, 0, False
                 else:
-                    lo = R * D * elem_size if (split_lo and not borrow) else 0
+                    lo = R * D * dx_elem if (split_lo and not borrow) else 0
                     C = (budget - fixed - lo) // per_col // block_v * block_v
                     if C < block_v:
                         continue
@@ -937,7 +945,7 @@ def _plan_for_budget(N, V, D, elem_size, need_dx, need_dw, workspace_bytes, dw_i
                 n_v, n_r = triton.cdiv(V, C), triton.cdiv(N, R)
                 traffic = 0
                 if need_dx:
-                    traffic += (n_v - 1) * N * D * 4 * elem_size
+                    traffic += (n_v - 1) * N * D * 4 * dx_elem
                 if need_dw:
                     traffic += (n_r - 1) * V * D * 8
                 recompute = V - (V - lo_rows) // C * C if borrow else 0
@@ -1017,7 +1025,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
                  softcap: float | None, class_weight, need_dx: bool, need_dw: bool, need_db: bool,
                  skip_threshold: float | torch.Tensor | None = None, workspace_bytes: int | None = None,
                  dw_dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | None = None,
-                 chunk_shape: tuple[int, int] | None = None,
+                 dx_dtype: torch.dtype | None = None, chunk_shape: tuple[int, int] | None = None,
                  lo_in_dw: bool | None = None, skip_sorted: bool = True, skip_correction: bool = True,
                  configs: dict[str, TileConfig] | None = None, stats: dict | None = None):
     """Gradients of ``sum_ij delta_ij z_ij`` (module docstring) for x, W and b, recomputing the logits.
@@ -1050,6 +1058,8 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
             96 MiB; see :func:`plan_backward`).
         dw_dtype: float32 (default) or the weight's dtype: with one row super-block (``R = N``) the
             latter is written directly, rounded once; otherwise it is accumulated in float32 then cast.
+        dx_dtype: None (x's dtype) or float32: a partial dx that the caller sums with others before
+            rounding it once (the vocabulary-parallel path sums the ranks' partial dx).
         delta_dtype: the dtype delta is rounded to for the dx and dW products: None (default) is
             float16 for bfloat16 inputs and the input dtype otherwise; bfloat16 inputs may also ask for
             bfloat16.  float16 keeps 3 more bits of each delta (the products then convert their
@@ -1065,7 +1075,7 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
         stats: optional dict, filled with ``plan``, ``tiles`` and ``tiles_kept`` (synchronises).
 
     Returns:
-        ``(dx, dw, db)``: dx ``(N, D)`` in x's dtype, dw ``(V, D)`` in ``dw_dtype``, db ``(V,)``
+        ``(dx, dw, db)``: dx ``(N, D)`` in ``dx_dtype``, dw ``(V, D)`` in ``dw_dtype``, db ``(V,)``
         float32; each None unless requested.
     """
     N, D, V = _check_common(x, weight, bias, target, class_weight, ignore_index, softcap)
@@ -1094,8 +1104,13 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     elif delta_dtype not in allowed:
         raise ValueError(f"delta_dtype must be None or one of {[str(d) for d in allowed]} for {x.dtype} "
                          f"inputs; got {delta_dtype!r}")
+    if dx_dtype is None:
+        dx_dtype = x.dtype
+    elif dx_dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"dx_dtype must be None, x's dtype {x.dtype} or torch.float32; got {dx_dtype!r}")
+    dx_elem = torch.finfo(dx_dtype).bits // 8
     need_db = bool(need_db) and bias is not None
-    dx = torch.empty((N, D), dtype=x.dtype, device=dev) if need_dx else None
+    dx = torch.empty((N, D), dtype=dx_dtype, device=dev) if need_dx else None
     dw = db = None
     if need_db:
         db = torch.zeros(V, dtype=torch.float32, device=dev)
@@ -1123,18 +1138,19 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
         plan = plan_backward(N, V, D, x.element_size(), need_dx=need_dx, need_dw=need_dw,
                              workspace_bytes=workspace_bytes,
                              dw_in_float32=dw_dtype == torch.float32, block_m=BM, block_v=BV,
-                             lo_in_dw=lo_in_dw, skip_corrected=corrected)
+                             lo_in_dw=lo_in_dw, skip_corrected=corrected, dx_elem_size=dx_elem)
         R, C = plan.rows, plan.cols
     n_rchunks, n_vchunks = triton.cdiv(N, R), triton.cdiv(V, C)
     n_rb, n_vb = triton.cdiv(R, BM), triton.cdiv(C, BV)
-    split_dx = need_dx and n_vchunks > 1 and x.dtype != torch.float32
-    lo_rows = _lo_rows(N, x.element_size(), dw_dtype == torch.float32)
-    can_borrow = n_vchunks > 1 and _can_borrow_lo(N, R, V, lo_rows, x.element_size(), need_dx, need_dw)
+    split_dx = need_dx and n_vchunks > 1 and dx_dtype != torch.float32
+    lo_rows = _lo_rows(N, dx_elem, dw_dtype == torch.float32)
+    can_borrow = n_vchunks > 1 and _can_borrow_lo(N, R, V, lo_rows, dx_elem, need_dx, need_dw)
     if lo_in_dw is None:
         lo_in_dw = plan.lo_in_dw and can_borrow
     elif lo_in_dw and not can_borrow:
-        raise ValueError(f"lo_in_dw=True needs one row super-block, dx and dW, 16-bit x, several vocabulary "
-                         f"chunks and V >= {lo_rows}; got R={R}, C={C}, N={N}, V={V}, x {x.dtype}, "
+        raise ValueError(f"lo_in_dw=True needs one row super-block, dx and dW, a 16-bit dx, several "
+                         f"vocabulary chunks and V >= {lo_rows}; got R={R}, C={C}, N={N}, V={V}, "
+                         f"dx {dx_dtype}, "
                          f"need_dx={need_dx}, need_dw={need_dw}")
     # vocabulary chunks from first_late on hold the borrowed rows: their dW waits until dx is final
     first_late = (V - lo_rows) // C if lo_in_dw else n_vchunks
@@ -1149,9 +1165,9 @@ def lce_backward(x, weight, bias, target, lse, alpha, beta, gamma, *, target_com
     w_scale = _float16_scale(weight) if cast_b and need_dx else None
     x_scale = _float16_scale(x) if cast_b and need_dw else None
     if lo_in_dw:  # dW's last rows are not written before dx is final (module docstring)
-        dx_lo = dw[V - lo_rows:].reshape(-1).view(x.dtype)[: N * D].view(N, D)
+        dx_lo = dw[V - lo_rows:].reshape(-1).view(dx_dtype)[: N * D].view(N, D)
     else:
-        dx_lo = torch.empty((R, D), dtype=x.dtype, device=dev) if split_dx else None
+        dx_lo = torch.empty((R, D), dtype=dx_dtype, device=dev) if split_dx else None
     dbpart = torch.empty((n_rb, C), dtype=torch.float32, device=dev) if need_db else None
     flags = torch.empty((n_rb, n_vb), dtype=torch.int8, device=dev) if has_skip else None
     order = skip_order(x, weight, lo_rows if lo_in_dw else 0) if has_skip and skip_sorted else None

@@ -96,10 +96,11 @@ def check_float_tensor(t, name: str) -> torch.Tensor:
     return t
 
 
-def check_target(target, lead: tuple, num_classes: int, ignore_index: int, name: str = "target") -> bool:
+def check_target(target, lead: tuple, num_classes: int, ignore_index: int, name: str = "target",
+                 classes: str = "V") -> bool:
     """A fused loss's target: integer class indices of shape ``lead``, or probabilities (floating) of
     shape ``lead + (V,)`` -- then ``ignore_index`` must be negative (PyTorch's rule).  Returns whether
-    it holds probabilities."""
+    it holds probabilities.  ``classes`` names the probabilities' last axis in the messages."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices or probabilities; got "
                         f"{type(target).__name__}")
@@ -111,7 +112,8 @@ def check_target(target, lead: tuple, num_classes: int, ignore_index: int, name:
     proba = target.is_floating_point()
     if proba and tuple(target.shape) != lead + (num_classes,):
         raise TypeError(f"{name} must hold integer class indices of shape x.shape[:-1] = {lead}, or class "
-                        f"probabilities (floating) of shape x.shape[:-1] + (V,) = {lead + (num_classes,)}; "
+                        f"probabilities (floating) of shape x.shape[:-1] + ({classes},) = "
+                        f"{lead + (num_classes,)}; "
                         f"got dtype {target.dtype} and shape {tuple(target.shape)}")
     if not proba and tuple(target.shape) != lead:
         raise ValueError(f"{name} must have shape x.shape[:-1] = {lead} (class indices) or {lead} + (V,) "
