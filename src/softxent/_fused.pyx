@@ -19,6 +19,15 @@ from libc.math cimport exp, log
 from cython cimport floating
 
 
+cdef inline double _row_max(const floating* row, Py_ssize_t K, Py_ssize_t cs) noexcept nogil:
+    cdef Py_ssize_t k
+    cdef double m = row[0]
+    for k in range(1, K):
+        if row[k * cs] > m:
+            m = row[k * cs]
+    return m
+
+
 cdef double _ce_grad_rows(floating* z, Py_ssize_t n, Py_ssize_t K, Py_ssize_t rs, Py_ssize_t cs,
                           const long long* y, const floating* sw, double* gb, floating* p_out) noexcept nogil:
     # per row: loss s_i (lse(z_i) - z_iy) summed in float64, then z_i <- s_i (h(z_i) - e_y)
@@ -28,10 +37,7 @@ cdef double _ce_grad_rows(floating* z, Py_ssize_t n, Py_ssize_t K, Py_ssize_t rs
     cdef long long yi
     for i in range(n):
         row = z + i * rs
-        m = row[0]
-        for k in range(1, K):
-            if row[k * cs] > m:
-                m = row[k * cs]
+        m = _row_max(row, K, cs)
         yi = y[i]
         zy = row[yi * cs]
         s = 0.0
@@ -64,10 +70,7 @@ cdef double _ce_rows(floating* z, Py_ssize_t n, Py_ssize_t K, Py_ssize_t rs, Py_
     cdef double m, s, wi, total = 0.0
     for i in range(n):
         row = z + i * rs
-        m = row[0]
-        for k in range(1, K):
-            if row[k * cs] > m:
-                m = row[k * cs]
+        m = _row_max(row, K, cs)
         s = 0.0
         for k in range(K):
             s += exp(row[k * cs] - m)
@@ -105,10 +108,7 @@ cdef void _softmax_rows(floating* z, Py_ssize_t n, Py_ssize_t K, Py_ssize_t rs, 
     cdef double m, s, inv, e
     for i in range(n):
         row = z + i * rs
-        m = row[0]
-        for k in range(1, K):
-            if row[k * cs] > m:
-                m = row[k * cs]
+        m = _row_max(row, K, cs)
         s = 0.0
         for k in range(K):
             e = exp(row[k * cs] - m)
