@@ -41,11 +41,19 @@ def _spawn(suite: str, world: int, tmp_path) -> list[dict]:
     finally:
         sys.path.remove(HERE)
     seed = int(np.random.default_rng().integers(2**31))  # fresh inputs each run; the seed is in the error
-    try:
-        mp.spawn(worker.run_rank, args=(world, _free_port(), str(tmp_path), suite, seed), nprocs=world,
-                 join=True)
-    except Exception as exc:
-        raise AssertionError(f"suite {suite!r} with seed {seed} failed:\n{exc}") from None
+    for attempt in (1, 2):
+        try:
+            mp.spawn(worker.run_rank, args=(world, _free_port(), str(tmp_path), suite, seed), nprocs=world,
+                     join=True)
+            break
+        except mp.ProcessExitedException as exc:
+            # A rank killed by a signal (gloo's SIGABRT seen once in ~70 runs on a loaded 2-core machine, cause
+            # not yet found) is retried once with the SAME seed: a wrong result is an exception in a rank, not
+            # a signal, and still fails at once; a second crash fails too.
+            if exc.signal_name is None or attempt == 2:
+                raise AssertionError(f"suite {suite!r} with seed {seed} failed:\n{exc}") from None
+        except Exception as exc:
+            raise AssertionError(f"suite {suite!r} with seed {seed} failed:\n{exc}") from None
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
